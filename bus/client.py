@@ -1,0 +1,216 @@
+"""The bus client: requests with timeouts and retries (the Guide's Lazy Pirate).
+
+A client holds one CURVE connection to the broker. A request is sent, and
+the reply awaited until a deadline; on silence the socket is thrown away and
+reopened (the only way to reset a DEALER that lost its peer) and the request
+sent again, up to ``retries`` times. Retriable error replies (a worker lost,
+a service briefly without workers) are retried the same way. Replies are
+matched by request id, so a late reply to an abandoned attempt is ignored.
+Pushes that arrive meanwhile are kept for :meth:`Client.next_push`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from typing import TypeVar
+
+import zmq
+
+from bus import codec, errors
+from bus import constants as c
+from bus.errors import BusTimeout, DecodeError, RemoteError
+from bus.keys import KeyPair
+from bus.messages import Message
+from bus.messages.common import Error
+from bus.sockets import curve_client_socket, new_context
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=Message)
+
+
+class Client:
+    """A synchronous client of the broker; not thread-safe (one per thread)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        keypair: KeyPair,
+        server_key: bytes,
+        *,
+        timeout: float = c.REQUEST_TIMEOUT,
+        retries: int = c.REQUEST_RETRIES,
+    ) -> None:
+        self.endpoint = endpoint
+        self.keypair = keypair
+        self.server_key = server_key
+        self.timeout = timeout
+        self.retries = retries
+        self.counters: Counter[str] = Counter()
+        self.pushes: deque[tuple[str, Message]] = deque(maxlen=10_000)
+        self.context = new_context()
+        self._socket = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        return curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint)
+
+    def reconnect(self) -> None:
+        self._socket.close(linger=0)
+        self._socket = self._connect()
+        self.counters["reconnects"] += 1
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self.context.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def request(
+        self,
+        service: str,
+        message: Message,
+        *,
+        expect: type[T] | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> T | Message:
+        """Send *message* to *service*; return the reply or raise RemoteError/BusTimeout."""
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
+        body = codec.encode(message)
+        last_error: RemoteError | None = None
+        for attempt in range(retries + 1):
+            if attempt:
+                self.counters["retries"] += 1
+            request_id = os.urandom(8)
+            frames = [c.CLIENT, c.REQUEST, service.encode(), request_id, body]
+            reply = None
+            if self._send(frames, timeout):
+                reply = self._await({request_id}, timeout).get(request_id)
+            if reply is None:
+                log.info("no reply from %s within %.1fs (attempt %d), reconnecting", service, timeout, attempt + 1)
+                self.reconnect()
+                continue
+            try:
+                return self._unwrap(reply, expect)
+            except RemoteError as exc:
+                if not exc.retriable:
+                    raise
+                last_error = exc
+                time.sleep(min(0.1 * 2**attempt, 1.0))
+        if last_error is not None:
+            raise last_error
+        raise BusTimeout(
+            f"no reply from service {service!r} at {self.endpoint} after {retries + 1} attempts"
+            " (is the server running, and is its public key the right one?)"
+        )
+
+    def _send(self, frames: list[bytes], timeout: float) -> bool:
+        """Send once the connection is up (IMMEDIATE queues nothing before); False on timeout."""
+        if not self._socket.poll(int(timeout * 1000), zmq.POLLOUT):
+            return False
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def request_many(
+        self, requests: list[tuple[str, Message]], *, timeout: float | None = None
+    ) -> list[Message | errors.BusError]:
+        """Send several requests at once and collect what answers within *timeout* (no retries)."""
+        timeout = self.timeout if timeout is None else timeout
+        ids = []
+        for service, message in requests:
+            request_id = os.urandom(8)
+            ids.append(request_id)
+            self._send([c.CLIENT, c.REQUEST, service.encode(), request_id, codec.encode(message)], timeout)
+        replies = self._await(set(ids), timeout)
+        results: list[Message | errors.BusError] = []
+        for (service, _), request_id in zip(requests, ids, strict=True):
+            if request_id not in replies:
+                results.append(BusTimeout(f"no reply from service {service!r} within {timeout:.1f}s"))
+                continue
+            try:
+                results.append(self._unwrap(replies[request_id]))
+            except errors.BusError as exc:
+                results.append(exc)
+        return results
+
+    def _unwrap(self, body: bytes, expect: type[T] | None = None) -> Message:
+        try:
+            reply = codec.decode(body)
+        except DecodeError as exc:
+            raise RemoteError(exc.code, f"undecodable reply: {exc.message}") from None
+        if isinstance(reply, Error):
+            raise RemoteError(reply.code, reply.message)
+        if expect is not None and not isinstance(reply, expect):
+            raise RemoteError(errors.INVALID, f"expected {expect.KIND} in reply, got {reply.KIND}")
+        return reply
+
+    def _await(self, wanted: set[bytes], timeout: float) -> dict[bytes, bytes]:
+        """Receive until every id in *wanted* has a reply or *timeout* passes."""
+        found: dict[bytes, bytes] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < len(wanted):
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+                break
+            frames = self._socket.recv_multipart()
+            self._sort(frames, wanted, found)
+        return found
+
+    def _sort(self, frames: list[bytes], wanted: set[bytes], found: dict[bytes, bytes]) -> None:
+        if frames == [b""]:
+            return  # connection probe from the broker
+        if len(frames) == 5 and frames[0] == c.CLIENT and frames[1] == c.REPLY:
+            if frames[3] in wanted:
+                found[frames[3]] = frames[4]
+            else:
+                self.counters["stale_replies"] += 1
+        elif len(frames) == 4 and frames[0] == c.CLIENT and frames[1] == c.PUSH:
+            self._keep_push(frames[2].decode("utf-8", "replace"), frames[3])
+        elif len(frames) == 2 and frames[0] == c.CLIENT and frames[1] == c.HEARTBEAT:
+            self.counters["heartbeats"] += 1
+        else:
+            self.counters["malformed"] += 1
+            log.warning("malformed message of %d frames from broker dropped", len(frames))
+
+    # ------------------------------------------------------------------ pushes
+    def _keep_push(self, service: str, body: bytes) -> None:
+        try:
+            self.pushes.append((service, codec.decode(body)))
+        except DecodeError as exc:
+            self.counters["malformed_pushes"] += 1
+            log.warning("push from %s dropped: %s", service, exc)
+
+    def next_push(self, timeout: float) -> tuple[str, Message] | None:
+        """The oldest push received, waiting up to *timeout* seconds for one."""
+        deadline = time.monotonic() + timeout
+        while not self.pushes:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+                return None
+            self._sort(self._socket.recv_multipart(), set(), {})
+        return self.pushes.popleft()
+
+    def heartbeat(self, timeout: float = c.REQUEST_TIMEOUT) -> bool:
+        """Send a heartbeat and wait for the broker's; True if it answered in time."""
+        before = self.counters["heartbeats"]
+        if not self._send([c.CLIENT, c.HEARTBEAT], timeout):
+            return False
+        deadline = time.monotonic() + timeout
+        while self.counters["heartbeats"] == before:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+                return False
+            self._sort(self._socket.recv_multipart(), set(), {})
+        return True

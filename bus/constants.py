@@ -1,0 +1,75 @@
+"""Wire constants of the Coterie bus, written down once.
+
+Every multipart message starts with a protocol signature frame and a one-byte
+command frame; the signature names the side that speaks (client or worker)
+and the protocol version, after the ZeroMQ Guide's Majordomo (MDP/0.2).
+
+Client <-> broker (a DEALER connected to the broker's ROUTER)::
+
+    client -> broker  REQUEST    [CLIENT, REQUEST, service, request_id, body]
+    client -> broker  HEARTBEAT  [CLIENT, HEARTBEAT]
+    broker -> client  REPLY      [CLIENT, REPLY, service, request_id, body]
+    broker -> client  PUSH       [CLIENT, PUSH, service, body]
+    broker -> client  HEARTBEAT  [CLIENT, HEARTBEAT]
+
+Worker <-> broker (a DEALER connected to the same ROUTER)::
+
+    worker -> broker  READY      [WORKER, READY, body(WorkerReady)]
+    worker -> broker  REPLY      [WORKER, REPLY, client_id, request_id, body]
+    worker -> broker  PUSH       [WORKER, PUSH, target_key_z85, body]
+    worker -> broker  HEARTBEAT  [WORKER, HEARTBEAT]
+    worker -> broker  DISCONNECT [WORKER, DISCONNECT]
+    broker -> worker  REQUEST    [WORKER, REQUEST, client_id, request_id, caller, body]
+    broker -> worker  HEARTBEAT  [WORKER, HEARTBEAT]
+    broker -> worker  DISCONNECT [WORKER, DISCONNECT]
+
+``body`` is one message encoded by :mod:`bus.codec`; ``caller`` is the
+authenticated identity of the client as ``role:name``. An empty single-frame
+message is a connection probe (ZMQ_PROBE_ROUTER) and is never an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+CLIENT = b"CTC1"
+WORKER = b"CTW1"
+
+REQUEST = b"\x01"
+REPLY = b"\x02"
+PUSH = b"\x03"
+HEARTBEAT = b"\x04"
+READY = b"\x05"
+DISCONNECT = b"\x06"
+
+COMMAND_NAMES = {
+    REQUEST: "REQUEST",
+    REPLY: "REPLY",
+    PUSH: "PUSH",
+    HEARTBEAT: "HEARTBEAT",
+    READY: "READY",
+    DISCONNECT: "DISCONNECT",
+}
+
+#: The ZAP domain every Coterie CURVE server socket uses (libzmq only asks the
+#: handler for sockets with a domain set, and ZAP_ENFORCE_DOMAIN makes a
+#: missing handler a refusal instead of an open door).
+ZAP_DOMAIN = b"coterie"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_VERSION = b"1.0"
+
+#: The broker's own service: health of the broker and the service directory.
+BROKER_SERVICE = "broker"
+
+# Tuning numbers (not spec): seconds unless named otherwise.
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_LIVENESS = 3  # missed intervals before a peer is taken for dead
+SERVICE_WAIT = 2.0  # how long a request waits for a worker of a known service
+REQUEST_TIMEOUT = 2.5
+REQUEST_RETRIES = 3
+LISTEN_BACKLOG = 4096  # libzmq's default of 100 makes reconnect storms slow
+MAX_FRAME = 16 * 1024 * 1024  # ZMQ_MAXMSGSIZE: larger frames drop the connection
+MAX_BODY = 8 * 1024 * 1024  # larger bodies get a `too_large` error reply
+MAX_SERVICE_NAME = 64
+OUTBOX_LIMIT = 1000  # pushes kept per disconnected identity
+IO_THREADS = max(1, min(4, os.cpu_count() or 1))

@@ -1,0 +1,42 @@
+"""Who is on the other end of a bus connection.
+
+The broker resolves every message's ZAP User-Id (the client's CURVE public
+key) against the key registry on each message, not only at the handshake:
+ZAP runs once per connection, so a per-message lookup is what makes a
+revoked key lose its rights on a live connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.StrEnum):
+    OPERATOR = "operator"
+    NODE = "node"
+    SERVICE = "service"
+    ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated caller: its role, its name and its CURVE public key (Z85)."""
+
+    role: Role
+    name: str
+    key: str = ""
+
+    @property
+    def caller(self) -> str:
+        """The ``role:name`` form that travels to workers with each request."""
+        return f"{self.role}:{self.name}"
+
+    @classmethod
+    def from_caller(cls, text: str) -> Identity:
+        role, _, name = text.partition(":")
+        return cls(role=Role(role), name=name)
+
+    @classmethod
+    def anonymous(cls, key: str) -> Identity:
+        return cls(role=Role.ANONYMOUS, name=key, key=key)

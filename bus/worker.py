@@ -1,0 +1,177 @@
+"""The worker base class that every service subclasses.
+
+A worker holds one CURVE connection to the broker, registers its service
+with READY, answers one request at a time, and heartbeats both ways: when
+the broker falls silent for HEARTBEAT_LIVENESS intervals, or tells it to
+DISCONNECT, the worker reconnects and registers again.
+
+A subclass sets ``service`` and ``allow`` and extends :meth:`handlers`; a
+handler takes the decoded request and the caller and returns the reply.
+Bad requests get error replies; a handler's exception is logged and answered
+with ``internal``; nothing a caller sends stops the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import zmq
+
+from bus import codec, errors
+from bus import constants as c
+from bus.errors import DecodeError, RemoteError
+from bus.identity import Identity, Role
+from bus.keys import KeyPair
+from bus.messages import Message
+from bus.messages.common import Error, Health, HealthRequest, Ping, Pong, WorkerReady
+from bus.sockets import curve_client_socket, new_context
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Identity], Message]
+
+
+class Worker:
+    """Serve one named service through the broker."""
+
+    service: ClassVar[str]
+    allow: ClassVar[tuple[Role, ...]] = (Role.OPERATOR, Role.SERVICE)
+    version: ClassVar[str] = "0.1.0"
+
+    def __init__(self, endpoint: str, keypair: KeyPair, server_key: bytes) -> None:
+        self.endpoint = endpoint
+        self.keypair = keypair
+        self.server_key = server_key
+        self.context = new_context()
+        self.counters: Counter[str] = Counter()
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._socket: zmq.Socket | None = None
+        self._table = self.handlers()
+
+    def handlers(self) -> dict[type[Message], Handler]:
+        """The handler table: request class -> bound method. Subclasses extend it."""
+        return {Ping: self.on_ping, HealthRequest: self.on_health}
+
+    def on_ping(self, request: Ping, caller: Identity) -> Pong:
+        return Pong(payload=request.payload, service=self.service)
+
+    def on_health(self, request: HealthRequest, caller: Identity) -> Health:
+        return Health(
+            service=self.service,
+            version=self.version,
+            pid=os.getpid(),
+            uptime=time.monotonic() - self.started,
+            counters=dict(self.counters),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        log.info("%s worker started (pid %d), broker %s", self.service, os.getpid(), self.endpoint)
+        try:
+            while not self._stop.is_set():
+                self._session()
+        finally:
+            self.context.term()
+            log.info("%s worker stopped", self.service)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def push(self, target_key: str, message: Message) -> None:
+        """Send *message* to the client whose CURVE key is *target_key*, through the broker."""
+        if self._socket is None:
+            raise RemoteError(errors.SERVICE_UNAVAILABLE, "not connected to the broker")
+        self._socket.send_multipart([c.WORKER, c.PUSH, target_key.encode(), codec.encode(message)])
+
+    def _session(self) -> None:
+        """One connection to the broker, until it is lost or we are stopped."""
+        sock = curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint)
+        self._socket = sock
+        ready = WorkerReady(service=self.service, allow=list(self.allow), version=self.version, pid=os.getpid())
+        interval = c.HEARTBEAT_INTERVAL
+        broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
+        next_heartbeat = time.monotonic() + interval
+        try:
+            # IMMEDIATE: nothing can be sent until the CURVE handshake is done.
+            while not sock.poll(100, zmq.POLLOUT):
+                if self._stop.is_set() or time.monotonic() >= broker_deadline:
+                    if not self._stop.is_set():
+                        log.warning("%s: cannot reach broker %s, retrying", self.service, self.endpoint)
+                    return
+            sock.send_multipart([c.WORKER, c.READY, codec.encode(ready)])
+            while not self._stop.is_set():
+                if sock.poll(100, zmq.POLLIN):
+                    frames = sock.recv_multipart()
+                    broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
+                    if not self._on_frames(sock, frames):
+                        log.info("%s: broker asked to reconnect", self.service)
+                        return
+                now = time.monotonic()
+                if now >= broker_deadline:
+                    log.warning(
+                        "%s: broker silent for %.1fs, reconnecting", self.service, interval * c.HEARTBEAT_LIVENESS
+                    )
+                    return
+                if now >= next_heartbeat:
+                    sock.send_multipart([c.WORKER, c.HEARTBEAT])
+                    next_heartbeat = now + interval
+            sock.send_multipart([c.WORKER, c.DISCONNECT], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("%s: socket error %s, reconnecting", self.service, exc)
+        finally:
+            self._socket = None
+            sock.close(linger=0)
+
+    def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
+        """Handle one message from the broker; False means reconnect."""
+        if frames == [b""]:
+            return True  # connection probe
+        if len(frames) < 2 or frames[0] != c.WORKER:
+            self.counters["malformed"] += 1
+            log.warning("%s: malformed message of %d frames from broker dropped", self.service, len(frames))
+            return True
+        command = frames[1]
+        if command == c.HEARTBEAT:
+            return True
+        if command == c.DISCONNECT:
+            return False
+        if command == c.REQUEST and len(frames) == 6:
+            _, _, client, request_id, caller, body = frames
+            reply = self._serve(caller, body)
+            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, codec.encode(reply)])
+            return True
+        self.counters["malformed"] += 1
+        log.warning("%s: unexpected %s from broker dropped", self.service, c.COMMAND_NAMES.get(command, command))
+        return True
+
+    def _serve(self, caller_text: bytes, body: bytes) -> Message:
+        self.counters["requests"] += 1
+        try:
+            caller = Identity.from_caller(caller_text.decode())
+            request = codec.decode(body)
+        except DecodeError as exc:
+            return self._error(exc.code, exc.message)
+        except ValueError as exc:
+            return self._error(errors.MALFORMED, f"bad caller frame: {exc}")
+        handler = self._table.get(type(request))
+        if handler is None:
+            return self._error(errors.UNSUPPORTED_REQUEST, f"{self.service} does not serve {request.KIND}")
+        try:
+            return handler(request, caller)
+        except RemoteError as exc:
+            return self._error(exc.code, exc.message)
+        except Exception:
+            log.exception("%s: handler for %s failed", self.service, request.KIND)
+            return self._error(errors.INTERNAL, f"{self.service} failed to handle {request.KIND}")
+
+    def _error(self, code: str, text: str) -> Error:
+        self.counters[f"error_{code}"] += 1
+        log.warning("%s: request answered with %s: %s", self.service, code, text)
+        return Error(code=code, message=text)

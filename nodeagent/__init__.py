@@ -1,0 +1,1 @@
+"""The node agent: control loop and userspace data plane (later issues)."""

@@ -1,0 +1,1 @@
+"""The auth service (one OS process; see service.py)."""

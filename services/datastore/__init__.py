@@ -1,0 +1,1 @@
+"""The datastore service (one OS process; see service.py)."""

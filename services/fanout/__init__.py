@@ -1,0 +1,1 @@
+"""The fanout service (one OS process; see service.py)."""

@@ -1,0 +1,1 @@
+"""The keydist service (one OS process; see service.py)."""

@@ -1,0 +1,59 @@
+"""Entry point of each server process: the broker or one service, by name.
+
+Each process loads only what it needs from the configuration directory: the
+broker its own key pair and the key registry; a service its own key pair and
+the broker's public key. SIGTERM and SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+from bus.broker import Broker
+from bus.keys import load_keypair, load_public_key
+from bus.messages.services import SERVICE_NAMES
+from bus.registry import FileKeyRegistry
+from bus.worker import Worker
+from services.auth.service import AuthService
+from services.config import ServerConfig, require_key
+from services.datastore.service import DatastoreService
+from services.fanout.service import FanoutService
+from services.keydist.service import KeydistService
+from services.logsetup import setup_logging
+
+SERVICES: dict[str, type[Worker]] = {
+    "auth": AuthService,
+    "datastore": DatastoreService,
+    "keydist": KeydistService,
+    "fanout": FanoutService,
+}
+PROCESS_NAMES = ("broker", *SERVICE_NAMES)
+assert set(SERVICES) == set(SERVICE_NAMES)
+
+
+def build_broker(config: ServerConfig) -> Broker:
+    keypair = load_keypair(require_key(config.key_path("server")))
+    registry = FileKeyRegistry(config.registry_path)
+    return Broker(keypair, registry, config.bind_endpoint, allow_anonymous=config.allow_anonymous)
+
+
+def build_service(name: str, config: ServerConfig, broker: str | None = None) -> Worker:
+    keypair = load_keypair(require_key(config.key_path(name)))
+    server_key = load_public_key(require_key(config.public_key_path("server")))
+    return SERVICES[name](broker or config.connect_endpoint, keypair, server_key)
+
+
+def run_process(name: str, config: ServerConfig, broker: str | None = None) -> None:
+    """Run the broker or service *name* in this process until SIGTERM/SIGINT."""
+    if name not in PROCESS_NAMES:
+        raise ValueError(f"unknown process {name!r}; choose one of {', '.join(PROCESS_NAMES)}")
+    setup_logging(name)
+    runner = build_broker(config) if name == "broker" else build_service(name, config, broker)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    runner.run()

@@ -1,0 +1,1 @@
+"""The supervisor behind ``coterie server up`` (see supervisor.py)."""

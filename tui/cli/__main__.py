@@ -1,0 +1,3 @@
+from tui.cli.app import main
+
+main()
