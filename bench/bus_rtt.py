@@ -62,7 +62,7 @@ def _measure(send_and_wait, count: int) -> list[float]:  # type: ignore[no-untyp
 
 def bench_raw(count: int, curve: bool) -> list[float]:
     server = KeyPair.generate() if curve else None
-    endpoint = "tcp://127.0.0.1:%d" % _free_port()
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
     ready = multiprocessing.Event()
     proc = multiprocessing.Process(
         target=_echo_server, args=(endpoint, server.secret if server else None, ready), daemon=True
@@ -94,14 +94,25 @@ def bench_coterie(count: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         port = _free_port()
-        subprocess.run([sys.executable, "-m", "tui.cli", "init", "--dir", tmp, "--port", str(port)],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "tui.cli", "init", "--dir", tmp, "--port", str(port)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         env = {**os.environ, "COTERIE_LOG_LEVEL": "WARNING"}
-        procs = [subprocess.Popen([sys.executable, "-m", "services", name, "--dir", tmp], cwd=ROOT, env=env)
-                 for name in ("broker", "auth")]
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "services", name, "--dir", tmp], cwd=ROOT, env=env)
+            for name in ("broker", "auth")
+        ]
         try:
-            client = Client(f"tcp://127.0.0.1:{port}", load_keypair(home / "keys" / "admin.key"),
-                            load_public_key(home / "keys" / "server.pub"), timeout=10.0, retries=0)
+            client = Client(
+                f"tcp://127.0.0.1:{port}",
+                load_keypair(home / "keys" / "admin.key"),
+                load_public_key(home / "keys" / "server.pub"),
+                timeout=10.0,
+                retries=0,
+            )
             request = Ping(payload=b"x" * 64)
             _wait_for(lambda: client.request("auth", request))
             samples = _measure(lambda: client.request("auth", request), count)
@@ -148,8 +159,9 @@ def main() -> None:
         samples.sort()
         p50 = statistics.median(samples)
         p99 = samples[int(len(samples) * 0.99) - 1]
-        print(f"{name:<12}{p50 * 1e6:>10.0f}{p99 * 1e6:>10.0f}{1 / statistics.mean(samples):>10.0f}"
-              f"{p50 / floor:>18.2f}")
+        print(
+            f"{name:<12}{p50 * 1e6:>10.0f}{p99 * 1e6:>10.0f}{1 / statistics.mean(samples):>10.0f}{p50 / floor:>18.2f}"
+        )
 
 
 if __name__ == "__main__":

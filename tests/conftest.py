@@ -90,8 +90,15 @@ class BusHarness:
     def process_worker(self, service: str, anonymous: bool = False) -> subprocess.Popen[bytes]:
         keypair = self.service_key(service)
         key_file = save_keypair(keypair, self.tmp / "keys", f"{service}-{len(self._processes)}")
-        argv = [sys.executable, "-m", "tests.helpers.workers", service, self.endpoint,
-                self.server.public_text, str(key_file)] + (["anon"] if anonymous else [])
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.helpers.workers",
+            service,
+            self.endpoint,
+            self.server.public_text,
+            str(key_file),
+        ] + (["anon"] if anonymous else [])
         process = subprocess.Popen(argv, cwd=ROOT)
         self._processes.append(process)
         return process

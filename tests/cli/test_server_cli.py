@@ -53,14 +53,21 @@ def test_init_writes_config_and_private_keys(tmp_path: Path) -> None:
 
 def test_init_honours_coterie_home(tmp_path: Path) -> None:
     env = {**os.environ, "COTERIE_HOME": str(tmp_path / "envhome")}
-    result = subprocess.run([sys.executable, "-m", "tui.cli", "init"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "tui.cli", "init"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "envhome" / "keys" / "server.key").exists()
 
 
 @pytest.mark.parametrize(
     "args",
-    [["status", "--bogus"], ["init", "--port", "0"], ["service", "run", "nosuch", "--dir", "/nonexistent"], ["frobnicate"]],
+    [
+        ["status", "--bogus"],
+        ["init", "--port", "0"],
+        ["service", "run", "nosuch", "--dir", "/nonexistent"],
+        ["frobnicate"],
+    ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args: list[str]) -> None:
     result = coterie(*args)

@@ -49,7 +49,9 @@ def test_bad_bodies_get_their_codes() -> None:
 
 def test_invalid_message_names_the_field() -> None:
     with pytest.raises(DecodeError, match="service"):
-        codec.decode(msgpack.packb(["worker.ready", 1, {"service": "Bad Name!", "allow": [], "version": "1", "pid": 1}]))
+        codec.decode(
+            msgpack.packb(["worker.ready", 1, {"service": "Bad Name!", "allow": [], "version": "1", "pid": 1}])
+        )
 
 
 def test_expected_kind_is_enforced() -> None:
@@ -60,7 +62,7 @@ def test_expected_kind_is_enforced() -> None:
 def test_registry_holds_each_kind_once_per_version() -> None:
     for kind, versions in REGISTRY.items():
         for version, cls in versions.items():
-            assert cls.KIND == kind and cls.VERSION == version
+            assert kind == cls.KIND and version == cls.VERSION
 
 
 @settings(max_examples=500, deadline=None)
@@ -73,7 +75,12 @@ def test_fuzzed_bytes_only_ever_raise_decode_error(data: bytes) -> None:
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=8) | st.binary(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=10,
 )
@@ -87,4 +94,4 @@ def test_well_formed_bodies_with_random_fields_are_validated(kind: str, version:
         message = codec.decode(body)
     except DecodeError:
         return
-    assert message.KIND == kind and message.VERSION == version
+    assert kind == message.KIND and version == message.VERSION
