@@ -9,6 +9,7 @@ import time
 
 import pytest
 import zmq
+import zmq.utils.monitor
 
 from bus import errors
 from bus.broker import Broker
@@ -49,11 +50,32 @@ def test_closed_server_refuses_unknown_keys_at_the_handshake(
     stranger = closed_bus.client(KeyPair.generate(), timeout=0.5, retries=1)
     with pytest.raises(BusTimeout):
         stranger.request("vault", Ping())
+    assert _handshake_failure(closed_bus, KeyPair.generate()) == 400
     assert worker.counters["requests"] == 0
     assert closed_bus.broker is not None and closed_bus.broker.zap.counters["refused"] >= 1
     assert any("refused connection" in r.getMessage() for r in caplog.records)
     # The operator, whose key is known, is still served.
     assert isinstance(closed_bus.client().request("vault", Ping()), Pong)
+
+
+def _handshake_failure(bus: BusHarness, keypair: KeyPair) -> int | None:
+    """Connect with *keypair* and return the ZAP status of a failed handshake, if one is reported."""
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+            bus.server.public,
+            keypair.public,
+            keypair.secret,
+        )
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sock.connect(bus.endpoint)
+        if not monitor.poll(3000):
+            return None
+        event = zmq.utils.monitor.recv_monitor_message(monitor)
+        return event["value"] if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else 200
+    finally:
+        context.destroy(linger=0)
 
 
 def test_wrong_server_key_cannot_connect(bus: BusHarness) -> None:
@@ -144,6 +166,14 @@ def test_null_mechanism_client_is_never_delivered_nor_asks_zap(bus: BusHarness) 
         b"\x01\x00" + b"sneaky",  # ZMTP/1.0 short frame
         b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\x00" * 16 + b"\x00" * 32,  # greeting, NULL
         b"GET / HTTP/1.1\r\n\r\n",
+        # ZMTP 3.0 greeting announcing CURVE, then a HELLO command of garbage.
+        b"\xff"
+        + b"\x00" * 8
+        + b"\x7f\x03\x00CURVE"
+        + b"\x00" * 15
+        + b"\x00" * 32
+        + b"\x04\x20\x05HELLO"
+        + b"\x00" * 26,
         bytes(range(256)) * 4,
     ],
 )
