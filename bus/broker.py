@@ -323,7 +323,7 @@ class Broker:
                 c.REQUEST,
                 request.client,
                 request.request_id,
-                request.caller.caller.encode(),
+                request.caller.wire.encode(),
                 request.body,
             ]
             if self._send(frames):

@@ -11,6 +11,7 @@ the registered pydantic model.
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import msgpack
@@ -26,7 +27,14 @@ T = TypeVar("T", bound=Message)
 
 def encode(message: Message) -> bytes:
     body = [message.KIND, message.VERSION, message.model_dump(mode="python")]
-    return msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(body, use_bin_type=True, default=_extended)
+
+
+def _extended(value: object) -> object:
+    """Types MessagePack lacks travel as text that pydantic parses back on receipt."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def decode(data: bytes, expect: type[T] | None = None) -> Message:

@@ -18,6 +18,9 @@ WORKER_LOST = "worker_lost"
 FORBIDDEN = "forbidden"
 UNSUPPORTED_REQUEST = "unsupported_request"
 INTERNAL = "internal"
+NOT_FOUND = "not_found"  # the named VPN, node, rule... does not exist
+CONFLICT = "conflict"  # the request clashes with what exists (a duplicate name, say)
+REFUSED = "refused"  # a credential or token was refused (the reason is in the message)
 
 #: Codes after which the same request may succeed when simply sent again.
 RETRIABLE = frozenset({SERVICE_UNAVAILABLE, WORKER_LOST})

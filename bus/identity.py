@@ -29,13 +29,18 @@ class Identity:
 
     @property
     def caller(self) -> str:
-        """The ``role:name`` form that travels to workers with each request."""
+        """``role:name``, for logs."""
         return f"{self.role}:{self.name}"
 
+    @property
+    def wire(self) -> str:
+        """``role:key:name``, the form that travels to workers with each request."""
+        return f"{self.role}:{self.key}:{self.name}"
+
     @classmethod
-    def from_caller(cls, text: str) -> Identity:
-        role, _, name = text.partition(":")
-        return cls(role=Role(role), name=name)
+    def from_wire(cls, text: str) -> Identity:
+        role, key, name = text.split(":", 2)
+        return cls(role=Role(role), name=name, key=key)
 
     @classmethod
     def anonymous(cls, key: str) -> Identity:

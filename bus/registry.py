@@ -57,6 +57,20 @@ class MemoryKeyRegistry:
             return list(self._by_key.values())
 
 
+class ChainRegistry:
+    """Several registries asked in order: the file of operators and services, then the datastore's nodes."""
+
+    def __init__(self, *registries: KeyRegistry) -> None:
+        self.registries = registries
+
+    def lookup(self, key: str) -> Identity | None:
+        for registry in self.registries:
+            identity = registry.lookup(key)
+            if identity is not None:
+                return identity
+        return None
+
+
 class FileKeyRegistry:
     """A registry backed by a TOML file of ``[[identity]]`` tables.
 

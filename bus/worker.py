@@ -43,6 +43,8 @@ class Worker:
     service: ClassVar[str]
     allow: ClassVar[tuple[Role, ...]] = (Role.OPERATOR, Role.SERVICE)
     version: ClassVar[str] = "0.1.0"
+    #: How often :meth:`tick` runs (seconds); also the longest a stop request waits.
+    tick_interval: ClassVar[float] = 0.1
 
     def __init__(self, endpoint: str, keypair: KeyPair, server_key: bytes) -> None:
         self.endpoint = endpoint
@@ -70,6 +72,9 @@ class Worker:
             uptime=time.monotonic() - self.started,
             counters=dict(self.counters),
         )
+
+    def tick(self, now: float) -> None:
+        """Periodic work between requests (subclasses override); *now* is monotonic time."""
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -107,13 +112,14 @@ class Worker:
                     return
             sock.send_multipart([c.WORKER, c.READY, codec.encode(ready)])
             while not self._stop.is_set():
-                if sock.poll(100, zmq.POLLIN):
+                if sock.poll(int(self.tick_interval * 1000), zmq.POLLIN):
                     frames = sock.recv_multipart()
                     broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
                     if not self._on_frames(sock, frames):
                         log.info("%s: broker asked to reconnect", self.service)
                         return
                 now = time.monotonic()
+                self._tick(now)
                 if now >= broker_deadline:
                     log.warning(
                         "%s: broker silent for %.1fs, reconnecting", self.service, interval * c.HEARTBEAT_LIVENESS
@@ -128,6 +134,13 @@ class Worker:
         finally:
             self._socket = None
             sock.close(linger=0)
+
+    def _tick(self, now: float) -> None:
+        try:
+            self.tick(now)
+        except Exception:
+            log.exception("%s: periodic work failed; continuing", self.service)
+            self.counters["tick_failures"] += 1
 
     def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
         """Handle one message from the broker; False means reconnect."""
@@ -144,17 +157,23 @@ class Worker:
             return False
         if command == c.REQUEST and len(frames) == 6:
             _, _, client, request_id, caller, body = frames
-            reply = self._serve(caller, body)
-            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, codec.encode(reply)])
+            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(self._serve(caller, body))])
             return True
         self.counters["malformed"] += 1
         log.warning("%s: unexpected %s from broker dropped", self.service, c.COMMAND_NAMES.get(command, command))
         return True
 
+    def _encode(self, reply: Message) -> bytes:
+        try:
+            return codec.encode(reply)
+        except (TypeError, ValueError, OverflowError):
+            log.exception("%s: reply %s could not be encoded", self.service, reply.KIND)
+            return codec.encode(self._error(errors.INTERNAL, f"{self.service} failed to encode its reply"))
+
     def _serve(self, caller_text: bytes, body: bytes) -> Message:
         self.counters["requests"] += 1
         try:
-            caller = Identity.from_caller(caller_text.decode())
+            caller = Identity.from_wire(caller_text.decode())
             request = codec.decode(body)
         except DecodeError as exc:
             return self._error(exc.code, exc.message)

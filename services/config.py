@@ -44,6 +44,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     database: str = ""  # empty: SQLite in DIR
     allow_anonymous: bool = True
+    advertise: tuple[str, ...] = ()  # endpoints written into join strings; default: connect_endpoint
+    presence_timeout: float = 15.0  # seconds without a heartbeat before a node is marked offline
 
     @property
     def keys_dir(self) -> Path:
@@ -62,6 +64,14 @@ class ServerConfig:
         """Where local processes reach the broker (a wildcard listen means loopback)."""
         host = "127.0.0.1" if self.listen in ("0.0.0.0", "*") else self.listen
         return f"tcp://{host}:{self.port}"
+
+    @property
+    def join_endpoints(self) -> list[str]:
+        return list(self.advertise) or [self.connect_endpoint]
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.keys_dir / "server-sign.key"
 
     @property
     def database_url(self) -> str:
@@ -87,8 +97,10 @@ class ServerConfig:
                 "listen": self.listen,
                 "port": self.port,
                 "allow_anonymous": self.allow_anonymous,
+                "advertise": list(self.advertise),
             },
             "database": {"url": self.database},
+            "sync": {"presence_timeout": self.presence_timeout},
         }
         return tomli_w.dumps(doc)
 
@@ -109,6 +121,8 @@ def load_config(directory: Path) -> ServerConfig:
             port=_port(server.get("port", DEFAULT_PORT)),
             database=str(doc.get("database", {}).get("url", "")),
             allow_anonymous=bool(server.get("allow_anonymous", True)),
+            advertise=tuple(str(e) for e in server.get("advertise", [])),
+            presence_timeout=float(doc.get("sync", {}).get("presence_timeout", 15.0)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -13,14 +13,17 @@ from types import FrameType
 from bus.broker import Broker
 from bus.keys import load_keypair, load_public_key
 from bus.messages.services import SERVICE_NAMES
-from bus.registry import FileKeyRegistry
+from bus.registry import ChainRegistry, FileKeyRegistry
 from bus.worker import Worker
 from services.auth.service import AuthService
 from services.config import ServerConfig, require_key
+from services.datastore.db import make_engine
+from services.datastore.keyregistry import DatastoreKeyRegistry
 from services.datastore.service import DatastoreService
 from services.fanout.service import FanoutService
 from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
+from services.signing import load_signing_key
 
 SERVICES: dict[str, type[Worker]] = {
     "auth": AuthService,
@@ -34,14 +37,34 @@ assert set(SERVICES) == set(SERVICE_NAMES)
 
 def build_broker(config: ServerConfig) -> Broker:
     keypair = load_keypair(require_key(config.key_path("server")))
-    registry = FileKeyRegistry(config.registry_path)
+    nodes = DatastoreKeyRegistry(make_engine(config.database_url))
+    registry = ChainRegistry(FileKeyRegistry(config.registry_path), nodes)
     return Broker(keypair, registry, config.bind_endpoint, allow_anonymous=config.allow_anonymous)
 
 
 def build_service(name: str, config: ServerConfig, broker: str | None = None) -> Worker:
     keypair = load_keypair(require_key(config.key_path(name)))
     server_key = load_public_key(require_key(config.public_key_path("server")))
-    return SERVICES[name](broker or config.connect_endpoint, keypair, server_key)
+    endpoint = broker or config.connect_endpoint
+    signing_key = load_signing_key(config.signing_key_path)
+    sign_public = signing_key.verify_key.encode().hex()
+    url = config.database_url
+    if name == "datastore":
+        return DatastoreService(
+            endpoint, keypair, server_key, database_url=url, join_endpoints=config.join_endpoints, sign_key=sign_public
+        )
+    if name == "auth":
+        return AuthService(endpoint, keypair, server_key, database_url=url, sign_key=sign_public)
+    if name == "fanout":
+        return FanoutService(
+            endpoint,
+            keypair,
+            server_key,
+            database_url=url,
+            signing_key=signing_key,
+            presence_timeout=config.presence_timeout,
+        )
+    return SERVICES[name](endpoint, keypair, server_key)
 
 
 def run_process(name: str, config: ServerConfig, broker: str | None = None) -> None:

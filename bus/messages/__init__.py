@@ -38,5 +38,8 @@ def register(cls: M) -> M:
 
 
 # The registry is explicit: importing the package imports every schema module.
+from bus.messages import auth as auth  # noqa: E402
 from bus.messages import common as common  # noqa: E402
+from bus.messages import datastore as datastore  # noqa: E402
 from bus.messages import services as services  # noqa: E402
+from bus.messages import sync as sync  # noqa: E402

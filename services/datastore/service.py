@@ -1,15 +1,344 @@
-"""The datastore: the one place that holds the truth (SQLModel, SQLite or PostgreSQL).
+"""The datastore: the one place that holds the truth (SQLModel on SQLite or PostgreSQL).
 
-Only operators and the other services call it; nodes see the truth only as
-their own view, pushed by the fanout. The foundation answers ping and health.
+Operators (and services) call it; nodes never do: they see the truth only as
+their own view, pushed by the fanout. Every mutation commits its change-log
+row in the same transaction and answers with the revision it committed and
+the nodes whose view it changes; with ``dry_run`` it commits nothing and
+answers with each of those nodes' view diffs instead.
 """
 
 from __future__ import annotations
 
-from bus.identity import Role
-from bus.worker import Worker
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlmodel import Session, col, select
+
+from bus.identity import Identity, Role
+from bus.messages.auth import JoinString
+from bus.messages.datastore import (
+    AclAdd,
+    AclList,
+    AclListRequest,
+    AclRemove,
+    EventInfo,
+    Events,
+    EventsRequest,
+    MemberAdd,
+    MemberInfo,
+    MemberRemove,
+    Mutated,
+    NodeAdd,
+    NodeDetail,
+    NodeDiff,
+    NodeInfo,
+    NodeList,
+    NodeListRequest,
+    NodeRemove,
+    NodeRename,
+    NodeShowRequest,
+    RouteAdd,
+    RouteRemove,
+    VpnCreate,
+    VpnDelete,
+    VpnDetail,
+    VpnInfo,
+    VpnList,
+    VpnListRequest,
+    VpnShowRequest,
+    _Mutation,
+)
+from bus.messages.sync import AclView, ViewDelta
+from bus.worker import Handler, Worker
+from services.datastore import repo
+from services.datastore.db import make_engine, migrate, reading, transaction
+from services.datastore.models import AclRule, Change, Delivery, Membership, Node, Vpn
+from services.datastore.netmap import World
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a mutation did, for its change-log row and its reply."""
+
+    kind: str
+    summary: str
+    vpn_ids: list[int] = field(default_factory=list)
+    node_ids: list[int] = field(default_factory=list)
+    join: str | None = None
+
+
+class _DryRun(Exception):
+    """Raised inside the transaction of a dry run, so that it rolls back."""
+
+    def __init__(self, reply: Mutated) -> None:
+        self.reply = reply
 
 
 class DatastoreService(Worker):
     service = "datastore"
     allow = (Role.OPERATOR, Role.SERVICE)
+
+    def __init__(
+        self,
+        endpoint: str,
+        keypair: object,
+        server_key: bytes,
+        *,
+        database_url: str,
+        join_endpoints: list[str],
+        sign_key: str,
+    ) -> None:
+        super().__init__(endpoint, keypair, server_key)  # type: ignore[arg-type]
+        self.engine = make_engine(database_url)
+        migrate(self.engine)
+        self.join_endpoints = join_endpoints
+        self.sign_key = sign_key
+
+    def handlers(self) -> dict[type, Handler]:
+        mutations: dict[type, Callable[[Session, _Mutation], Outcome]] = {
+            VpnCreate: self._vpn_create,
+            VpnDelete: self._vpn_delete,
+            NodeAdd: self._node_add,
+            NodeRemove: self._node_remove,
+            NodeRename: self._node_rename,
+            MemberAdd: self._member_add,
+            MemberRemove: self._member_remove,
+            RouteAdd: self._route_add,
+            RouteRemove: self._route_remove,
+            AclAdd: self._acl_add,
+            AclRemove: self._acl_remove,
+        }
+        table: dict[type, Handler] = {
+            kind: (lambda request, caller, apply=apply: self._mutate(request, caller, apply))
+            for kind, apply in mutations.items()
+        }
+        return {
+            **super().handlers(),
+            **table,
+            VpnListRequest: self.on_vpn_list,
+            VpnShowRequest: self.on_vpn_show,
+            NodeListRequest: self.on_node_list,
+            NodeShowRequest: self.on_node_show,
+            AclListRequest: self.on_acl_list,
+            EventsRequest: self.on_events,
+        }
+
+    # ------------------------------------------------------------------ mutations
+    def _mutate(self, request: _Mutation, caller: Identity, apply: Callable[[Session, _Mutation], Outcome]) -> Mutated:
+        try:
+            with transaction(self.engine) as session:
+                prior = repo.replayed(session, request.idempotency_key)
+                if prior is not None:
+                    return Mutated(revision=prior.revision, summary=prior.summary, replayed=True)
+                before = World.load(session)
+                outcome = apply(session, request)
+                change = repo.record(
+                    session,
+                    outcome.kind,
+                    outcome.summary,
+                    caller.caller,
+                    outcome.vpn_ids,
+                    outcome.node_ids,
+                    request.idempotency_key,
+                )
+                after = World.load(session)
+                diffs = _diffs(before, after, change)
+                reached = sorted(d.node for d in diffs)
+                if request.dry_run:
+                    raise _DryRun(
+                        Mutated(revision=0, summary=outcome.summary, dry_run=True, reached=reached, preview=diffs)
+                    )
+        except _DryRun as dry:
+            return dry.reply
+        log.info("r%d %s by %s (reaches %d nodes)", change.revision, outcome.summary, caller.caller, len(reached))
+        return Mutated(revision=change.revision, summary=outcome.summary, reached=reached, join=outcome.join)
+
+    def _vpn_create(self, s: Session, r: VpnCreate) -> Outcome:  # type: ignore[override]
+        vpn, summary = repo.create_vpn(s, r.name, r.subnet, r.addressing, r.topology)
+        return Outcome("vpn.create", summary, vpn_ids=[vpn.id or 0])
+
+    def _vpn_delete(self, s: Session, r: VpnDelete) -> Outcome:  # type: ignore[override]
+        vpn_ids, node_ids, summary = repo.delete_vpn(s, r.name)
+        return Outcome("vpn.delete", summary, vpn_ids, node_ids)
+
+    def _node_add(self, s: Session, r: NodeAdd) -> Outcome:  # type: ignore[override]
+        node, secret, vpn_ids = repo.add_node(s, r.name, r.vpns, r.tags, r.expires_hours)
+        join = JoinString(
+            endpoints=self.join_endpoints, server_key=self.server_key.decode(), sign_key=self.sign_key, secret=secret
+        )
+        where = f" in {', '.join(r.vpns)}" if r.vpns else ""
+        return Outcome("node.add", f"added node {r.name}{where}", vpn_ids, [node.id or 0], join=join.encode())
+
+    def _node_remove(self, s: Session, r: NodeRemove) -> Outcome:  # type: ignore[override]
+        _, vpn_ids = repo.remove_node(s, r.name)
+        return Outcome("node.remove", f"removed node {r.name}", vpn_ids, [])
+
+    def _node_rename(self, s: Session, r: NodeRename) -> Outcome:  # type: ignore[override]
+        node = repo.rename_node(s, r.name, r.new_name)
+        return Outcome("node.rename", f"renamed node {r.name} to {r.new_name}", [], [node.id or 0])
+
+    def _member_add(self, s: Session, r: MemberAdd) -> Outcome:  # type: ignore[override]
+        node, vpn = repo.node_by_name(s, r.node), repo.vpn_by_name(s, r.vpn)
+        member = repo.add_member(s, node, vpn, r.role)
+        summary = f"added {r.node} to {r.vpn} as {r.role} ({member.vip})"
+        return Outcome("member.add", summary, [vpn.id or 0], [node.id or 0])
+
+    def _member_remove(self, s: Session, r: MemberRemove) -> Outcome:  # type: ignore[override]
+        node, vpn = repo.node_by_name(s, r.node), repo.vpn_by_name(s, r.vpn)
+        repo.remove_member(s, node, vpn)
+        return Outcome("member.remove", f"removed {r.node} from {r.vpn}", [vpn.id or 0], [node.id or 0])
+
+    def _route_add(self, s: Session, r: RouteAdd) -> Outcome:  # type: ignore[override]
+        node, vpn = repo.node_by_name(s, r.node), repo.vpn_by_name(s, r.vpn)
+        cidr = repo.add_route(s, node, vpn, r.cidr)
+        return Outcome("route.add", f"route {cidr} via {r.node} in {r.vpn}", [vpn.id or 0], [node.id or 0])
+
+    def _route_remove(self, s: Session, r: RouteRemove) -> Outcome:  # type: ignore[override]
+        node, vpn = repo.node_by_name(s, r.node), repo.vpn_by_name(s, r.vpn)
+        cidr = repo.remove_route(s, node, vpn, r.cidr)
+        return Outcome("route.remove", f"removed route {cidr} via {r.node} in {r.vpn}", [vpn.id or 0], [node.id or 0])
+
+    def _acl_add(self, s: Session, r: AclAdd) -> Outcome:  # type: ignore[override]
+        vpn = repo.vpn_by_name(s, r.vpn)
+        rule = repo.add_acl(s, vpn, r.src, r.dst, r.proto, r.ports)
+        ports = f" ports {rule.ports}" if rule.ports else ""
+        summary = f"ACL #{rule.id} in {r.vpn}: allow {rule.src} -> {rule.dst} {rule.proto}{ports}"
+        return Outcome("acl.add", summary, [vpn.id or 0])
+
+    def _acl_remove(self, s: Session, r: AclRemove) -> Outcome:  # type: ignore[override]
+        rule = repo.remove_acl(s, r.id)
+        return Outcome("acl.remove", f"removed ACL #{r.id} ({rule.src} -> {rule.dst})", [rule.vpn_id])
+
+    # ------------------------------------------------------------------ queries
+    def on_vpn_list(self, request: VpnListRequest, caller: Identity) -> VpnList:
+        with reading(self.engine) as s:
+            world = World.load(s)
+            return VpnList(vpns=[_vpn_info(world, v) for v in sorted(world.vpns.values(), key=lambda v: v.name)])
+
+    def on_vpn_show(self, request: VpnShowRequest, caller: Identity) -> VpnDetail:
+        with reading(self.engine) as s:
+            vpn = repo.vpn_by_name(s, request.name)
+            world = World.load(s)
+            members = [
+                MemberInfo(
+                    node=world.nodes[m.node_id].name,
+                    vip=m.vip,
+                    role=m.role,
+                    online=world.nodes[m.node_id].online,
+                    routes=world.routes.get((vpn.id or 0, m.node_id), []),
+                )
+                for m in sorted(world.members.get(vpn.id or 0, []), key=lambda m: world.nodes[m.node_id].name)
+            ]
+            acl = [_acl(vpn, r) for r in world.rules.get(vpn.id or 0, [])]
+            return VpnDetail(vpn=_vpn_info(world, vpn), members=members, acl=acl)
+
+    def on_node_list(self, request: NodeListRequest, caller: Identity) -> NodeList:
+        with reading(self.engine) as s:
+            world = World.load(s)
+            nodes = sorted(world.nodes.values(), key=lambda n: n.name)
+            return NodeList(nodes=[_node_info(world, n) for n in nodes])
+
+    def on_node_show(self, request: NodeShowRequest, caller: Identity) -> NodeDetail:
+        with reading(self.engine) as s:
+            node = repo.node_by_name(s, request.name)
+            return NodeDetail(node=_node_info(World.load(s), node))
+
+    def on_acl_list(self, request: AclListRequest, caller: Identity) -> AclList:
+        with reading(self.engine) as s:
+            query = select(AclRule, Vpn).join(Vpn, col(AclRule.vpn_id) == col(Vpn.id))
+            if request.vpn is not None:
+                repo.vpn_by_name(s, request.vpn)
+                query = query.where(Vpn.name == request.vpn)
+            rows = s.exec(query.order_by(col(AclRule.id))).all()
+            return AclList(rules=[_acl(vpn, rule) for rule, vpn in rows])
+
+    def on_events(self, request: EventsRequest, caller: Identity) -> Events:
+        with reading(self.engine) as s:
+            changes = s.exec(
+                select(Change)
+                .where(Change.revision > request.since)
+                .order_by(col(Change.revision))
+                .limit(request.limit)
+            ).all()
+            receipts = _receipts(s, [c.revision for c in changes])
+            events = [_event(c, receipts.get(c.revision, [])) for c in changes]
+            return Events(events=events, head=repo.head_revision(s))
+
+
+# ---------------------------------------------------------------------- helpers
+def _diffs(before: World, after: World, change: Change) -> list[NodeDiff]:
+    """The view diff of every enrolled node the change reaches (those whose view changes)."""
+    diffs = []
+    for node_id in sorted(before.affected(change) | after.affected(change)):
+        node = after.nodes.get(node_id)
+        if node is None or not node.curve_key or node_id not in before.nodes:
+            continue  # removed (revoked) or not enrolled: no agent to reach
+        delta = ViewDelta.between(before.view(node_id), after.view(node_id))
+        if not delta.is_empty():
+            diffs.append(NodeDiff(node=node.name, delta=delta))
+    return diffs
+
+
+def _vpn_info(world: World, vpn: Vpn) -> VpnInfo:
+    members = world.members.get(vpn.id or 0, [])
+    return VpnInfo(
+        name=vpn.name,
+        subnet=vpn.subnet,
+        addressing=vpn.addressing,
+        topology=vpn.topology,
+        members=len(members),
+        online=sum(1 for m in members if world.nodes[m.node_id].online),
+    )
+
+
+def _node_info(world: World, node: Node) -> NodeInfo:
+    memberships: list[Membership] = world.by_node.get(node.id or 0, [])
+    return NodeInfo(
+        name=node.name,
+        enrolled=node.curve_key is not None,
+        online=node.online,
+        vips={world.vpns[m.vpn_id].name: m.vip for m in memberships},
+        roles={world.vpns[m.vpn_id].name: m.role for m in memberships},
+        tags=node.tags,
+        nat_class=node.nat_class,
+        endpoints=node.endpoints,
+        public_endpoint=node.public_endpoint,
+        agent_version=node.agent_version,
+        last_seen=node.last_seen,
+    )
+
+
+def _acl(vpn: Vpn, rule: AclRule) -> AclView:
+    return AclView(id=rule.id or 0, vpn=vpn.name, src=rule.src, dst=rule.dst, proto=rule.proto, ports=rule.ports)
+
+
+def _receipts(s: Session, revisions: list[int]) -> dict[int, list[tuple[Delivery, str]]]:
+    if not revisions:
+        return {}
+    rows = s.exec(
+        select(Delivery, Node.name)
+        .join(Node, col(Node.id) == col(Delivery.node_id))
+        .where(col(Delivery.revision).in_(revisions))
+    ).all()
+    grouped: dict[int, list[tuple[Delivery, str]]] = {}
+    for delivery, name in rows:
+        grouped.setdefault(delivery.revision, []).append((delivery, name))
+    return grouped
+
+
+def _event(change: Change, receipts: list[tuple[Delivery, str]]) -> EventInfo:
+    pending = [(d, name) for d, name in receipts if d.applied_at is None]
+    return EventInfo(
+        revision=change.revision,
+        at=change.at,
+        kind=change.kind,
+        summary=change.summary,
+        actor=change.actor,
+        reached=len(receipts),
+        applied=len(receipts) - len(pending),
+        pending=sorted(name for _, name in pending),
+        pending_since=min((d.pushed_at for d, _ in pending), default=None),
+    )

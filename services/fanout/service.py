@@ -1,15 +1,283 @@
 """Event fan-out: turns the change log into per-node deltas of each node's view.
 
-Nodes call it for snapshots; it pushes their updates through the broker.
-The foundation answers ping and health.
+Pipeline, in order, every TICK:
+  1. read the change-log rows after the last revision processed, in one
+     read transaction (a consistent snapshot of the datastore);
+  2. for each node with a live stream that any of them may affect, compute
+     its view and compare it with the view last sent;
+  3. push each node whose view changed exactly the delta, carrying the
+     previous revision of that node's own stream and the server's seal;
+  4. record a receipt row per change and node, completed when the node
+     acknowledges (by heartbeat or Applied).
+
+A stream starts when a node asks for a snapshot, and is checked on every
+heartbeat: a node whose digest disagrees with its stream (it missed the
+tail, or the fanout restarted and lost its streams) is told to take a new
+snapshot. Nodes that stop heartbeating are marked offline, which is itself
+a change, so their co-members hear of it.
 """
 
 from __future__ import annotations
 
-from bus.identity import Role
-from bus.worker import Worker
+import logging
+import time
+from dataclasses import dataclass
+
+from nacl.signing import SigningKey
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from bus import errors
+from bus.errors import RemoteError
+from bus.identity import Identity, Role
+from bus.keys import KeyPair
+from bus.messages.sync import (
+    Applied,
+    NodeView,
+    Snapshot,
+    SnapshotRequest,
+    SyncHeartbeat,
+    SyncStatus,
+    Update,
+    ViewDelta,
+)
+from bus.worker import Handler, Worker
+from services.datastore import repo
+from services.datastore.db import make_engine, migrate, reading, transaction
+from services.datastore.models import Change, Delivery, Node, utcnow
+from services.datastore.netmap import World
+from services.signing import seal
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_GRACE = 3.0  # seconds an agent may lag its stream before it is told to resync
+LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
+
+
+@dataclass
+class Stream:
+    node_id: int
+    key: str
+    revision: int
+    view: NodeView
+    digest: str
+    pushed_at: float = 0.0
+    acked: int = 0
 
 
 class FanoutService(Worker):
     service = "fanout"
     allow = (Role.NODE, Role.OPERATOR, Role.SERVICE)
+    tick_interval = 0.02
+
+    def __init__(
+        self,
+        endpoint: str,
+        keypair: KeyPair,
+        server_key: bytes,
+        *,
+        database_url: str,
+        signing_key: SigningKey,
+        presence_timeout: float,
+    ) -> None:
+        super().__init__(endpoint, keypair, server_key)
+        self.engine = make_engine(database_url)
+        migrate(self.engine)
+        self.signing_key = signing_key
+        self.presence_timeout = presence_timeout
+        self.streams: dict[int, Stream] = {}
+        self.by_key: dict[str, int] = {}  # CURVE key -> node id, for the streams
+        self.last_seen: dict[int, float] = {}
+        self._written: dict[int, float] = {}  # node id -> when last_seen was last written
+        self._reported: dict[int, tuple[tuple[str, ...], str]] = {}  # node id -> (endpoints, agent version)
+        self.processed = -1  # revision up to which changes have been fanned out
+        self._next_presence = 0.0
+
+    def handlers(self) -> dict[type, Handler]:
+        return {
+            **super().handlers(),
+            SnapshotRequest: self.on_snapshot,
+            SyncHeartbeat: self.on_heartbeat,
+            Applied: self.on_applied,
+        }
+
+    # ------------------------------------------------------------------ periodic work
+    def tick(self, now: float) -> None:
+        self.catch_up()
+        if now >= self._next_presence:
+            self._next_presence = now + min(1.0, self.presence_timeout / 4)
+            self.check_presence(now)
+
+    def catch_up(self) -> None:
+        """Fan out every change committed since the last call (steps 1-4)."""
+        with reading(self.engine) as session:
+            head = repo.head_revision(session)
+            if self.processed < 0:  # first run: streams start from snapshots, not from history
+                self.processed = head
+                self._adopt_online_nodes(session)
+                return
+            if head <= self.processed:
+                return
+            changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
+            world = World.load(session)
+            receipts = self._push_changes(world, changes, head)
+        self.processed = head
+        if receipts:
+            with transaction(self.engine) as session:
+                session.add_all(receipts)
+        self.counters["changes"] += len(changes)
+
+    def _push_changes(self, world: World, changes: list[Change], head: int) -> list[Delivery]:
+        receipts = []
+        for stream in list(self.streams.values()):
+            if stream.node_id not in world.nodes or world.nodes[stream.node_id].curve_key != stream.key:
+                self._drop_stream(stream.node_id)  # removed or re-keyed: revoked, nothing more to send
+                continue
+            touching = [c for c in changes if stream.node_id in world.affected(c) or stream.node_id in c.node_ids]
+            if not touching:
+                continue
+            view = world.view(stream.node_id)
+            digest = view.digest()
+            if digest == stream.digest:
+                continue
+            delta = ViewDelta.between(stream.view, view)
+            update_ = Update(
+                revision=head,
+                prev_revision=stream.revision,
+                delta=delta,
+                digest=digest,
+                seal=seal(self.signing_key, stream.key, head, digest),
+            )
+            self.push(stream.key, update_)
+            self.counters["updates"] += 1
+            stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
+            receipts += [Delivery(revision=c.revision, node_id=stream.node_id) for c in touching]
+        return receipts
+
+    # ------------------------------------------------------------------ requests from nodes
+    def _node(self, caller: Identity) -> None:
+        if caller.role is not Role.NODE:
+            raise RemoteError(errors.FORBIDDEN, "only nodes have views")
+
+    def on_snapshot(self, request: SnapshotRequest, caller: Identity) -> Snapshot:
+        self._node(caller)
+        if request.node is not None and request.node != caller.name:
+            self.counters["hostile_snapshot"] += 1
+            log.warning("refused: %s asked for the view of node %r", caller.caller, request.node)
+            raise RemoteError(errors.FORBIDDEN, "a node may ask for its own view only")
+        self.catch_up()
+        with reading(self.engine) as session:
+            world = World.load(session)
+            node_id = world.node_id(caller.key)
+            if node_id is None:
+                raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
+            head = repo.head_revision(session)
+            view = world.view(node_id)
+        digest = view.digest()
+        self.streams[node_id] = Stream(node_id, caller.key, head, view, digest, time.monotonic())
+        self.by_key[caller.key] = node_id
+        self._seen(node_id, caller)
+        self.counters["snapshots"] += 1
+        return Snapshot(revision=head, view=view, digest=digest, seal=seal(self.signing_key, caller.key, head, digest))
+
+    def on_heartbeat(self, request: SyncHeartbeat, caller: Identity) -> SyncStatus:
+        self._node(caller)
+        stream = self._stream_of(caller)
+        if stream is None:
+            node_id = self._node_id(caller)
+            self._seen(node_id, caller, request)
+            return SyncStatus(in_sync=False, revision=request.revision)
+        self._seen(stream.node_id, caller, request)
+        self._acknowledge(stream, request.revision)
+        return SyncStatus(in_sync=self._in_sync(stream, request.revision, request.digest), revision=stream.revision)
+
+    def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
+        self._node(caller)
+        stream = self._stream_of(caller)
+        if stream is None:
+            return SyncStatus(in_sync=False, revision=request.revision)
+        self._acknowledge(stream, request.revision)
+        return SyncStatus(in_sync=self._in_sync(stream, request.revision, request.digest), revision=stream.revision)
+
+    def _in_sync(self, stream: Stream, revision: int, digest: str) -> bool:
+        if digest == stream.digest:
+            return True
+        # Behind by an update that may still be on its way: give it a moment.
+        return revision < stream.revision and time.monotonic() - stream.pushed_at < IN_FLIGHT_GRACE
+
+    def _stream_of(self, caller: Identity) -> Stream | None:
+        node_id = self.by_key.get(caller.key)
+        return self.streams.get(node_id) if node_id is not None else None
+
+    def _node_id(self, caller: Identity) -> int:
+        with reading(self.engine) as session:
+            node = session.exec(select(Node).where(Node.curve_key == caller.key)).first()
+        if node is None or node.id is None:
+            raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
+        return node.id
+
+    def _acknowledge(self, stream: Stream, revision: int) -> None:
+        if revision <= stream.acked:
+            return
+        stream.acked = revision
+        with transaction(self.engine) as session:
+            session.exec(
+                update(Delivery)
+                .where(col(Delivery.node_id) == stream.node_id)
+                .where(col(Delivery.revision) <= revision)
+                .where(col(Delivery.applied_at).is_(None))
+                .values(applied_at=utcnow())
+            )
+
+    def _drop_stream(self, node_id: int) -> None:
+        stream = self.streams.pop(node_id, None)
+        if stream is not None:
+            self.by_key.pop(stream.key, None)
+
+    # ------------------------------------------------------------------ presence
+    def _seen(self, node_id: int, caller: Identity, heartbeat: SyncHeartbeat | None = None) -> None:
+        """Note a sign of life; write to the datastore only when something an operator sees changes."""
+        now = time.monotonic()
+        reported = (tuple(heartbeat.endpoints), heartbeat.agent_version) if heartbeat else None
+        fresh = now - self._written.get(node_id, float("-inf")) < LAST_SEEN_WRITE
+        unchanged = reported is None or self._reported.get(node_id) == reported
+        known = node_id in self.last_seen
+        self.last_seen[node_id] = now
+        if known and fresh and unchanged:
+            return
+        with transaction(self.engine) as session:
+            node = session.get(Node, node_id)
+            if node is None:
+                return
+            moved = heartbeat is not None and list(heartbeat.endpoints) != node.endpoints
+            if heartbeat is not None:
+                node.endpoints = list(heartbeat.endpoints)
+                node.agent_version = heartbeat.agent_version or node.agent_version
+                self._reported[node_id] = reported  # type: ignore[assignment]
+            node.last_seen = utcnow()
+            self._written[node_id] = now
+            if moved or not node.online:
+                node.online = True
+                repo.record(session, "node.online", f"node {node.name} is online", "service:fanout", [], [node_id])
+
+    def _adopt_online_nodes(self, session) -> None:  # type: ignore[no-untyped-def]
+        """After a start, nodes the database says are online get one timeout's grace."""
+        now = time.monotonic()
+        for node_id in session.exec(select(Node.id).where(col(Node.online).is_(True))).all():
+            self.last_seen.setdefault(node_id, now)
+
+    def check_presence(self, now: float) -> None:
+        silent = [n for n, seen in self.last_seen.items() if now - seen > self.presence_timeout]
+        if not silent:
+            return
+        with transaction(self.engine) as session:
+            for node_id in silent:
+                del self.last_seen[node_id]
+                self._written.pop(node_id, None)
+                self._drop_stream(node_id)
+                node = session.get(Node, node_id)
+                if node is not None and node.online:
+                    node.online = False
+                    summary = f"node {node.name} is offline (no heartbeat for {self.presence_timeout:.0f}s)"
+                    repo.record(session, "node.offline", summary, "service:fanout", [], [node_id])
+                    log.info(summary)

@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 from bus.errors import BusError
 from services.config import ConfigError
 from services.supervisor.supervisor import PortInUseError
-from tui.cli import server, setup, status
+from tui.cli import manage, server, setup, status
 
 app = typer.Typer(
     name="coterie",
@@ -28,6 +28,12 @@ app.command()(setup.init)
 app.command()(status.status)
 app.add_typer(server.server_app, name="server")
 app.add_typer(server.service_app, name="service")
+app.add_typer(manage.vpn_app, name="vpn")
+app.add_typer(manage.node_app, name="node")
+app.add_typer(manage.member_app, name="member")
+app.add_typer(manage.route_app, name="route")
+app.add_typer(manage.acl_app, name="acl")
+app.command()(manage.events)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from bus.keys import KeyPair, save_keypair
 from bus.messages.services import SERVICE_NAMES
 from bus.registry import write_registry_file
 from services.config import DEFAULT_LISTEN, DEFAULT_PORT, ServerConfig
+from services.signing import generate_signing_key
 from tui.cli.errors import fail
 from tui.cli.options import DirOption, resolve_dir
 
@@ -34,6 +35,7 @@ def init(
     identities = [Identity(Role.OPERATOR, OPERATOR, _new_key(config, OPERATOR, force))]
     identities += [Identity(Role.SERVICE, name, _new_key(config, name, force)) for name in SERVICE_NAMES]
     write_registry_file(config.registry_path, identities)
+    generate_signing_key(config.signing_key_path, force=force)
     (path / "config.toml").write_text(config.to_toml())
     typer.echo(f"initialised {path}")
     typer.echo(f"  server public key: {server_key}")

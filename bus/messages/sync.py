@@ -1,0 +1,200 @@
+"""The node's view of the truth ("netmap") and the messages that keep it in sync.
+
+Sync follows the ZeroMQ Guide's Clone pattern, per node: the agent asks the
+fanout for a Snapshot at revision R, then applies each Update whose
+``prev_revision`` equals the revision it holds. Per-node streams skip the
+revisions that do not concern the node, so ``prev_revision`` (not R+1) is
+what reveals a gap; a gap, or a digest that differs after applying, makes the
+agent ask for a fresh snapshot. Heartbeats carry the agent's revision and
+digest, so a node that missed the tail of its stream notices it too.
+
+Every snapshot and update is signed by the server (Ed25519) over the node,
+revision, digest and expiry, so an agent can keep its last view on disk and
+trust it after a restart while the server is unreachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bus.messages import Message, register
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VpnView(_Part):
+    """One VPN as this node sees it: its settings and this node's place in it."""
+
+    name: str
+    subnet: str
+    addressing: str
+    topology: str
+    cipher: str
+    mtu: int
+    keepalive: int
+    vip: str  # this node's virtual IP in the VPN
+    role: str
+
+
+class RouteView(_Part):
+    vpn: str
+    cidr: str
+
+
+class PeerView(_Part):
+    """Another node this node may talk to, with what it needs to reach it."""
+
+    name: str
+    vips: dict[str, str]  # vpn -> virtual IP
+    roles: dict[str, str]  # vpn -> role
+    routes: list[RouteView] = Field(default_factory=list)  # subnets behind it (gateways)
+    endpoints: list[str] = Field(default_factory=list)
+    public_endpoint: str | None = None
+    nat_class: str = "unknown"
+    online: bool = False
+    sign_key: str | None = None
+
+
+class AclView(_Part):
+    id: int
+    vpn: str
+    src: str
+    dst: str
+    proto: str
+    ports: str
+
+
+class NodeView(_Part):
+    """A node's whole view: its VPNs, its peers and the ACL rules that concern it."""
+
+    node: str
+    vpns: dict[str, VpnView] = Field(default_factory=dict)
+    peers: dict[str, PeerView] = Field(default_factory=dict)
+    acl: list[AclView] = Field(default_factory=list)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form: equal views have equal digests everywhere."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ViewDelta(_Part):
+    """What changed in a view: entries set (new or changed), names removed, the ACL if changed."""
+
+    node: str | None = None  # the node's new name, after a rename
+    set_vpns: dict[str, VpnView] = Field(default_factory=dict)
+    del_vpns: list[str] = Field(default_factory=list)
+    set_peers: dict[str, PeerView] = Field(default_factory=dict)
+    del_peers: list[str] = Field(default_factory=list)
+    acl: list[AclView] | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.node or self.set_vpns or self.del_vpns or self.set_peers or self.del_peers) and (
+            self.acl is None
+        )
+
+    @classmethod
+    def between(cls, old: NodeView, new: NodeView) -> ViewDelta:
+        return cls(
+            node=new.node if new.node != old.node else None,
+            set_vpns={k: v for k, v in new.vpns.items() if old.vpns.get(k) != v},
+            del_vpns=sorted(set(old.vpns) - set(new.vpns)),
+            set_peers={k: v for k, v in new.peers.items() if old.peers.get(k) != v},
+            del_peers=sorted(set(old.peers) - set(new.peers)),
+            acl=new.acl if new.acl != old.acl else None,
+        )
+
+    def apply(self, view: NodeView) -> NodeView:
+        vpns = {k: v for k, v in view.vpns.items() if k not in self.del_vpns} | self.set_vpns
+        peers = {k: v for k, v in view.peers.items() if k not in self.del_peers} | self.set_peers
+        return NodeView(
+            node=self.node or view.node,
+            vpns=dict(sorted(vpns.items())),
+            peers=dict(sorted(peers.items())),
+            acl=view.acl if self.acl is None else self.acl,
+        )
+
+
+class Seal(_Part):
+    """The server's signature over (node key, revision, digest, expiry)."""
+
+    expires: float  # Unix time after which a stored view is no longer trusted
+    signature: str  # hex Ed25519 signature of seal_payload(...)
+
+
+def seal_payload(node_key: str, revision: int, digest: str, expires: float) -> bytes:
+    return f"coterie-view/1|{node_key}|{revision}|{digest}|{expires:.0f}".encode()
+
+
+@register
+class SnapshotRequest(Message):
+    """Node -> fanout: my whole view, please. Reply: Snapshot.
+
+    ``node`` may name the caller only; naming another node is refused
+    (``forbidden``) and logged: a node never receives another node's view.
+    """
+
+    KIND = "sync.snapshot_request"
+    node: str | None = None
+
+
+@register
+class Snapshot(Message):
+    """Fanout -> node: the node's view at ``revision``."""
+
+    KIND = "sync.snapshot"
+    revision: int
+    view: NodeView
+    digest: str
+    seal: Seal
+
+
+@register
+class Update(Message):
+    """Fanout -> node (push): the delta from ``prev_revision`` to ``revision`` of this node's view."""
+
+    KIND = "sync.update"
+    revision: int
+    prev_revision: int
+    delta: ViewDelta
+    digest: str  # of the view after applying the delta
+    seal: Seal
+
+
+@register
+class SyncHeartbeat(Message):
+    """Node -> fanout, every few seconds: I am alive, and this is the view I hold.
+
+    It doubles as the receipt: ``revision`` is the newest revision applied.
+    Reply: SyncStatus. ``endpoints`` are the node's local addresses, for NAT
+    knowledge in a later issue.
+    """
+
+    KIND = "sync.heartbeat"
+    revision: int
+    digest: str
+    agent_version: str = ""
+    endpoints: list[str] = Field(default_factory=list)
+
+
+@register
+class Applied(Message):
+    """Node -> fanout: I applied ``revision`` (the receipt). Reply: SyncStatus."""
+
+    KIND = "sync.applied"
+    revision: int
+    digest: str
+
+
+@register
+class SyncStatus(Message):
+    """Fanout -> node: whether the view it holds is current; if not, it asks for a snapshot."""
+
+    KIND = "sync.status"
+    in_sync: bool
+    revision: int

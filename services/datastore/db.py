@@ -1,0 +1,98 @@
+"""Engines and sessions for SQLite and PostgreSQL, with durable settings, and migrations.
+
+SQLite: WAL (readers never block the writer), synchronous=FULL (an
+acknowledged commit survives power loss and kill -9), foreign keys on, and a
+busy timeout so that the several server processes sharing the file wait
+instead of failing. PostgreSQL: the URL from config.toml, e.g.
+``postgresql+psycopg://user@/coterie?host=/run/postgresql``.
+
+Transactions are owned at the edge (the request handler); repository
+functions never commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, event
+from sqlmodel import Session, create_engine
+
+log = logging.getLogger(__name__)
+
+READ_ONLY = "coterie_read_only"
+MIGRATIONS = Path(__file__).with_name("migrations")
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_on_connect)
+        # Let BEGIN be ours: pysqlite's implicit transactions defer locking badly.
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, record: Any) -> None:
+    dbapi_connection.isolation_level = None  # autocommit at the driver; BEGIN issued below
+    cursor = dbapi_connection.cursor()
+    for pragma in SQLITE_PRAGMAS:
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # IMMEDIATE takes the write lock at BEGIN, so two writers never deadlock on
+    # the upgrade from reader to writer; readers begin deferred (a WAL snapshot).
+    reader = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """One read-write transaction: committed on success, rolled back on any exception."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Session]:
+    """One read-only transaction: a consistent snapshot, always rolled back."""
+    options: dict[str, Any] = {READ_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        options["isolation_level"] = "REPEATABLE READ"
+    with Session(engine.execution_options(**options), expire_on_commit=False) as session:
+        try:
+            yield session
+        finally:
+            session.rollback()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration (idempotent; every service that uses the database calls it)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several services migrate at start; one at a time (SQLite's BEGIN IMMEDIATE does this there).
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7870)")
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    log.info("database schema is current")

@@ -1,0 +1,157 @@
+"""Each node's view of the truth (its "netmap"), computed from the datastore.
+
+One pure function of the database state, used by the fanout (to push
+deltas) and by the datastore (to preview a change with --dry-run), so a
+preview lists exactly the nodes the real change then reaches.
+
+Who sees whom:
+  - mesh VPN: every member sees every other member;
+  - hub-spoke VPN: hubs see everyone, everyone else sees the hubs only;
+  - a VPN with ACL rules: a peer is listed only if some rule lets traffic
+    flow between the two nodes in either direction.
+A peer seen through several VPNs is one entry with one address per VPN.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sqlmodel import Session, select
+
+from bus.messages.sync import AclView, NodeView, PeerView, RouteView, VpnView
+from services.datastore.models import AclRule, Change, GatewayRoute, Membership, Node, Vpn
+
+
+@dataclass
+class World:
+    """Every row that views are made of, loaded once per read transaction."""
+
+    vpns: dict[int, Vpn]
+    nodes: dict[int, Node]
+    members: dict[int, list[Membership]]  # vpn id -> memberships
+    by_node: dict[int, list[Membership]]  # node id -> memberships
+    routes: dict[tuple[int, int], list[str]]  # (vpn id, node id) -> CIDRs
+    rules: dict[int, list[AclRule]]  # vpn id -> rules
+    _views: dict[int, NodeView] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, session: Session) -> World:
+        members: dict[int, list[Membership]] = defaultdict(list)
+        by_node: dict[int, list[Membership]] = defaultdict(list)
+        for m in session.exec(select(Membership)).all():
+            members[m.vpn_id].append(m)
+            by_node[m.node_id].append(m)
+        routes: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for r in session.exec(select(GatewayRoute).order_by(GatewayRoute.cidr)).all():
+            routes[(r.vpn_id, r.node_id)].append(r.cidr)
+        rules: dict[int, list[AclRule]] = defaultdict(list)
+        for rule in session.exec(select(AclRule).order_by(AclRule.id)).all():  # type: ignore[arg-type]
+            rules[rule.vpn_id].append(rule)
+        return cls(
+            vpns={v.id: v for v in session.exec(select(Vpn)).all() if v.id is not None},
+            nodes={n.id: n for n in session.exec(select(Node)).all() if n.id is not None},
+            members=members,
+            by_node=by_node,
+            routes=routes,
+            rules=rules,
+        )
+
+    def node_id(self, key: str) -> int | None:
+        return next((i for i, n in self.nodes.items() if n.curve_key == key), None)
+
+    def view(self, node_id: int) -> NodeView:
+        if node_id not in self._views:
+            self._views[node_id] = self._build(node_id)
+        return self._views[node_id]
+
+    def _build(self, node_id: int) -> NodeView:
+        me = self.nodes[node_id]
+        vpns: dict[str, VpnView] = {}
+        peer_parts: dict[int, dict[str, tuple[str, str]]] = defaultdict(dict)  # peer -> vpn -> (vip, role)
+        acl: list[AclView] = []
+        for mine in self.by_node.get(node_id, []):
+            vpn = self.vpns[mine.vpn_id]
+            vpns[vpn.name] = _vpn_view(vpn, mine)
+            rules = self.rules.get(vpn.id or 0, [])
+            acl += [_acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
+            for other in self.members.get(mine.vpn_id, []):
+                if other.node_id != node_id and self._visible(vpn, mine, other, rules):
+                    peer_parts[other.node_id][vpn.name] = (other.vip, other.role)
+        peers = {}
+        for peer_id, parts in peer_parts.items():
+            peer = self.nodes[peer_id]
+            peers[peer.name] = self._peer_view(peer, parts)
+        return NodeView(
+            node=me.name,
+            vpns=dict(sorted(vpns.items())),
+            peers=dict(sorted(peers.items())),
+            acl=sorted(acl, key=lambda a: a.id),
+        )
+
+    def _visible(self, vpn: Vpn, mine: Membership, other: Membership, rules: list[AclRule]) -> bool:
+        if vpn.topology == "hub-spoke" and "hub" not in (mine.role, other.role):
+            return False
+        if not rules:
+            return True
+        me, peer = self.nodes[mine.node_id], self.nodes[other.node_id]
+        return any(_allows(r, me, peer) or _allows(r, peer, me) for r in rules)
+
+    def _peer_view(self, peer: Node, parts: dict[str, tuple[str, str]]) -> PeerView:
+        name_to_id = {self.vpns[m.vpn_id].name: m.vpn_id for m in self.by_node.get(peer.id or 0, [])}
+        routes = [
+            RouteView(vpn=vpn, cidr=cidr)
+            for vpn in sorted(parts)
+            for cidr in self.routes.get((name_to_id[vpn], peer.id or 0), [])
+        ]
+        return PeerView(
+            name=peer.name,
+            vips={vpn: vip for vpn, (vip, _) in sorted(parts.items())},
+            roles={vpn: role for vpn, (_, role) in sorted(parts.items())},
+            routes=routes,
+            endpoints=list(peer.endpoints),
+            public_endpoint=peer.public_endpoint,
+            nat_class=peer.nat_class,
+            online=peer.online,
+            sign_key=peer.sign_key,
+        )
+
+    def affected(self, change: Change) -> set[int]:
+        """Nodes whose view this change may alter: members of its VPNs, its nodes and their co-members."""
+        nodes = {n for n in change.node_ids if n in self.nodes}
+        vpn_ids = set(change.vpn_ids)
+        for node_id in list(nodes):
+            vpn_ids |= {m.vpn_id for m in self.by_node.get(node_id, [])}
+        for vpn_id in vpn_ids:
+            nodes |= {m.node_id for m in self.members.get(vpn_id, [])}
+        return nodes
+
+
+def _vpn_view(vpn: Vpn, mine: Membership) -> VpnView:
+    return VpnView(
+        name=vpn.name,
+        subnet=vpn.subnet,
+        addressing=vpn.addressing,
+        topology=vpn.topology,
+        cipher=vpn.cipher,
+        mtu=vpn.mtu,
+        keepalive=vpn.keepalive,
+        vip=mine.vip,
+        role=mine.role,
+    )
+
+
+def _acl_view(vpn: Vpn, rule: AclRule) -> AclView:
+    return AclView(id=rule.id or 0, vpn=vpn.name, src=rule.src, dst=rule.dst, proto=rule.proto, ports=rule.ports)
+
+
+def _matches(selector: str, node: Node) -> bool:
+    if selector == "any":
+        return True
+    if selector.startswith("tag:"):
+        return selector[4:] in node.tags
+    return selector == node.name
+
+
+def _allows(rule: AclRule, src: Node, dst: Node) -> bool:
+    return _matches(rule.src, src) and _matches(rule.dst, dst)

@@ -1,0 +1,65 @@
+"""The server's Ed25519 signing key: it seals the views pushed to nodes.
+
+A node stores its last view with the server's seal, and trusts it after a
+restart only if the seal verifies with the key it learnt at enrollment and
+has not expired. The key file holds the 32-byte seed in hex, mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from bus.errors import KeyFileError
+from bus.messages.sync import Seal, seal_payload
+
+VIEW_TTL = 7 * 24 * 3600.0  # how long a stored view stays trusted without the server
+
+
+def generate_signing_key(path: Path, *, force: bool = False) -> str:
+    """Write a new signing key to *path* (0600); return its public half in hex."""
+    if path.exists() and not force:
+        raise KeyFileError(f"{path} already exists (use --force to replace it)")
+    key = SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key.encode().hex().encode() + b"\n")
+    finally:
+        os.close(fd)
+    return key.verify_key.encode().hex()
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    try:
+        seed = bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        raise KeyFileError(f"signing key {path} does not exist; run `coterie init`") from None
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"signing key {path} is corrupt: {exc}") from None
+    if len(seed) != 32:
+        raise KeyFileError(f"signing key {path} is corrupt: expected 32 bytes, got {len(seed)}")
+    return SigningKey(seed)
+
+
+def seal(key: SigningKey, node_key: str, revision: int, digest: str, ttl: float = VIEW_TTL) -> Seal:
+    expires = float(int(time.time() + ttl))
+    signature = key.sign(seal_payload(node_key, revision, digest, expires)).signature
+    return Seal(expires=expires, signature=signature.hex())
+
+
+def verify_seal(public_hex: str, node_key: str, revision: int, digest: str, sealed: Seal, now: float) -> str | None:
+    """None if the seal is good and current, else the reason it is not."""
+    try:
+        VerifyKey(bytes.fromhex(public_hex)).verify(
+            seal_payload(node_key, revision, digest, sealed.expires), bytes.fromhex(sealed.signature)
+        )
+    except (BadSignatureError, ValueError):
+        return "the server's signature does not match (the stored view was altered)"
+    if now > sealed.expires:
+        return "the stored view has expired"
+    return None
