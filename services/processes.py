@@ -14,6 +14,7 @@ from bus.broker import Broker
 from bus.keys import load_keypair, load_public_key
 from bus.messages.services import SERVICE_NAMES
 from bus.registry import ChainRegistry, FileKeyRegistry
+from bus.signing import load_signing_key
 from bus.worker import Worker
 from services.auth.service import AuthService
 from services.config import ServerConfig, require_key
@@ -23,7 +24,6 @@ from services.datastore.service import DatastoreService
 from services.fanout.service import FanoutService
 from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
-from services.signing import load_signing_key
 
 SERVICES: dict[str, type[Worker]] = {
     "auth": AuthService,

@@ -41,12 +41,12 @@ from bus.messages.sync import (
     Update,
     ViewDelta,
 )
+from bus.signing import seal
 from bus.worker import Handler, Worker
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import Change, Delivery, Node, utcnow
 from services.datastore.netmap import World
-from services.signing import seal
 
 log = logging.getLogger(__name__)
 

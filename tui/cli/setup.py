@@ -10,8 +10,8 @@ from bus.identity import Identity, Role
 from bus.keys import KeyPair, save_keypair
 from bus.messages.services import SERVICE_NAMES
 from bus.registry import write_registry_file
+from bus.signing import generate_signing_key
 from services.config import DEFAULT_LISTEN, DEFAULT_PORT, ServerConfig
-from services.signing import generate_signing_key
 from tui.cli.errors import fail
 from tui.cli.options import DirOption, resolve_dir
 
