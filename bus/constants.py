@@ -24,7 +24,7 @@ Worker <-> broker (a DEALER connected to the same ROUTER)::
     broker -> worker  DISCONNECT [WORKER, DISCONNECT]
 
 ``body`` is one message encoded by :mod:`bus.codec`; ``caller`` is the
-authenticated identity of the client as ``role:key:name``. An empty single-frame
+authenticated identity of the client as ``role;key;name``. An empty single-frame
 message is a connection probe (ZMQ_PROBE_ROUTER) and is never an error.
 """
 

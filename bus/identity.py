@@ -34,12 +34,15 @@ class Identity:
 
     @property
     def wire(self) -> str:
-        """``role:key:name``, the form that travels to workers with each request."""
-        return f"{self.role}:{self.key}:{self.name}"
+        """``role;key;name``, the form that travels to workers with each request.
+
+        ';' is in neither the Z85 alphabet of keys nor the names we accept.
+        """
+        return f"{self.role};{self.key};{self.name}"
 
     @classmethod
     def from_wire(cls, text: str) -> Identity:
-        role, key, name = text.split(":", 2)
+        role, key, name = text.split(";", 2)
         return cls(role=Role(role), name=name, key=key)
 
     @classmethod

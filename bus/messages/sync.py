@@ -39,6 +39,7 @@ class VpnView(_Part):
     keepalive: int
     vip: str  # this node's virtual IP in the VPN
     role: str
+    routes: list[str] = Field(default_factory=list)  # subnets this node is the gateway for
 
 
 class RouteView(_Part):

@@ -56,7 +56,7 @@ class AuthService(Worker):
             node.sign_key = request.sign_key or None
             node.agent_version = request.agent_version or None
             token.used_at = utcnow()
-            repo.record(session, "node.enroll", f"node {node.name} enrolled", caller.caller, [], [node.id or 0])
+            repo.record(session, "node.enroll", f"node {node.name} enrolled", f"node:{node.name}", [], [node.id or 0])
             name = node.name
         log.info("node %s enrolled with key %s", name, caller.key)
         return Enrolled(node=name, server_sign_key=self.sign_key)

@@ -72,7 +72,7 @@ class World:
         acl: list[AclView] = []
         for mine in self.by_node.get(node_id, []):
             vpn = self.vpns[mine.vpn_id]
-            vpns[vpn.name] = _vpn_view(vpn, mine)
+            vpns[vpn.name] = _vpn_view(vpn, mine, self.routes.get((mine.vpn_id, node_id), []))
             rules = self.rules.get(vpn.id or 0, [])
             acl += [_acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
             for other in self.members.get(mine.vpn_id, []):
@@ -127,7 +127,7 @@ class World:
         return nodes
 
 
-def _vpn_view(vpn: Vpn, mine: Membership) -> VpnView:
+def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str]) -> VpnView:
     return VpnView(
         name=vpn.name,
         subnet=vpn.subnet,
@@ -138,6 +138,7 @@ def _vpn_view(vpn: Vpn, mine: Membership) -> VpnView:
         keepalive=vpn.keepalive,
         vip=mine.vip,
         role=mine.role,
+        routes=list(routes),
     )
 
 

@@ -85,3 +85,9 @@ def test_bad_config_is_refused_with_a_reason(tmp_path: Path, text: str | None, r
         (tmp_path / "config.toml").write_text(text)
     with pytest.raises(ConfigError, match=reason):
         load_config(tmp_path)
+
+
+def test_identity_wire_form_survives_any_key() -> None:
+    for _ in range(200):  # Z85 keys contain ':' and other punctuation
+        identity = Identity(Role.NODE, "n.1-x", KeyPair.generate().public_text)
+        assert Identity.from_wire(identity.wire) == identity

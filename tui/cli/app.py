@@ -13,6 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 from bus.errors import BusError
+from nodeagent.cli import agent_app
 from services.config import ConfigError
 from services.supervisor.supervisor import PortInUseError
 from tui.cli import manage, server, setup, status
@@ -34,6 +35,7 @@ app.add_typer(manage.member_app, name="member")
 app.add_typer(manage.route_app, name="route")
 app.add_typer(manage.acl_app, name="acl")
 app.command()(manage.events)
+app.add_typer(agent_app, name="agent")
 
 
 def main() -> None:

@@ -1,0 +1,200 @@
+"""The agent's control loop: enroll once, then keep the node's view current.
+
+States, in order: enroll (first run only: the join secret buys the node's
+key a place in the server's registry) -> resume (a stored view whose seal
+verifies is used at once, so a node restarted while the server is down keeps
+working) -> snapshot -> follow (apply pushed updates in order, heartbeat,
+acknowledge) -> back to snapshot on a gap, a digest mismatch, or a
+heartbeat that says the view is stale. Losing the server never stops the
+agent: it keeps its last view, says it is offline, and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from bus import errors
+from bus.client import Client
+from bus.errors import BusError, RemoteError
+from bus.keys import validate_public_key
+from bus.messages.auth import Enroll, Enrolled, JoinString
+from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
+from bus.signing import verify_seal
+from nodeagent.state import ServerInfo, StateDir, StoredView
+from nodeagent.sync import Outcome, Replica
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+HEARTBEAT_INTERVAL = 2.0
+RETRY_MAX = 10.0
+
+
+class EnrollmentError(Exception):
+    """The server refused the join string (the message says why)."""
+
+
+def enroll(state: StateDir, join: JoinString, timeout: float = 5.0) -> ServerInfo:
+    """Trade the join secret for enrollment; the node's own keys are made here and never leave."""
+    keypair = state.keypair()
+    server_key = validate_public_key(join.server_key)
+    last: Exception | None = None
+    for endpoint in join.endpoints:
+        with Client(endpoint, keypair, server_key, timeout=timeout, retries=1) as client:
+            try:
+                reply = client.request(
+                    "auth", Enroll(secret=join.secret, sign_key=state.identity_public(), agent_version=VERSION)
+                )
+            except RemoteError as exc:
+                raise EnrollmentError(exc.message) from None
+            except BusError as exc:
+                last = exc
+                continue
+        assert isinstance(reply, Enrolled)
+        info = ServerInfo(join.endpoints, join.server_key, reply.server_sign_key, reply.node)
+        state.save_server(info)
+        log.info("enrolled as node %s at %s", reply.node, endpoint)
+        return info
+    raise EnrollmentError(f"no server answered at {', '.join(join.endpoints)}: {last}")
+
+
+class Agent:
+    """Runs the control loop until :meth:`stop`; the view is always on disk."""
+
+    def __init__(self, state: StateDir, *, heartbeat: float = HEARTBEAT_INTERVAL, timeout: float = 3.0) -> None:
+        self.state = state
+        self.server = state.server()
+        self.keypair = state.keypair()
+        self.heartbeat_interval = heartbeat
+        self.timeout = timeout
+        self.replica = Replica()
+        self.connected = False
+        self.snapshots = 0
+        self._stop = threading.Event()
+        self._endpoint = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> bool:
+        """Start from the stored view if the server's seal on it verifies; False if there is none."""
+        stored = self.state.load_view()
+        if stored is None:
+            return False
+        problem = self.check_stored(stored)
+        if problem is not None:
+            log.error("stored view refused: %s; waiting for the server", problem)
+            self._status("stored view refused", problem=problem)
+            return False
+        self.replica.view, self.replica.revision = stored.view, stored.revision
+        self.replica.digest, self.replica.seal = stored.digest, stored.seal
+        log.info("starting from the stored view at revision %d (until the server answers)", stored.revision)
+        return True
+
+    def check_stored(self, stored: StoredView) -> str | None:
+        if stored.view.digest() != stored.digest:
+            return "its digest does not match its content (the stored view was altered)"
+        return verify_seal(
+            self.server.sign_key, self.keypair.public_text, stored.revision, stored.digest, stored.seal, time.time()
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        self.resume()
+        backoff = 0.5
+        while not self._stop.is_set():
+            endpoint = self.server.endpoints[self._endpoint % len(self.server.endpoints)]
+            client = Client(endpoint, self.keypair, self.server.server_key.encode(), timeout=self.timeout, retries=0)
+            try:
+                self._follow(client)
+                backoff = 0.5
+            except RemoteError as exc:
+                self.connected = False
+                revoked = exc.code == errors.FORBIDDEN
+                self._status("revoked" if revoked else "offline", problem=str(exc))
+                if revoked:
+                    log.error("the server refuses this node (removed or revoked?): %s", exc.message)
+                else:
+                    log.warning("server error %s; keeping revision %d", exc, self.replica.revision)
+                self._stop.wait(RETRY_MAX if revoked else backoff)
+                backoff = min(backoff * 2, RETRY_MAX)
+            except BusError as exc:
+                self.connected = False
+                self._status("offline", problem=str(exc))
+                log.warning("server %s unreachable (%s); keeping revision %d", endpoint, exc, self.replica.revision)
+                self._endpoint += 1
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, RETRY_MAX)
+            finally:
+                client.close()
+        self._status("stopped")
+
+    def _follow(self, client: Client) -> None:
+        self._snapshot(client)
+        next_heartbeat = time.monotonic() + self.heartbeat_interval
+        while not self._stop.is_set():
+            push = client.next_push(max(0.0, min(next_heartbeat - time.monotonic(), 0.2)))
+            if push is not None and isinstance(push[1], Update):
+                self._on_update(client, push[1])
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.heartbeat_interval
+                status = client.request("fanout", self._heartbeat(), expect=SyncStatus)
+                assert isinstance(status, SyncStatus)
+                if not status.in_sync:
+                    log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)
+                    self._snapshot(client)
+
+    def _heartbeat(self) -> SyncHeartbeat:
+        return SyncHeartbeat(revision=self.replica.revision, digest=self.replica.digest, agent_version=VERSION)
+
+    def _snapshot(self, client: Client) -> None:
+        snapshot = client.request("fanout", SnapshotRequest(), expect=Snapshot)
+        assert isinstance(snapshot, Snapshot)
+        if not self.replica.load(snapshot):
+            raise RemoteError("invalid", "snapshot digest does not match its view")
+        self.snapshots += 1
+        self.connected = True
+        self._save()
+        log.info(
+            "snapshot at revision %d: %d VPNs, %d peers",
+            snapshot.revision,
+            len(snapshot.view.vpns),
+            len(snapshot.view.peers),
+        )
+
+    def _on_update(self, client: Client, update: Update) -> None:
+        outcome = self.replica.apply(update)
+        if outcome is Outcome.APPLIED:
+            self._save()
+            client.request("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
+        elif outcome in (Outcome.GAP, Outcome.MISMATCH, Outcome.NO_VIEW):
+            log.info(
+                "update r%d (after r%d): %s at r%d; taking a snapshot",
+                update.revision,
+                update.prev_revision,
+                outcome.value,
+                self.replica.revision,
+            )
+            self._snapshot(client)
+
+    def _save(self) -> None:
+        assert self.replica.view is not None and self.replica.seal is not None
+        stored = StoredView(self.replica.revision, self.replica.digest, self.replica.view, self.replica.seal)
+        self.state.save_view(stored)
+        self._status("connected")
+
+    def _status(self, state: str, **extra: Any) -> None:
+        self.state.save_status(
+            {
+                "state": state,
+                "node": self.replica.view.node if self.replica.view else self.server.node,
+                "revision": self.replica.revision,
+                "server": self.server.endpoints[self._endpoint % len(self.server.endpoints)],
+                "at": time.time(),
+                **extra,
+            }
+        )
