@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Message)
 
+#: A ZeroMQ context, for callers that share one among many clients (simulated agents).
+Context = zmq.Context
+
+
+def shared_context() -> Context:
+    return new_context()
+
 
 class Client:
     """A synchronous client of the broker; not thread-safe (one per thread)."""
@@ -43,6 +50,7 @@ class Client:
         *,
         timeout: float = c.REQUEST_TIMEOUT,
         retries: int = c.REQUEST_RETRIES,
+        context: zmq.Context | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.keypair = keypair
@@ -51,7 +59,8 @@ class Client:
         self.retries = retries
         self.counters: Counter[str] = Counter()
         self.pushes: deque[tuple[str, Message]] = deque(maxlen=10_000)
-        self.context = new_context()
+        self._own_context = context is None
+        self.context = context or new_context()
         self._socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -64,7 +73,8 @@ class Client:
 
     def close(self) -> None:
         self._socket.close(linger=0)
-        self.context.term()
+        if self._own_context:
+            self.context.term()
 
     def __enter__(self) -> Client:
         return self

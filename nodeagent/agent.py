@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bus import errors
-from bus.client import Client
+from bus.client import Client, Context
 from bus.errors import BusError, RemoteError
 from bus.keys import validate_public_key
 from bus.messages.auth import Enroll, Enrolled, JoinString
@@ -37,13 +37,13 @@ class EnrollmentError(Exception):
     """The server refused the join string (the message says why)."""
 
 
-def enroll(state: StateDir, join: JoinString, timeout: float = 5.0) -> ServerInfo:
+def enroll(state: StateDir, join: JoinString, timeout: float = 5.0, context: Context | None = None) -> ServerInfo:
     """Trade the join secret for enrollment; the node's own keys are made here and never leave."""
     keypair = state.keypair()
     server_key = validate_public_key(join.server_key)
     last: Exception | None = None
     for endpoint in join.endpoints:
-        with Client(endpoint, keypair, server_key, timeout=timeout, retries=1) as client:
+        with Client(endpoint, keypair, server_key, timeout=timeout, retries=1, context=context) as client:
             try:
                 reply = client.request(
                     "auth", Enroll(secret=join.secret, sign_key=state.identity_public(), agent_version=VERSION)
@@ -64,7 +64,14 @@ def enroll(state: StateDir, join: JoinString, timeout: float = 5.0) -> ServerInf
 class Agent:
     """Runs the control loop until :meth:`stop`; the view is always on disk."""
 
-    def __init__(self, state: StateDir, *, heartbeat: float = HEARTBEAT_INTERVAL, timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        state: StateDir,
+        *,
+        heartbeat: float = HEARTBEAT_INTERVAL,
+        timeout: float = 3.0,
+        context: Context | None = None,
+    ) -> None:
         self.state = state
         self.server = state.server()
         self.keypair = state.keypair()
@@ -75,6 +82,7 @@ class Agent:
         self.snapshots = 0
         self._stop = threading.Event()
         self._endpoint = 0
+        self._context = context  # shared by many simulated agents in one process
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,7 +116,8 @@ class Agent:
         backoff = 0.5
         while not self._stop.is_set():
             endpoint = self.server.endpoints[self._endpoint % len(self.server.endpoints)]
-            client = Client(endpoint, self.keypair, self.server.server_key.encode(), timeout=self.timeout, retries=0)
+            server_key = self.server.server_key.encode()
+            client = Client(endpoint, self.keypair, server_key, timeout=self.timeout, retries=0, context=self._context)
             try:
                 self._follow(client)
                 backoff = 0.5

@@ -133,8 +133,8 @@ class Mutated(Message):
     summary: str
     dry_run: bool = False
     replayed: bool = False  # the idempotency key had been seen: nothing new was applied
-    reached: list[str] = Field(default_factory=list)  # nodes whose view changes
-    preview: list[NodeDiff] = Field(default_factory=list)  # dry runs only
+    reached: list[str] = Field(default_factory=list)  # dry runs: the nodes whose view would change
+    preview: list[NodeDiff] = Field(default_factory=list)  # dry runs: each one's view diff
     join: str | None = None  # node.add only
 
 

@@ -133,7 +133,7 @@ class DatastoreService(Worker):
                 prior = repo.replayed(session, request.idempotency_key)
                 if prior is not None:
                     return Mutated(revision=prior.revision, summary=prior.summary, replayed=True)
-                before = World.load(session)
+                before = World.load(session) if request.dry_run else None
                 outcome = apply(session, request)
                 change = repo.record(
                     session,
@@ -144,17 +144,15 @@ class DatastoreService(Worker):
                     outcome.node_ids,
                     request.idempotency_key,
                 )
-                after = World.load(session)
-                diffs = _diffs(before, after, change)
-                reached = sorted(d.node for d in diffs)
-                if request.dry_run:
-                    raise _DryRun(
-                        Mutated(revision=0, summary=outcome.summary, dry_run=True, reached=reached, preview=diffs)
-                    )
+                if before is not None:  # a dry run: preview, then roll back
+                    diffs = _diffs(before, World.load(session), change)
+                    reached = sorted(d.node for d in diffs)
+                    preview = Mutated(revision=0, summary=outcome.summary, dry_run=True, reached=reached, preview=diffs)
+                    raise _DryRun(preview)
         except _DryRun as dry:
             return dry.reply
-        log.info("r%d %s by %s (reaches %d nodes)", change.revision, outcome.summary, caller.caller, len(reached))
-        return Mutated(revision=change.revision, summary=outcome.summary, reached=reached, join=outcome.join)
+        log.info("r%d %s by %s", change.revision, outcome.summary, caller.caller)
+        return Mutated(revision=change.revision, summary=outcome.summary, join=outcome.join)
 
     def _vpn_create(self, s: Session, r: VpnCreate) -> Outcome:  # type: ignore[override]
         vpn, summary = repo.create_vpn(s, r.name, r.subnet, r.addressing, r.topology)

@@ -51,6 +51,7 @@ from services.datastore.netmap import World
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_GRACE = 3.0  # seconds an agent may lag its stream before it is told to resync
+ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
 
 
@@ -92,6 +93,8 @@ class FanoutService(Worker):
         self._reported: dict[int, tuple[tuple[str, ...], str]] = {}  # node id -> (endpoints, agent version)
         self.processed = -1  # revision up to which changes have been fanned out
         self._next_presence = 0.0
+        self._acks: dict[int, int] = {}  # node id -> newest revision acknowledged, not yet written
+        self._next_ack_flush = 0.0
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -104,6 +107,9 @@ class FanoutService(Worker):
     # ------------------------------------------------------------------ periodic work
     def tick(self, now: float) -> None:
         self.catch_up()
+        if self._acks and now >= self._next_ack_flush:
+            self._next_ack_flush = now + ACK_FLUSH
+            self.flush_receipts()
         if now >= self._next_presence:
             self._next_presence = now + min(1.0, self.presence_timeout / 4)
             self.check_presence(now)
@@ -217,17 +223,22 @@ class FanoutService(Worker):
         return node.id
 
     def _acknowledge(self, stream: Stream, revision: int) -> None:
-        if revision <= stream.acked:
-            return
-        stream.acked = revision
+        if revision > stream.acked:
+            stream.acked = revision
+            self._acks[stream.node_id] = revision
+
+    def flush_receipts(self) -> None:
+        """Mark acknowledged deliveries applied, for every node at once."""
+        acks, self._acks = self._acks, {}
         with transaction(self.engine) as session:
-            session.exec(
-                update(Delivery)
-                .where(col(Delivery.node_id) == stream.node_id)
-                .where(col(Delivery.revision) <= revision)
-                .where(col(Delivery.applied_at).is_(None))
-                .values(applied_at=utcnow())
-            )
+            for node_id, revision in acks.items():
+                session.exec(
+                    update(Delivery)
+                    .where(col(Delivery.node_id) == node_id)
+                    .where(col(Delivery.revision) <= revision)
+                    .where(col(Delivery.applied_at).is_(None))
+                    .values(applied_at=utcnow())
+                )
 
     def _drop_stream(self, node_id: int) -> None:
         stream = self.streams.pop(node_id, None)

@@ -78,8 +78,6 @@ def report_mutation(result: Mutated, as_json: bool) -> None:
         return
     again = " (already applied: nothing new)" if result.replayed else ""
     typer.echo(f"r{result.revision}: {result.summary}{again}")
-    if result.reached:
-        typer.echo(f"reaches {len(result.reached)} node(s): {', '.join(result.reached)}")
 
 
 def describe_delta(delta: Any) -> list[str]:
