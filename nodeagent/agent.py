@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 import time
 from typing import Any
 
@@ -79,7 +80,7 @@ class Agent:
         self.timeout = timeout
         self.replica = Replica()
         self.connected = False
-        self.snapshots = 0
+        self.counters: Counter[str] = Counter()  # snapshots, and each update outcome
         self._stop = threading.Event()
         self._endpoint = 0
         self._context = context  # shared by many simulated agents in one process
@@ -129,7 +130,7 @@ class Agent:
                     log.error("the server refuses this node (removed or revoked?): %s", exc.message)
                 else:
                     log.warning("server error %s; keeping revision %d", exc, self.replica.revision)
-                self._stop.wait(RETRY_MAX if revoked else backoff)
+                self._stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
             except BusError as exc:
                 self.connected = False
@@ -147,7 +148,7 @@ class Agent:
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         while not self._stop.is_set():
             push = client.next_push(max(0.0, min(next_heartbeat - time.monotonic(), 0.2)))
-            if push is not None and isinstance(push[1], Update):
+            if push is not None and push[0] == "fanout" and isinstance(push[1], Update):
                 self._on_update(client, push[1])
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
@@ -165,7 +166,7 @@ class Agent:
         assert isinstance(snapshot, Snapshot)
         if not self.replica.load(snapshot):
             raise RemoteError("invalid", "snapshot digest does not match its view")
-        self.snapshots += 1
+        self.counters["snapshots"] += 1
         self.connected = True
         self._save()
         log.info(
@@ -177,6 +178,7 @@ class Agent:
 
     def _on_update(self, client: Client, update: Update) -> None:
         outcome = self.replica.apply(update)
+        self.counters[outcome.value] += 1
         if outcome is Outcome.APPLIED:
             self._save()
             client.request("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))

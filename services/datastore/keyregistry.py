@@ -2,7 +2,8 @@
 
 The broker asks on every message, so lookups are dictionary accesses; the
 dictionary is reloaded when the change log's head revision moves, checked at
-most every REFRESH seconds. Removing a node (or its key) therefore takes
+most every REFRESH seconds (MISS_REFRESH for a key not known yet, so that a
+node may call the moment its enrollment commits). Removing a node (or its key) therefore takes
 effect on live connections within REFRESH plus one request.
 """
 
@@ -23,6 +24,7 @@ from services.datastore.models import Node
 log = logging.getLogger(__name__)
 
 REFRESH = 0.2
+MISS_REFRESH = 0.02  # an unknown key re-reads sooner: a node that just enrolled calls at once
 
 
 class DatastoreKeyRegistry:
@@ -34,10 +36,12 @@ class DatastoreKeyRegistry:
 
     def lookup(self, key: str) -> Identity | None:
         now = time.monotonic()
-        if now - self._checked >= REFRESH:
+        identity = self._keys.get(key)
+        if now - self._checked >= (REFRESH if identity is not None else MISS_REFRESH):
             self._checked = now
             self.refresh()
-        return self._keys.get(key)
+            identity = self._keys.get(key)
+        return identity
 
     def refresh(self) -> None:
         try:

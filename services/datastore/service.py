@@ -49,7 +49,7 @@ from bus.messages.datastore import (
     VpnShowRequest,
     _Mutation,
 )
-from bus.messages.sync import AclView, ViewDelta
+from bus.messages.sync import AclView, NodeView, ViewDelta
 from bus.worker import Handler, Worker
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
@@ -133,7 +133,8 @@ class DatastoreService(Worker):
                 prior = repo.replayed(session, request.idempotency_key)
                 if prior is not None:
                     return Mutated(revision=prior.revision, summary=prior.summary, replayed=True)
-                before = World.load(session) if request.dry_run else None
+                # A dry run computes every view before the change: the ORM objects change in place.
+                before = _frozen_views(World.load(session)) if request.dry_run else None
                 outcome = apply(session, request)
                 change = repo.record(
                     session,
@@ -267,14 +268,18 @@ class DatastoreService(Worker):
 
 
 # ---------------------------------------------------------------------- helpers
-def _diffs(before: World, after: World, change: Change) -> list[NodeDiff]:
+def _frozen_views(world: World) -> dict[int, NodeView]:
+    return {node_id: world.view(node_id) for node_id in world.nodes}
+
+
+def _diffs(before: dict[int, NodeView], after: World, change: Change) -> list[NodeDiff]:
     """The view diff of every enrolled node the change reaches (those whose view changes)."""
     diffs = []
-    for node_id in sorted(before.affected(change) | after.affected(change)):
+    for node_id in sorted(after.affected(change) | set(change.node_ids)):
         node = after.nodes.get(node_id)
-        if node is None or not node.curve_key or node_id not in before.nodes:
+        if node is None or not node.curve_key or node_id not in before:
             continue  # removed (revoked) or not enrolled: no agent to reach
-        delta = ViewDelta.between(before.view(node_id), after.view(node_id))
+        delta = ViewDelta.between(before[node_id], after.view(node_id))
         if not delta.is_empty():
             diffs.append(NodeDiff(node=node.name, delta=delta))
     return diffs
