@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Message)
 
+#: The request id of notifications: their replies are dropped on arrival.
+NOTIFY_ID = b"\x00" * 8
+
 #: A ZeroMQ context, for callers that share one among many clients (simulated agents).
 Context = zmq.Context
 
@@ -133,6 +136,15 @@ class Client:
             return False
         return True
 
+    def notify(self, service: str, message: Message) -> bool:
+        """Send a request whose reply nobody waits for (it is discarded when it comes); False if unsent.
+
+        For reports that later messages repeat anyway (a receipt that the next
+        heartbeat also carries), so that the sender never blocks on a busy service.
+        """
+        frames = [c.CLIENT, c.REQUEST, service.encode(), NOTIFY_ID, codec.encode(message)]
+        return self._send(frames, 0.0)
+
     def request_many(
         self, requests: list[tuple[str, Message]], *, timeout: float | None = None
     ) -> list[Message | errors.BusError]:
@@ -182,7 +194,9 @@ class Client:
         if frames == [b""]:
             return  # connection probe from the broker
         if len(frames) == 5 and frames[0] == c.CLIENT and frames[1] == c.REPLY:
-            if frames[3] in wanted:
+            if frames[3] == NOTIFY_ID:
+                self.counters["notify_replies"] += 1
+            elif frames[3] in wanted:
                 found[frames[3]] = frames[4]
             else:
                 self.counters["stale_replies"] += 1

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from typing import Any
 
 from bus import errors
 from bus.client import Client, Context
-from bus.errors import BusError, RemoteError
+from bus.errors import BusError, BusTimeout, RemoteError
 from bus.keys import validate_public_key
 from bus.messages.auth import Enroll, Enrolled, JoinString
 from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 HEARTBEAT_INTERVAL = 2.0
 RETRY_MAX = 10.0
+MISSED_HEARTBEATS = 3  # unanswered in a row before the agent reconnects
 
 
 class EnrollmentError(Exception):
@@ -84,6 +85,7 @@ class Agent:
         self._stop = threading.Event()
         self._endpoint = 0
         self._context = context  # shared by many simulated agents in one process
+        self._missed = 0  # heartbeats in a row without an answer
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,14 +154,24 @@ class Agent:
                 self._on_update(client, push[1])
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
-                status = client.request("fanout", self._heartbeat(), expect=SyncStatus)
-                assert isinstance(status, SyncStatus)
-                if not status.in_sync:
+                status = self._heartbeat(client)
+                if status is not None and not status.in_sync:
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)
                     self._snapshot(client)
 
-    def _heartbeat(self) -> SyncHeartbeat:
-        return SyncHeartbeat(revision=self.replica.revision, digest=self.replica.digest, agent_version=VERSION)
+    def _heartbeat(self, client: Client) -> SyncStatus | None:
+        """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
+        beat = SyncHeartbeat(revision=self.replica.revision, digest=self.replica.digest, agent_version=VERSION)
+        try:
+            status = client.request("fanout", beat, expect=SyncStatus)
+        except BusTimeout:
+            self._missed += 1
+            if self._missed >= MISSED_HEARTBEATS:
+                raise
+            return None
+        self._missed = 0
+        assert isinstance(status, SyncStatus)
+        return status
 
     def _snapshot(self, client: Client) -> None:
         snapshot = client.request("fanout", SnapshotRequest(), expect=Snapshot)
@@ -181,7 +193,8 @@ class Agent:
         self.counters[outcome.value] += 1
         if outcome is Outcome.APPLIED:
             self._save()
-            client.request("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
+            # The receipt; the next heartbeat repeats it, so nothing waits for its reply.
+            client.notify("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
         elif outcome in (Outcome.GAP, Outcome.MISMATCH, Outcome.NO_VIEW):
             log.info(
                 "update r%d (after r%d): %s at r%d; taking a snapshot",

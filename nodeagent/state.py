@@ -8,8 +8,10 @@ Layout of the state dir::
     view.json             the last view with its revision, digest and the server's seal
     status.json           what the running agent is doing (for `coterie agent status`)
 
-Files are replaced atomically (write aside, fsync, rename), so a crash never
-leaves half a view behind.
+Files are replaced atomically (write aside, rename), so a crash of the agent
+never leaves half a view behind. They are not fsynced: after a power loss an
+older view (still sealed, so still trusted) is fine, and a node must not pay
+a disk flush per update.
 """
 
 from __future__ import annotations
@@ -129,7 +131,6 @@ def _replace(path: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, text.encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)

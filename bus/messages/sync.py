@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.messages import Message, register
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 class _Part(BaseModel):
@@ -60,6 +65,11 @@ class PeerView(_Part):
     online: bool = False
     sign_key: str | None = None
 
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of this entry's canonical JSON; cached, as a view's digest hashes every peer."""
+        return hashlib.sha256(_canonical(self.model_dump(mode="json"))).digest()
+
 
 class AclView(_Part):
     id: int
@@ -79,9 +89,17 @@ class NodeView(_Part):
     acl: list[AclView] = Field(default_factory=list)
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON form: equal views have equal digests everywhere."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """SHA-256 over the canonical JSON of everything but the peers, then each peer's fingerprint.
+
+        Equal views have equal digests everywhere; peers hash once per object, so the digest of a
+        view that an update changed in one peer costs one peer's hashing, not the whole view's.
+        """
+        head = {"node": self.node, "vpns": {k: v.model_dump(mode="json") for k, v in self.vpns.items()}}
+        head["acl"] = [a.model_dump(mode="json") for a in self.acl]
+        digest = hashlib.sha256(_canonical(head))
+        for name in sorted(self.peers):
+            digest.update(name.encode() + b"\x00" + self.peers[name].fingerprint)
+        return digest.hexdigest()
 
 
 class ViewDelta(_Part):

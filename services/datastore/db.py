@@ -82,6 +82,8 @@ def reading(engine: Engine) -> Iterator[Session]:
         try:
             yield session
         finally:
+            # Detach first: the objects read stay usable (a rollback would expire them).
+            session.expunge_all()
             session.rollback()
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from bus.messages.sync import AclView, NodeView, PeerView, RouteView, VpnView
 from services.datastore.models import AclRule, Change, GatewayRoute, Membership, Node, Vpn
@@ -34,19 +34,22 @@ class World:
     routes: dict[tuple[int, int], list[str]]  # (vpn id, node id) -> CIDRs
     rules: dict[int, list[AclRule]]  # vpn id -> rules
     _views: dict[int, NodeView] = field(default_factory=dict)
+    _by_key: dict[str, int] | None = None
+    _peers: dict[tuple[int, tuple[tuple[str, tuple[str, str]], ...]], PeerView] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session) -> World:
+        """Read everything views need (from a ``reading`` session, the objects outlive it)."""
         members: dict[int, list[Membership]] = defaultdict(list)
         by_node: dict[int, list[Membership]] = defaultdict(list)
         for m in session.exec(select(Membership)).all():
             members[m.vpn_id].append(m)
             by_node[m.node_id].append(m)
         routes: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for r in session.exec(select(GatewayRoute).order_by(GatewayRoute.cidr)).all():
+        for r in session.exec(select(GatewayRoute).order_by(col(GatewayRoute.cidr))).all():
             routes[(r.vpn_id, r.node_id)].append(r.cidr)
         rules: dict[int, list[AclRule]] = defaultdict(list)
-        for rule in session.exec(select(AclRule).order_by(AclRule.id)).all():  # type: ignore[arg-type]
+        for rule in session.exec(select(AclRule).order_by(col(AclRule.id))).all():
             rules[rule.vpn_id].append(rule)
         return cls(
             vpns={v.id: v for v in session.exec(select(Vpn)).all() if v.id is not None},
@@ -58,7 +61,9 @@ class World:
         )
 
     def node_id(self, key: str) -> int | None:
-        return next((i for i, n in self.nodes.items() if n.curve_key == key), None)
+        if self._by_key is None:
+            self._by_key = {n.curve_key: i for i, n in self.nodes.items() if n.curve_key}
+        return self._by_key.get(key)
 
     def view(self, node_id: int) -> NodeView:
         if node_id not in self._views:
@@ -80,8 +85,12 @@ class World:
                     peer_parts[other.node_id][vpn.name] = (other.vip, other.role)
         peers = {}
         for peer_id, parts in peer_parts.items():
-            peer = self.nodes[peer_id]
-            peers[peer.name] = self._peer_view(peer, parts)
+            # Most viewers see a peer the same way: build each distinct entry once per World.
+            key = (peer_id, tuple(sorted(parts.items())))
+            entry = self._peers.get(key)
+            if entry is None:
+                entry = self._peers[key] = self._peer_view(self.nodes[peer_id], parts)
+            peers[entry.name] = entry
         return NodeView(
             node=me.name,
             vpns=dict(sorted(vpns.items())),

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from nacl.signing import SigningKey
-from sqlalchemy import update
+from sqlalchemy import insert, text
 from sqlmodel import col, select
 
 from bus import errors
@@ -51,6 +52,10 @@ from services.datastore.netmap import World
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_GRACE = 3.0  # seconds an agent may lag its stream before it is told to resync
+APPLY_RECEIPTS = text(
+    "UPDATE delivery SET applied_at = :now WHERE node_id = :node AND revision <= :revision AND applied_at IS NULL"
+)
+BATCH_INTERVAL = 0.05
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
 
@@ -92,7 +97,9 @@ class FanoutService(Worker):
         self._written: dict[int, float] = {}  # node id -> when last_seen was last written
         self._reported: dict[int, tuple[tuple[str, ...], str]] = {}  # node id -> (endpoints, agent version)
         self.processed = -1  # revision up to which changes have been fanned out
+        self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
+        self._next_batch = 0.0
         self._acks: dict[int, int] = {}  # node id -> newest revision acknowledged, not yet written
         self._next_ack_flush = 0.0
 
@@ -106,7 +113,10 @@ class FanoutService(Worker):
 
     # ------------------------------------------------------------------ periodic work
     def tick(self, now: float) -> None:
-        self.catch_up()
+        if now >= self._next_batch:
+            # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
+            self._next_batch = now + BATCH_INTERVAL
+            self.catch_up()
         if self._acks and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
             self.flush_receipts()
@@ -118,46 +128,50 @@ class FanoutService(Worker):
         """Fan out every change committed since the last call (steps 1-4)."""
         with reading(self.engine) as session:
             head = repo.head_revision(session)
+            if self.world is not None and head <= self.processed:
+                return
+            changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
+            self.world = World.load(session)
             if self.processed < 0:  # first run: streams start from snapshots, not from history
                 self.processed = head
                 self._adopt_online_nodes(session)
                 return
-            if head <= self.processed:
-                return
-            changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
-            world = World.load(session)
-            receipts = self._push_changes(world, changes, head)
+            receipts = self._push_changes(self.world, changes, head)
         self.processed = head
         if receipts:
             with transaction(self.engine) as session:
-                session.add_all(receipts)
+                session.execute(insert(Delivery), receipts)
         self.counters["changes"] += len(changes)
 
-    def _push_changes(self, world: World, changes: list[Change], head: int) -> list[Delivery]:
-        receipts = []
+    def _push_changes(self, world: World, changes: list[Change], head: int) -> list[dict[str, object]]:
         for stream in list(self.streams.values()):
-            if stream.node_id not in world.nodes or world.nodes[stream.node_id].curve_key != stream.key:
+            node = world.nodes.get(stream.node_id)
+            if node is None or node.curve_key != stream.key:
                 self._drop_stream(stream.node_id)  # removed or re-keyed: revoked, nothing more to send
-                continue
-            touching = [c for c in changes if stream.node_id in world.affected(c) or stream.node_id in c.node_ids]
-            if not touching:
-                continue
-            view = world.view(stream.node_id)
+        touched: dict[int, list[int]] = defaultdict(list)  # node id -> revisions that may concern it
+        for change in changes:
+            for node_id in world.affected(change) | set(change.node_ids):
+                if node_id in self.streams:
+                    touched[node_id].append(change.revision)
+        receipts = []
+        for node_id, revisions in touched.items():
+            stream = self.streams[node_id]
+            view = world.view(node_id)
             digest = view.digest()
             if digest == stream.digest:
                 continue
-            delta = ViewDelta.between(stream.view, view)
             update_ = Update(
                 revision=head,
                 prev_revision=stream.revision,
-                delta=delta,
+                delta=ViewDelta.between(stream.view, view),
                 digest=digest,
                 seal=seal(self.signing_key, stream.key, head, digest),
             )
             self.push(stream.key, update_)
             self.counters["updates"] += 1
             stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
-            receipts += [Delivery(revision=c.revision, node_id=stream.node_id) for c in touching]
+            pushed_at = utcnow()
+            receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
         return receipts
 
     # ------------------------------------------------------------------ requests from nodes
@@ -171,14 +185,15 @@ class FanoutService(Worker):
             self.counters["hostile_snapshot"] += 1
             log.warning("refused: %s asked for the view of node %r", caller.caller, request.node)
             raise RemoteError(errors.FORBIDDEN, "a node may ask for its own view only")
-        self.catch_up()
-        with reading(self.engine) as session:
-            world = World.load(session)
-            node_id = world.node_id(caller.key)
-            if node_id is None:
-                raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
-            head = repo.head_revision(session)
-            view = world.view(node_id)
+        # The snapshot is the view at the revision the streams have reached; later changes follow as
+        # updates. Only a key the world does not know yet (a node that just enrolled) forces a catch-up.
+        if self.world is None or self.world.node_id(caller.key) is None:
+            self.catch_up()
+        assert self.world is not None
+        head, node_id = self.processed, self.world.node_id(caller.key)
+        if node_id is None:
+            raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
+        view = self.world.view(node_id)
         digest = view.digest()
         self.streams[node_id] = Stream(node_id, caller.key, head, view, digest, time.monotonic())
         self.by_key[caller.key] = node_id
@@ -216,6 +231,9 @@ class FanoutService(Worker):
         return self.streams.get(node_id) if node_id is not None else None
 
     def _node_id(self, caller: Identity) -> int:
+        known = self.world.node_id(caller.key) if self.world is not None else None
+        if known is not None:
+            return known
         with reading(self.engine) as session:
             node = session.exec(select(Node).where(Node.curve_key == caller.key)).first()
         if node is None or node.id is None:
@@ -230,15 +248,10 @@ class FanoutService(Worker):
     def flush_receipts(self) -> None:
         """Mark acknowledged deliveries applied, for every node at once."""
         acks, self._acks = self._acks, {}
+        now = utcnow()
+        rows = [{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks.items()]
         with transaction(self.engine) as session:
-            for node_id, revision in acks.items():
-                session.exec(
-                    update(Delivery)
-                    .where(col(Delivery.node_id) == node_id)
-                    .where(col(Delivery.revision) <= revision)
-                    .where(col(Delivery.applied_at).is_(None))
-                    .values(applied_at=utcnow())
-                )
+            session.execute(APPLY_RECEIPTS, rows)
 
     def _drop_stream(self, node_id: int) -> None:
         stream = self.streams.pop(node_id, None)
