@@ -47,7 +47,7 @@ def load_signing_key(path: Path) -> SigningKey:
 
 
 def seal(key: SigningKey, node_key: str, revision: int, digest: str, ttl: float = VIEW_TTL) -> Seal:
-    expires = float(int(time.time() + ttl))
+    expires = int(time.time() + ttl)
     signature = key.sign(seal_payload(node_key, revision, digest, expires)).signature
     return Seal(expires=expires, signature=signature.hex())
 

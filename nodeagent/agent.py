@@ -24,7 +24,7 @@ from bus.keys import validate_public_key
 from bus.messages.auth import Enroll, Enrolled, JoinString
 from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
 from bus.signing import verify_seal
-from nodeagent.state import ServerInfo, StateDir, StoredView
+from nodeagent.state import ServerInfo, StateDir, StateError, StoredView
 from nodeagent.sync import Outcome, Replica
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,16 @@ class Agent:
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
         """Start from the stored view if the server's seal on it verifies; False if there is none."""
-        stored = self.state.load_view()
+        try:
+            stored = self.state.load_view()
+        except StateError as exc:  # unreadable: refused like an altered one; the server will send a snapshot
+            stored, damaged = None, str(exc)
+        else:
+            damaged = None
+        if damaged is not None:
+            log.error("stored view refused: %s; waiting for the server", damaged)
+            self._status("stored view refused", problem=f"the stored view is damaged (altered?): {damaged}")
+            return False
         if stored is None:
             return False
         problem = self.check_stored(stored)

@@ -113,8 +113,10 @@ class ViewDelta(_Part):
     acl: list[AclView] | None = None
 
     def is_empty(self) -> bool:
-        return not (self.node or self.set_vpns or self.del_vpns or self.set_peers or self.del_peers) and (
-            self.acl is None
+        return (
+            self.node is None
+            and not (self.set_vpns or self.del_vpns or self.set_peers or self.del_peers)
+            and self.acl is None
         )
 
     @classmethod
@@ -132,7 +134,7 @@ class ViewDelta(_Part):
         vpns = {k: v for k, v in view.vpns.items() if k not in self.del_vpns} | self.set_vpns
         peers = {k: v for k, v in view.peers.items() if k not in self.del_peers} | self.set_peers
         return NodeView(
-            node=self.node or view.node,
+            node=view.node if self.node is None else self.node,
             vpns=dict(sorted(vpns.items())),
             peers=dict(sorted(peers.items())),
             acl=view.acl if self.acl is None else self.acl,
@@ -142,12 +144,12 @@ class ViewDelta(_Part):
 class Seal(_Part):
     """The server's signature over (node key, revision, digest, expiry)."""
 
-    expires: float  # Unix time after which a stored view is no longer trusted
+    expires: int  # Unix time (whole seconds, all of them signed) after which a stored view is not trusted
     signature: str  # hex Ed25519 signature of seal_payload(...)
 
 
-def seal_payload(node_key: str, revision: int, digest: str, expires: float) -> bytes:
-    return f"coterie-view/1|{node_key}|{revision}|{digest}|{expires:.0f}".encode()
+def seal_payload(node_key: str, revision: int, digest: str, expires: int) -> bytes:
+    return f"coterie-view/1|{node_key}|{revision}|{digest}|{expires}".encode()
 
 
 @register

@@ -26,6 +26,7 @@ from sqlmodel import Session, create_engine
 log = logging.getLogger(__name__)
 
 READ_ONLY = "coterie_read_only"
+LOCK_WRITERS = "SELECT value FROM counter WHERE name = 'revision' FOR UPDATE"
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -62,9 +63,16 @@ def _sqlite_begin_immediate(connection: Any) -> None:
 
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Session]:
-    """One read-write transaction: committed on success, rolled back on any exception."""
+    """One read-write transaction: committed on success, rolled back on any exception.
+
+    Writers are serialised from their first statement, so that what they read (free
+    addresses, taken names, idempotency keys) is still true when they commit: SQLite
+    by BEGIN IMMEDIATE, PostgreSQL by locking the revision counter row at once.
+    """
     with Session(engine, expire_on_commit=False) as session:
         try:
+            if engine.dialect.name == "postgresql":
+                session.connection().exec_driver_sql(LOCK_WRITERS)
             yield session
             session.commit()
         except BaseException:

@@ -1,5 +1,9 @@
 """The datastore schema (DESIGN.md section 2), as SQLModel tables.
 
+Surrogate ids use AUTOINCREMENT on SQLite, as sequences do on PostgreSQL:
+an id is never reused after a delete (ACL ids appear in node views, and a
+reused id would name two rules over time).
+
 Schema changes are made by adding an Alembic migration under migrations/,
 never by editing an old one; ``db.migrate`` brings any database up to date.
 """
@@ -17,6 +21,7 @@ def utcnow() -> datetime:
 
 
 class Vpn(SQLModel, table=True):
+    __table_args__ = {"sqlite_autoincrement": True}
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=64)
     subnet: str = Field(max_length=64)
@@ -29,6 +34,7 @@ class Vpn(SQLModel, table=True):
 
 
 class Node(SQLModel, table=True):
+    __table_args__ = {"sqlite_autoincrement": True}
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=64)
     curve_key: str | None = Field(default=None, index=True, unique=True, max_length=40)
@@ -44,7 +50,11 @@ class Node(SQLModel, table=True):
 
 
 class Membership(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("vpn_id", "vip"), UniqueConstraint("node_id", "vpn_id"))
+    __table_args__ = (
+        UniqueConstraint("vpn_id", "vip"),
+        UniqueConstraint("node_id", "vpn_id"),
+        {"sqlite_autoincrement": True},
+    )
     id: int | None = Field(default=None, primary_key=True)
     node_id: int = Field(foreign_key="node.id", index=True, ondelete="CASCADE")
     vpn_id: int = Field(foreign_key="vpn.id", index=True, ondelete="CASCADE")
@@ -53,7 +63,7 @@ class Membership(SQLModel, table=True):
 
 
 class GatewayRoute(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("vpn_id", "cidr"),)
+    __table_args__ = (UniqueConstraint("vpn_id", "cidr"), {"sqlite_autoincrement": True})
     id: int | None = Field(default=None, primary_key=True)
     vpn_id: int = Field(foreign_key="vpn.id", index=True, ondelete="CASCADE")
     node_id: int = Field(foreign_key="node.id", index=True, ondelete="CASCADE")
@@ -61,6 +71,7 @@ class GatewayRoute(SQLModel, table=True):
 
 
 class AclRule(SQLModel, table=True):
+    __table_args__ = {"sqlite_autoincrement": True}
     id: int | None = Field(default=None, primary_key=True)
     vpn_id: int = Field(foreign_key="vpn.id", index=True, ondelete="CASCADE")
     src: str = Field(max_length=80)  # any | NODE | tag:TAG
@@ -70,6 +81,7 @@ class AclRule(SQLModel, table=True):
 
 
 class JoinToken(SQLModel, table=True):
+    __table_args__ = {"sqlite_autoincrement": True}
     """A one-time enrollment secret for one node; only its hash is stored."""
 
     id: int | None = Field(default=None, primary_key=True)

@@ -500,13 +500,7 @@ def _race(engine: Engine, first: Callable[[Session], object], second: Callable[[
     return values[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IntegrityError,
-    reason="known bug: repo.record creates the counter row lazily, so the first two concurrent writers on "
-    "PostgreSQL both insert it (SELECT ... FOR UPDATE locks no row that does not exist yet)",
-)
-def test_known_bug_first_two_writers_race_on_the_counter_row(migrated: Engine) -> None:
+def test_fixed_bug_first_two_writers_race_on_the_counter_row(migrated: Engine) -> None:
     """The very first writes to a fresh PostgreSQL database must serialise like all later ones."""
     revision = _race(
         migrated,
@@ -516,13 +510,7 @@ def test_known_bug_first_two_writers_race_on_the_counter_row(migrated: Engine) -
     assert revision == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IntegrityError,
-    reason="known bug: allocate_vip reads the used addresses before any lock is taken (the counter row is "
-    "locked only at record), so on PostgreSQL two concurrent joins to one VPN pick the same address",
-)
-def test_known_bug_concurrent_joins_pick_the_same_address(migrated: Engine) -> None:
+def test_fixed_bug_concurrent_joins_pick_the_same_address(migrated: Engine) -> None:
     """Two nodes added to one VPN at the same time must both succeed, with different addresses."""
     with db.transaction(migrated) as s:
         vpn, _ = repo.create_vpn(s, "office", "10.50.0.0/24", "overlay", "mesh")
@@ -666,12 +654,7 @@ def test_views_on_postgresql_equal_views_on_sqlite(migrated: Engine, tmp_path: P
     assert pg_views["theta"].vpns["office"].vip == "10.1.0.3", "theta takes the address gamma freed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: ids are INTEGER PRIMARY KEY without AUTOINCREMENT, so SQLite reuses the id of a deleted "
-    "newest row while PostgreSQL's sequences never do; ACL ids show in views, so the digests diverge",
-)
-def test_known_bug_sqlite_reuses_the_id_of_a_deleted_acl_rule(migrated: Engine, tmp_path: Path) -> None:
+def test_fixed_bug_sqlite_reuses_the_id_of_a_deleted_acl_rule(migrated: Engine, tmp_path: Path) -> None:
     """Remove the newest ACL rule and add another: both backends must number the new rule alike."""
     sqlite = db.make_engine(f"sqlite:///{tmp_path / 'coterie.db'}")
     ids = []

@@ -26,7 +26,7 @@ from bus.identity import Identity, Role
 from bus.messages.sync import NodeView, PeerView, VpnView
 from bus.signing import verify_seal
 from nodeagent.agent import Agent
-from nodeagent.state import ServerInfo, StateDir, StateError, StoredView
+from nodeagent.state import ServerInfo, StateDir, StoredView
 from tests.conftest import BusHarness, wait_until
 from tests.helpers.scripted_fanout import ScriptedFanout
 
@@ -333,13 +333,6 @@ def test_an_untampered_stored_view_is_accepted(rig: Rig) -> None:
     assert agent.replica.view == V1 and agent.replica.revision == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StateError,
-    reason="bug: Agent.resume() (nodeagent/agent.py) lets StateDir.load_view's StateError escape for a view.json "
-    "that does not parse, and Agent.run() calls resume() unguarded, so the agent dies instead of refusing the "
-    "stored view and taking a snapshot from the (reachable) server",
-)
 def test_a_damaged_stored_view_is_refused_and_the_agent_still_syncs(rig: Rig) -> None:
     """A view.json that no longer parses must be treated like an altered one: refused, then replaced by a snapshot."""
     _started(rig)
