@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from bus import errors
@@ -82,6 +82,7 @@ class Agent:
         self.replica = Replica()
         self.connected = False
         self.counters: Counter[str] = Counter()  # snapshots, and each update outcome
+        self.applied_log: deque[tuple[int, float]] = deque(maxlen=1000)  # (revision, monotonic time) applied
         self._stop = threading.Event()
         self._endpoint = 0
         self._context = context  # shared by many simulated agents in one process
@@ -201,6 +202,7 @@ class Agent:
         outcome = self.replica.apply(update)
         self.counters[outcome.value] += 1
         if outcome is Outcome.APPLIED:
+            self.applied_log.append((update.revision, time.monotonic()))
             self._save()
             # The receipt; the next heartbeat repeats it, so nothing waits for its reply.
             client.notify("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
