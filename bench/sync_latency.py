@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import zmq
@@ -81,6 +82,10 @@ def bench_coterie(agents_n: int, changes: int) -> dict[str, float]:
                 everyone.append(max(times))
                 each += times
                 time.sleep(0.2)
+            totals: Counter[str] = Counter()
+            for agent in agents:
+                totals.update(agent.agent.counters)
+            print(f"agents' counters over the run: {dict(totals)}", file=sys.stderr)
             return {
                 "all_p50": statistics.median(everyone) * 1e3,
                 "all_p99": percentile(everyone, 99) * 1e3,

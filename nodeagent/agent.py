@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 HEARTBEAT_INTERVAL = 2.0
 RETRY_MAX = 10.0
+SAVE_INTERVAL = 1.0  # seconds: the stored view may lag the live one by this much (it stays sealed and valid)
 MISSED_HEARTBEATS = 3  # unanswered in a row before the agent reconnects
 
 
@@ -82,11 +83,14 @@ class Agent:
         self.replica = Replica()
         self.connected = False
         self.counters: Counter[str] = Counter()  # snapshots, and each update outcome
-        self.applied_log: deque[tuple[int, float]] = deque(maxlen=1000)  # (revision, monotonic time) applied
+        # (revision, monotonic time) of each view taken, by update or snapshot: for tests and benchmarks
+        self.applied_log: deque[tuple[int, float]] = deque(maxlen=1000)
         self._stop = threading.Event()
         self._endpoint = 0
         self._context = context  # shared by many simulated agents in one process
         self._missed = 0  # heartbeats in a row without an answer
+        self._saved_at = float("-inf")
+        self._unsaved = False  # an applied update not yet on disk
 
     def stop(self) -> None:
         self._stop.set()
@@ -153,6 +157,8 @@ class Agent:
                 backoff = min(backoff * 2, RETRY_MAX)
             finally:
                 client.close()
+        if self._unsaved:
+            self._save()
         self._status("stopped")
 
     def _follow(self, client: Client) -> None:
@@ -160,6 +166,8 @@ class Agent:
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         while not self._stop.is_set():
             push = client.next_push(max(0.0, min(next_heartbeat - time.monotonic(), 0.2)))
+            if self._unsaved and time.monotonic() - self._saved_at >= SAVE_INTERVAL:
+                self._save()
             if push is not None and push[0] == "fanout" and isinstance(push[1], Update):
                 self._on_update(client, push[1])
             if time.monotonic() >= next_heartbeat:
@@ -189,6 +197,7 @@ class Agent:
         if not self.replica.load(snapshot):
             raise RemoteError("invalid", "snapshot digest does not match its view")
         self.counters["snapshots"] += 1
+        self.applied_log.append((snapshot.revision, time.monotonic()))
         self.connected = True
         self._save()
         log.info(
@@ -203,7 +212,7 @@ class Agent:
         self.counters[outcome.value] += 1
         if outcome is Outcome.APPLIED:
             self.applied_log.append((update.revision, time.monotonic()))
-            self._save()
+            self._save(force=False)
             # The receipt; the next heartbeat repeats it, so nothing waits for its reply.
             client.notify("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
         elif outcome in (Outcome.GAP, Outcome.MISMATCH, Outcome.NO_VIEW):
@@ -216,10 +225,16 @@ class Agent:
             )
             self._snapshot(client)
 
-    def _save(self) -> None:
+    def _save(self, force: bool = True) -> None:
+        """Store the view; updates in a burst are stored at most every SAVE_INTERVAL (the loop flushes)."""
+        now = time.monotonic()
+        if not force and now - self._saved_at < SAVE_INTERVAL:
+            self._unsaved = True
+            return
         assert self.replica.view is not None and self.replica.seal is not None
         stored = StoredView(self.replica.revision, self.replica.digest, self.replica.view, self.replica.seal)
         self.state.save_view(stored)
+        self._saved_at, self._unsaved = now, False
         self._status("connected")
 
     def _status(self, state: str, **extra: Any) -> None:

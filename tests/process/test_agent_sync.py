@@ -119,7 +119,7 @@ class Rig:
         return self.state.load_status()
 
     def synced(self, revision: int) -> bool:
-        """The stored view is at *revision* (the agent writes view.json when it takes or applies one)."""
+        """The stored view is at *revision* (written at a snapshot, and within SAVE_INTERVAL of an update)."""
         return self.stored_revision() == revision
 
 
@@ -189,11 +189,13 @@ def test_in_order_update_is_applied_and_acknowledged(rig: Rig) -> None:
     rig.fanout.send(rig.fanout.make_update(V2, 2))
     assert wait_until(lambda: rig.fanout.applied_revisions() == [2], WAIT), rig.fanout.applied_revisions()
     assert rig.fanout.applied[0].digest == V2.digest()
+    assert wait_until(lambda: rig.synced(2), WAIT), "the applied update never reached view.json"
     stored = rig.stored()
     assert stored is not None and stored.revision == 2 and stored.view == V2
     # Per-node streams skip revisions that do not concern the node: r7 after r2 is in order.
     rig.fanout.send(rig.fanout.make_update(V3, 7))
     assert wait_until(lambda: rig.fanout.applied_revisions() == [2, 7], WAIT), rig.fanout.applied_revisions()
+    assert wait_until(lambda: rig.synced(7), WAIT)
     stored = rig.stored()
     assert stored is not None and stored.revision == 7 and stored.view == V3
     assert rig.fanout.count("snapshot") == 1, "applied from deltas, not from new snapshots"
@@ -238,6 +240,7 @@ def test_duplicate_and_late_updates_are_ignored(rig: Rig) -> None:
     rig.fanout.send(first)  # a late copy, two revisions behind
     rig.fanout.send(rig.fanout.make_update(V4, 4))
     assert wait_until(lambda: rig.fanout.applied_revisions() == [2, 3, 4], WAIT), rig.fanout.applied_revisions()
+    assert wait_until(lambda: rig.synced(4), WAIT)
     stored = rig.stored()
     assert stored is not None and stored.revision == 4 and stored.view == V4
     assert rig.fanout.count("snapshot") == 1, "a stale update must not trigger a resync"
