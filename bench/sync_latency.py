@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Time for one change to reach every agent, and server memory per connected agent.
 
-Real server processes (`coterie server up`, SQLite), N real agents (threads
-in this process, each its own CURVE key and connection). All agents are in
-one VPN; each change adds or removes a route behind one node, which changes
-every other agent's view. For each change we record when each agent applied
-it. Beside it, in the same run, the floor: the same number of raw CURVE
+Real server processes (`coterie server up`, SQLite) and N simulated agents:
+each enrolled with its own CURVE key and holding its own connection, running
+the real sync logic (nodeagent.sync.Replica: deltas, gaps, digests), but all
+multiplexed in one thread of this process and writing no files, so that
+what is measured is the server, not 200 agents sharing one interpreter.
+All agents are in one VPN; each change adds or removes a route behind one
+node, which changes every other agent's view. For each change we record
+when each agent applied it. Beside it, in the same run, the floor: the same number of raw CURVE
 DEALER sockets receiving one 300-byte message from one ROUTER (no broker,
 no database, no views), as ../shared/PERFORMANCE.md measured.
 
@@ -29,10 +32,16 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bus.client import Client, Context  # noqa: E402
 from bus.keys import KeyPair  # noqa: E402
+from bus.messages.auth import JoinString  # noqa: E402
 from bus.messages.datastore import RouteAdd, RouteRemove, VpnCreate  # noqa: E402
+from bus.messages.sync import Snapshot, SnapshotRequest, SyncHeartbeat, Update  # noqa: E402
+from nodeagent.agent import enroll  # noqa: E402
+from nodeagent.state import StateDir  # noqa: E402
+from nodeagent.sync import Outcome, Replica  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
-from tests.helpers.server import AgentThread, CoterieServer, shared  # noqa: E402
+from tests.helpers.server import CoterieServer, shared  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
@@ -47,23 +56,88 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+class SimAgents:
+    """Many agents in one thread: real keys and connections, the real Replica, no files."""
+
+    def __init__(self, server: CoterieServer, joins: list[str], base: Path, context: Context) -> None:
+        self.clients: list[Client] = []
+        self.replicas: list[Replica] = []
+        self.applied: list[dict[int, float]] = []
+        self.counters: Counter[str] = Counter()
+        for i, join in enumerate(joins):
+            state = StateDir(base / f"a{i}")
+            info = enroll(state, JoinString.decode(join), context=context)
+            server_key = info.server_key.encode()
+            self.clients.append(Client(info.endpoints[0], state.keypair(), server_key, timeout=10.0, context=context))
+            self.replicas.append(Replica())
+            self.applied.append({})
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+        for client in self.clients:
+            client.close()
+
+    def synced(self, peers: int) -> bool:
+        return all(r.view is not None and len(r.view.peers) == peers for r in self.replicas)
+
+    def applied_at(self, index: int, revision: int) -> float | None:
+        return next((t for r, t in self.applied[index].items() if r >= revision), None)
+
+    def _snapshot(self, index: int) -> None:
+        snapshot = self.clients[index].request("fanout", SnapshotRequest(), expect=Snapshot)
+        assert isinstance(snapshot, Snapshot) and self.replicas[index].load(snapshot)
+        self.applied[index][snapshot.revision] = time.monotonic()
+        self.counters["snapshots"] += 1
+
+    def _run(self) -> None:
+        for index in range(len(self.clients)):
+            self._snapshot(index)
+        poller = zmq.Poller()
+        by_socket = {}
+        for index, client in enumerate(self.clients):
+            poller.register(client.socket, zmq.POLLIN)
+            by_socket[client.socket] = index
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(100):
+                index = by_socket[sock]
+                while (push := self.clients[index].next_push(0)) is not None:
+                    self._on_push(index, push[1])
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + 2.0
+                for client, replica in zip(self.clients, self.replicas, strict=True):
+                    client.notify("fanout", SyncHeartbeat(revision=replica.revision, digest=replica.digest))
+
+    def _on_push(self, index: int, message: object) -> None:
+        if not isinstance(message, Update):
+            return
+        outcome = self.replicas[index].apply(message)
+        self.counters[outcome.value] += 1
+        if outcome is Outcome.APPLIED:
+            self.applied[index][message.revision] = time.monotonic()
+        elif outcome in (Outcome.GAP, Outcome.MISMATCH):
+            self._snapshot(index)
+
+
 def bench_coterie(agents_n: int, changes: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         server = CoterieServer(Path(tmp), presence_timeout=60.0).start()
         context = shared()
-        agents: list[AgentThread] = []
+        sims: SimAgents | None = None
         try:
             server.mutate(VpnCreate, name="all", subnet="10.60.0.0/20")
             pids = server.pids()
             before = {name: rss_kb(pids[name]) for name in ("broker", "fanout")}
-            for i in range(agents_n):
-                join = server.add_node(f"n{i}", ["all"])
-                agents.append(AgentThread(Path(tmp) / "agents" / f"n{i}", join, heartbeat=2.0, context=context))
-            for agent in agents:
-                agent.start()
-            if not wait_until(
-                lambda: all(a.view is not None and len(a.view.peers) == agents_n - 1 for a in agents), 300, interval=0.5
-            ):
+            joins = [server.add_node(f"n{i}", ["all"]) for i in range(agents_n)]
+            sims = SimAgents(server, joins, Path(tmp) / "agents", context)
+            sims.start()
+            if not wait_until(lambda: sims is not None and sims.synced(agents_n - 1), 300, interval=0.5):
                 raise SystemExit("agents did not all synchronise")
             time.sleep(3)  # let the online announcements settle
             after = {name: rss_kb(pids[name]) for name in ("broker", "fanout")}
@@ -72,20 +146,18 @@ def bench_coterie(agents_n: int, changes: int) -> dict[str, float]:
                 kind = RouteAdd if i % 2 == 0 else RouteRemove
                 started = time.monotonic()
                 reply = server.mutate(kind, node="n0", vpn="all", cidr="192.168.99.0/24")
-
-                def applied(agent: AgentThread, revision: int = reply.revision) -> float | None:
-                    return next((t for r, t in agent.agent.applied_log if r >= revision), None)
-
-                if not wait_until(lambda: all(applied(a) is not None for a in agents[1:]), 30, interval=0.002):
+                others = range(1, agents_n)
+                if not wait_until(
+                    lambda rev=reply.revision, others=others: all(sims.applied_at(a, rev) for a in others),
+                    30,
+                    interval=0.002,
+                ):
                     raise SystemExit(f"change {reply.revision} did not reach every agent")
-                times = [applied(a) - started for a in agents[1:]]  # type: ignore[operator]
+                times = [sims.applied_at(a, reply.revision) - started for a in others]  # type: ignore[operator]
                 everyone.append(max(times))
                 each += times
                 time.sleep(0.2)
-            totals: Counter[str] = Counter()
-            for agent in agents:
-                totals.update(agent.agent.counters)
-            print(f"agents' counters over the run: {dict(totals)}", file=sys.stderr)
+            print(f"simulated agents' counters over the run: {dict(sims.counters)}", file=sys.stderr)
             return {
                 "all_p50": statistics.median(everyone) * 1e3,
                 "all_p99": percentile(everyone, 99) * 1e3,
@@ -95,10 +167,8 @@ def bench_coterie(agents_n: int, changes: int) -> dict[str, float]:
                 "kb_per_agent_fanout": (after["fanout"] - before["fanout"]) / agents_n,
             }
         finally:
-            for agent in agents:
-                agent.agent.stop()
-            for agent in agents:
-                agent.thread.join(timeout=10)
+            if sims is not None:
+                sims.stop()
             server.stop()
             context.term()
 

@@ -69,6 +69,11 @@ class Client:
     def _connect(self) -> zmq.Socket:
         return curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint)
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The connection, for waiting on many clients in one poller (simulated agents)."""
+        return self._socket
+
     def reconnect(self) -> None:
         self._socket.close(linger=0)
         self._socket = self._connect()
@@ -220,8 +225,8 @@ class Client:
         """The oldest push received, waiting up to *timeout* seconds for one."""
         deadline = time.monotonic() + timeout
         while not self.pushes:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+            left = max(0.0, deadline - time.monotonic())  # a zero timeout still reads what is waiting
+            if not self._socket.poll(int(left * 1000), zmq.POLLIN):
                 return None
             self._sort(self._socket.recv_multipart(), set(), {})
         return self.pushes.popleft()

@@ -174,6 +174,7 @@ class Agent:
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
                 status = self._heartbeat(client)
                 if status is not None and not status.in_sync:
+                    self.counters["told_stale"] += 1
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)
                     self._snapshot(client)
 

@@ -51,7 +51,10 @@ from services.datastore.netmap import World
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT_GRACE = 3.0  # seconds an agent may lag its stream before it is told to resync
+# Seconds an agent may lag behind its stream's newest push before it is told to resync: long
+# enough that a busy agent is never pushed into snapshot storms, short enough that a lost tail
+# (an outbox that overflowed) is found in seconds.
+IN_FLIGHT_GRACE = 10.0
 APPLY_RECEIPTS = text(
     "UPDATE delivery SET applied_at = :now WHERE node_id = :node AND revision <= :revision AND applied_at IS NULL"
 )
