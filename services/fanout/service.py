@@ -283,9 +283,12 @@ class FanoutService(Worker):
                 self._reported[node_id] = reported  # type: ignore[assignment]
             node.last_seen = utcnow()
             self._written[node_id] = now
-            if moved or not node.online:
+            if not node.online:
                 node.online = True
                 repo.record(session, "node.online", f"node {node.name} is online", "service:fanout", [], [node_id])
+            elif moved:
+                summary = f"node {node.name} reports endpoints {', '.join(node.endpoints) or 'none'}"
+                repo.record(session, "node.endpoints", summary, "service:fanout", [], [node_id])
 
     def _adopt_online_nodes(self, session) -> None:  # type: ignore[no-untyped-def]
         """After a start, nodes the database says are online get one timeout's grace."""
