@@ -79,7 +79,7 @@ class World:
             vpn = self.vpns[mine.vpn_id]
             vpns[vpn.name] = _vpn_view(vpn, mine, self.routes.get((mine.vpn_id, node_id), []))
             rules = self.rules.get(vpn.id or 0, [])
-            acl += [_acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
+            acl += [acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
             for other in self.members.get(mine.vpn_id, []):
                 if other.node_id != node_id and self._visible(vpn, mine, other, rules):
                     peer_parts[other.node_id][vpn.name] = (other.vip, other.role)
@@ -151,7 +151,7 @@ def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str]) -> VpnView:
     )
 
 
-def _acl_view(vpn: Vpn, rule: AclRule) -> AclView:
+def acl_view(vpn: Vpn, rule: AclRule) -> AclView:
     return AclView(id=rule.id or 0, vpn=vpn.name, src=rule.src, dst=rule.dst, proto=rule.proto, ports=rule.ports)
 
 

@@ -49,12 +49,12 @@ from bus.messages.datastore import (
     VpnShowRequest,
     _Mutation,
 )
-from bus.messages.sync import AclView, NodeView, ViewDelta
+from bus.messages.sync import NodeView, ViewDelta
 from bus.worker import Handler, Worker
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import AclRule, Change, Delivery, Membership, Node, Vpn
-from services.datastore.netmap import World
+from services.datastore.netmap import World, acl_view
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class DatastoreService(Worker):
                 )
                 for m in sorted(world.members.get(vpn.id or 0, []), key=lambda m: world.nodes[m.node_id].name)
             ]
-            acl = [_acl(vpn, r) for r in world.rules.get(vpn.id or 0, [])]
+            acl = [acl_view(vpn, r) for r in world.rules.get(vpn.id or 0, [])]
             return VpnDetail(vpn=_vpn_info(world, vpn), members=members, acl=acl)
 
     def on_node_list(self, request: NodeListRequest, caller: Identity) -> NodeList:
@@ -252,7 +252,7 @@ class DatastoreService(Worker):
                 repo.vpn_by_name(s, request.vpn)
                 query = query.where(Vpn.name == request.vpn)
             rows = s.exec(query.order_by(col(AclRule.id))).all()
-            return AclList(rules=[_acl(vpn, rule) for rule, vpn in rows])
+            return AclList(rules=[acl_view(vpn, rule) for rule, vpn in rows])
 
     def on_events(self, request: EventsRequest, caller: Identity) -> Events:
         with reading(self.engine) as s:
@@ -312,10 +312,6 @@ def _node_info(world: World, node: Node) -> NodeInfo:
         agent_version=node.agent_version,
         last_seen=node.last_seen,
     )
-
-
-def _acl(vpn: Vpn, rule: AclRule) -> AclView:
-    return AclView(id=rule.id or 0, vpn=vpn.name, src=rule.src, dst=rule.dst, proto=rule.proto, ports=rule.ports)
 
 
 def _receipts(s: Session, revisions: list[int]) -> dict[int, list[tuple[Delivery, str]]]:
