@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from nacl.signing import SigningKey
 from sqlalchemy import insert, text
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from bus import errors
@@ -133,18 +134,29 @@ class FanoutService(Worker):
             head = repo.head_revision(session)
             if self.world is not None and head <= self.processed:
                 return
-            changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
             self.world = World.load(session)
             if self.processed < 0:  # first run: streams start from snapshots, not from history
                 self.processed = head
                 self._adopt_online_nodes(session)
                 return
+            changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
             receipts = self._push_changes(self.world, changes, head)
         self.processed = head
         if receipts:
+            self._record_receipts(receipts)
+        self.counters["changes"] += len(changes)
+
+    def _record_receipts(self, receipts: list[dict[str, object]]) -> None:
+        try:
             with transaction(self.engine) as session:
                 session.execute(insert(Delivery), receipts)
-        self.counters["changes"] += len(changes)
+        except IntegrityError:
+            # A node was removed since the batch was read: keep the receipts of those that remain.
+            with transaction(self.engine) as session:
+                alive = set(session.exec(select(Node.id)).all())
+                kept = [r for r in receipts if r["node_id"] in alive]
+                if kept:
+                    session.execute(insert(Delivery), kept)
 
     def _push_changes(self, world: World, changes: list[Change], head: int) -> list[dict[str, object]]:
         for stream in list(self.streams.values()):
