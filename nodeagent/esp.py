@@ -1,0 +1,400 @@
+"""ESP in tunnel mode with AES-256-GCM: sealing inner IP packets, opening them.
+
+Implements RFC 4303 section 2 (packet format: SPI 2.1, Sequence Number 2.2,
+Payload Data 2.3, Padding 2.4, Pad Length 2.5, Next Header 2.6, dummy packets
+2.6), 3.3.3 (sequence number generation), 3.4.3 and appendix A2 (verification
+and extended sequence numbers, via replay.py), with AES-GCM as RFC 4106
+defines it for ESP: section 3.1 (the 8-byte explicit IV), 4 (nonce =
+salt || IV), 5 (AAD), 6 (16-byte ICV) and 8.1 (32-byte key plus 4-byte salt).
+
+The packet, after whatever outer headers carry it (not this module's)::
+
+    SPI (4) | seq low 32 (4) | IV (8) | ciphertext | ICV (16)
+    plaintext = inner IP packet | padding 1, 2, 3, ... | pad length | next header
+
+Outbound stages (inside -> outside), ``OutboundSA.seal``:
+
+1. classify -- next header 4 or 41 from the inner packet's IP version.
+2. number   -- take the next 64-bit sequence number; past the hard limit raise
+               ``RekeyRequired`` instead (the counter never wraps).
+3. trailer  -- padding 1, 2, 3, ... so payload and trailer end on a 4-byte
+               boundary, then pad length and next header.
+4. seal     -- AES-GCM with nonce = salt || IV, IV = the 64-bit sequence number
+               (so no (key, IV) pair repeats), AAD = SPI || seq low, or
+               SPI || seq high || seq low with ESN.
+5. frame    -- SPI | seq low | IV | ciphertext | ICV.
+
+Inbound stages (outside -> inside), ``SpiTable.open`` and ``InboundSA.open``
+(which is ``authenticate``, stages 1-5, then ``commit``, stages 6-7, so that a
+batch can decrypt many packets before it records any):
+
+1. parse        -- long enough to be ESP at all                  TRUNCATED
+2. lookup       -- the SA for the SPI                            UNKNOWN_SPI
+3. replay check -- infer the ESN high half, check the window     REPLAY_*
+4. decrypt      -- AES-GCM with the wire IV, the inferred AAD    AUTH_FAILED
+5. trailer      -- padding 1, 2, 3, ..., pad length fits, next   BAD_PADDING,
+                   header 4/41/59, inner length field matches     BAD_NEXT_HEADER,
+                                                                  BAD_INNER_LENGTH
+6. accept       -- record the number in the window (a copy of    REPLAY_*
+                   the packet in the same batch may have won)
+7. deliver      -- next header 59 is a dummy packet: dropped      DUMMY
+
+Stages 1-5 change nothing, so neither forged nor malformed input can move the
+window; only an authenticated, well-formed packet is recorded (stage 6). Drops
+are values of ``DropReason``, counted by the caller. ``open`` never raises;
+``parse_header`` and ``seal`` raise only ``EspParseError`` (and ``seal``
+``RekeyRequired``).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nodeagent.constants import (
+    ESP_HEADER_SIZE,
+    ESP_MIN_PACKET_SIZE,
+    GCM_IV_SIZE,
+    GCM_KEY_SIZE,
+    GCM_SALT_SIZE,
+    IPV4_MIN_HEADER_SIZE,
+    IPV6_HEADER_SIZE,
+    MAX_PAD_LENGTH,
+    NEXT_HEADER_IPV4,
+    NEXT_HEADER_IPV6,
+    NEXT_HEADER_NONE,
+    PAYLOAD_ALIGNMENT,
+    REKEY_AFTER_PACKETS,
+    REPLAY_WINDOW_DEFAULT,
+    SEQ_FIRST,
+    SEQ_LOW_BITS,
+    SEQ_LOW_MASK,
+    SEQ_MAX_32,
+    SEQ_MAX_ESN,
+    TRAILER_FIXED_SIZE,
+)
+from nodeagent.replay import ReplayVerdict, ReplayWindow
+
+Buffer = bytes | bytearray | memoryview
+
+_HEADER = struct.Struct("!IIQ")  # SPI, seq low, IV (which is the 64-bit sequence number)
+_SPI_SEQ = struct.Struct("!II")  # the ESP header; also the AAD of a 32-bit SA (RFC 4106 section 5)
+_AAD_ESN = struct.Struct("!III")  # SPI, seq high, seq low: the AAD of an ESN SA (RFC 4106 section 5)
+_LENGTH_FIELD = struct.Struct("!H")
+_IV_START = ESP_HEADER_SIZE
+_CIPHERTEXT_START = ESP_HEADER_SIZE + GCM_IV_SIZE
+_PADDING = bytes(range(1, MAX_PAD_LENGTH + 1))  # RFC 4303 2.4: the default padding is 1, 2, 3, ...
+_MIN_SPI = 256  # RFC 4303 2.1: 1-255 are reserved by IANA, 0 for local use
+
+
+class DropReason(enum.Enum):
+    """Why an inbound ESP packet was not delivered (one counter each, kept by the caller)."""
+
+    TRUNCATED = "truncated"
+    UNKNOWN_SPI = "unknown_spi"
+    REPLAY_TOO_OLD = "replay_too_old"
+    REPLAY_DUPLICATE = "replay_duplicate"
+    REPLAY_BEYOND_LIMIT = "replay_beyond_limit"
+    AUTH_FAILED = "auth_failed"
+    BAD_PADDING = "bad_padding"
+    BAD_NEXT_HEADER = "bad_next_header"
+    BAD_INNER_LENGTH = "bad_inner_length"
+    DUMMY = "dummy"
+
+
+_REPLAY_DROPS = {
+    ReplayVerdict.TOO_OLD: DropReason.REPLAY_TOO_OLD,
+    ReplayVerdict.DUPLICATE: DropReason.REPLAY_DUPLICATE,
+    ReplayVerdict.BEYOND_LIMIT: DropReason.REPLAY_BEYOND_LIMIT,
+}
+
+
+class EspError(Exception):
+    """Base of the errors this module raises."""
+
+
+class EspParseError(EspError, ValueError):
+    """Bytes that cannot be an ESP packet (inbound) or an IP packet to seal (outbound)."""
+
+    def __init__(self, reason: DropReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+
+
+class RekeyRequired(EspError):
+    """The SA has used its last sequence number: make a new SA (new key) now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """A packet that passed stages 1-5 (``InboundSA.authenticate``); its number is not recorded yet."""
+
+    inner: memoryview
+    seq: int
+    next_header: int
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An authenticated, recorded inner packet, ready for the next inbound stage."""
+
+    inner: memoryview
+    seq: int
+    next_header: int
+
+
+def parse_header(packet: Buffer) -> tuple[int, int]:
+    """Return (SPI, seq low) of an ESP packet; ``EspParseError`` if it is too short to be one."""
+    if len(packet) < ESP_MIN_PACKET_SIZE:
+        raise EspParseError(DropReason.TRUNCATED, f"{len(packet)} bytes, ESP needs {ESP_MIN_PACKET_SIZE}")
+    return _SPI_SEQ.unpack_from(packet)
+
+
+def next_header_for(inner: Buffer) -> int:
+    """The Next Header value for tunnelling *inner*: 4 for IPv4, 41 for IPv6."""
+    if not inner:
+        raise EspParseError(DropReason.TRUNCATED, "empty inner packet")
+    version = inner[0] >> 4
+    if version == 4:
+        return NEXT_HEADER_IPV4
+    if version == 6:
+        return NEXT_HEADER_IPV6
+    raise EspParseError(DropReason.BAD_NEXT_HEADER, f"inner packet has IP version {version}")
+
+
+def trailer(payload_length: int, next_header: int) -> bytes:
+    """Padding 1, 2, 3, ..., pad length and next header: payload + trailer is a multiple of 4."""
+    return _trailer(-(payload_length + TRAILER_FIXED_SIZE) % PAYLOAD_ALIGNMENT, next_header)
+
+
+@functools.cache
+def _trailer(pad_length: int, next_header: int) -> bytes:
+    return _PADDING[:pad_length] + bytes((pad_length, next_header))
+
+
+def associated_data(spi: int, seq: int, esn: bool) -> bytes:
+    """The AAD of RFC 4106 section 5: SPI || seq low, or SPI || seq high || seq low with ESN."""
+    if esn:
+        return _AAD_ESN.pack(spi, seq >> SEQ_LOW_BITS, seq & SEQ_LOW_MASK)
+    return _SPI_SEQ.pack(spi, seq)
+
+
+def _check_sa_parameters(spi: int, key: bytes, salt: bytes) -> None:
+    if not _MIN_SPI <= spi <= SEQ_LOW_MASK:
+        raise ValueError(f"SPI must be in {_MIN_SPI}..{SEQ_LOW_MASK}, got {spi}")
+    if len(key) != GCM_KEY_SIZE or len(salt) != GCM_SALT_SIZE:
+        raise ValueError(f"AES-256-GCM needs a {GCM_KEY_SIZE}-byte key and a {GCM_SALT_SIZE}-byte salt")
+
+
+class OutboundSA:
+    """One outbound SA: seals inner packets with consecutive sequence numbers.
+
+    A sequence counter must never be restored from disk or reused: an agent
+    that restarts makes new SAs, so no (key, IV) pair can repeat. *first_seq*
+    exists for tests that start near a boundary.
+    """
+
+    __slots__ = ("_aead", "esn", "limit", "next_seq", "salt", "spi")
+
+    def __init__(
+        self,
+        spi: int,
+        key: bytes,
+        salt: bytes,
+        *,
+        esn: bool = True,
+        limit: int | None = None,
+        first_seq: int = SEQ_FIRST,
+    ) -> None:
+        _check_sa_parameters(spi, key, salt)
+        spec_limit = SEQ_MAX_ESN if esn else SEQ_MAX_32
+        self.limit = spec_limit if limit is None else limit
+        if not SEQ_FIRST <= self.limit <= spec_limit or first_seq < SEQ_FIRST:
+            raise ValueError(f"need {SEQ_FIRST} <= first_seq and limit <= {spec_limit}")
+        self.spi = spi
+        self.salt = bytes(salt)
+        self.esn = esn
+        self.next_seq = first_seq
+        self._aead = AESGCM(bytes(key))
+
+    @property
+    def needs_rekey(self) -> bool:
+        """True once the SA should be replaced (tuning limit), well before it must be."""
+        return self.next_seq > min(self.limit, REKEY_AFTER_PACKETS)
+
+    def seal(self, inner: Buffer) -> bytes:
+        """Encapsulate one inner IPv4 or IPv6 packet; raises RekeyRequired past the limit."""
+        return self._seal(inner, next_header_for(inner))
+
+    def seal_dummy(self, filler: Buffer = b"") -> bytes:
+        """A dummy packet (next header 59, RFC 4303 2.6), which the receiver discards."""
+        return self._seal(filler, NEXT_HEADER_NONE)
+
+    def _take_seq(self) -> int:
+        seq = self.next_seq
+        if seq > self.limit:
+            raise RekeyRequired(f"SPI {self.spi:#010x} used its last sequence number {self.limit}")
+        self.next_seq = seq + 1
+        return seq
+
+    def _seal(self, payload: Buffer, next_header: int) -> bytes:
+        seq = self._take_seq()
+        header = _HEADER.pack(self.spi, seq & SEQ_LOW_MASK, seq)
+        nonce = self.salt + header[_IV_START:]
+        plaintext = b"".join((payload, trailer(len(payload), next_header)))
+        return header + self._aead.encrypt(nonce, plaintext, associated_data(self.spi, seq, self.esn))
+
+
+def read_trailer(plaintext: memoryview) -> tuple[int, int] | DropReason:
+    """Validate the decrypted trailer and inner packet: (payload length, next header) or why not."""
+    end = len(plaintext) - TRAILER_FIXED_SIZE
+    if end < 0:
+        return DropReason.BAD_PADDING
+    pad_length, next_header = plaintext[end], plaintext[end + 1]
+    payload_length = end - pad_length
+    if payload_length < 0 or plaintext[payload_length:end] != _PADDING[:pad_length]:
+        return DropReason.BAD_PADDING
+    if next_header == NEXT_HEADER_NONE:
+        return payload_length, next_header
+    problem = inner_problem(plaintext[:payload_length], next_header)
+    return (payload_length, next_header) if problem is None else problem
+
+
+def inner_problem(inner: memoryview, next_header: int) -> DropReason | None:
+    """Tunnel mode carries exactly one IP packet: its version and length field must match.
+
+    TFC padding after the inner packet (RFC 4303 2.7) must be negotiated before
+    use; Coterie never negotiates it, so an inner length that differs from the
+    payload is refused rather than trimmed.
+    """
+    if next_header == NEXT_HEADER_IPV4:
+        version, minimum, offset, extra = 4, IPV4_MIN_HEADER_SIZE, 2, 0
+    elif next_header == NEXT_HEADER_IPV6:
+        version, minimum, offset, extra = 6, IPV6_HEADER_SIZE, 4, IPV6_HEADER_SIZE
+    else:
+        return DropReason.BAD_NEXT_HEADER
+    if not inner:
+        return DropReason.BAD_INNER_LENGTH
+    if inner[0] >> 4 != version:
+        return DropReason.BAD_NEXT_HEADER
+    if len(inner) < minimum or _LENGTH_FIELD.unpack_from(inner, offset)[0] + extra != len(inner):
+        return DropReason.BAD_INNER_LENGTH
+    return None
+
+
+class InboundSA:
+    """One inbound SA: opens packets sealed by the peer's matching OutboundSA."""
+
+    __slots__ = ("_aead", "esn", "salt", "spi", "window")
+
+    def __init__(
+        self, spi: int, key: bytes, salt: bytes, *, esn: bool = True, window_size: int = REPLAY_WINDOW_DEFAULT
+    ) -> None:
+        _check_sa_parameters(spi, key, salt)
+        self.spi = spi
+        self.salt = bytes(salt)
+        self.esn = esn
+        self.window = ReplayWindow(window_size, SEQ_MAX_ESN if esn else SEQ_MAX_32)
+        self._aead = AESGCM(bytes(key))
+
+    def open(self, packet: Buffer) -> Opened | DropReason:
+        """Authenticate and decapsulate one ESP packet (stages 1-7); never raises."""
+        result = self.authenticate(packet)
+        return result if isinstance(result, DropReason) else self.commit(result)
+
+    def authenticate(self, packet: Buffer) -> Authenticated | DropReason:
+        """Stages 1-5: parse, check the window, decrypt, validate. Changes nothing; never raises."""
+        view = memoryview(packet)
+        if len(view) < ESP_MIN_PACKET_SIZE:
+            return DropReason.TRUNCATED
+        spi, seq_low = _SPI_SEQ.unpack_from(view)
+        if spi != self.spi:
+            return DropReason.UNKNOWN_SPI
+        seq = self.window.infer(seq_low) if self.esn else seq_low
+        verdict = self.window.check(seq)
+        if verdict is not ReplayVerdict.OK:
+            return _REPLAY_DROPS[verdict]
+        plaintext = self._decrypt(view, seq)
+        if plaintext is None:
+            return DropReason.AUTH_FAILED
+        found = read_trailer(plaintext)
+        if isinstance(found, DropReason):
+            return found
+        payload_length, next_header = found
+        return Authenticated(plaintext[:payload_length], seq, next_header)
+
+    def commit(self, packet: Authenticated) -> Opened | DropReason:
+        """Stages 6-7: record the number, then deliver or drop a dummy.
+
+        A batch may authenticate several packets before committing any, so the
+        window can have moved since ``authenticate`` checked it: a second copy
+        of a packet is refused here.
+        """
+        verdict = self.window.accept(packet.seq)
+        if verdict is not ReplayVerdict.OK:
+            return _REPLAY_DROPS[verdict]
+        if packet.next_header == NEXT_HEADER_NONE:
+            return DropReason.DUMMY
+        return Opened(packet.inner, packet.seq, packet.next_header)
+
+    def _decrypt(self, view: memoryview, seq: int) -> memoryview | None:
+        nonce = self.salt + view[_IV_START:_CIPHERTEXT_START]
+        try:
+            plaintext = self._aead.decrypt(nonce, view[_CIPHERTEXT_START:], associated_data(self.spi, seq, self.esn))
+        except InvalidTag:
+            return None
+        return memoryview(plaintext)
+
+
+class SpiTable:
+    """The inbound SAs of this node by SPI: the lookup stage (RFC 4303 3.4.2)."""
+
+    __slots__ = ("_sas",)
+
+    def __init__(self) -> None:
+        self._sas: dict[int, InboundSA] = {}
+
+    def add(self, sa: InboundSA) -> None:
+        if sa.spi in self._sas:
+            raise ValueError(f"SPI {sa.spi:#010x} is already in use")
+        self._sas[sa.spi] = sa
+
+    def remove(self, spi: int) -> InboundSA | None:
+        return self._sas.pop(spi, None)
+
+    def __contains__(self, spi: int) -> bool:
+        return spi in self._sas
+
+    def __len__(self) -> int:
+        return len(self._sas)
+
+    def open(self, packet: Buffer) -> Opened | DropReason:
+        """Find the SA for the packet's SPI and open it there; never raises."""
+        try:
+            spi, _ = parse_header(packet)
+        except EspParseError as error:
+            return error.reason
+        sa = self._sas.get(spi)
+        if sa is None:
+            return DropReason.UNKNOWN_SPI
+        return sa.open(packet)
+
+
+#: The outbound pipeline in packet order (stage names of the module docstring).
+OUTBOUND_PIPELINE: tuple[str, ...] = ("classify", "number", "trailer", "seal", "frame")
+
+#: The inbound pipeline in packet order, with the drops each stage can produce.
+INBOUND_PIPELINE: tuple[tuple[str, tuple[DropReason, ...]], ...] = (
+    ("parse", (DropReason.TRUNCATED,)),
+    ("lookup", (DropReason.UNKNOWN_SPI,)),
+    ("replay check", tuple(_REPLAY_DROPS.values())),
+    ("decrypt", (DropReason.AUTH_FAILED,)),
+    ("trailer", (DropReason.BAD_PADDING, DropReason.BAD_NEXT_HEADER, DropReason.BAD_INNER_LENGTH)),
+    ("accept", tuple(_REPLAY_DROPS.values())),
+    ("deliver", (DropReason.DUMMY,)),
+)
