@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import Any
 
 from bus.broker import Broker
 from bus.keys import load_keypair, load_public_key
@@ -49,22 +50,14 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
     signing_key = load_signing_key(config.signing_key_path)
     sign_public = signing_key.verify_key.encode().hex()
     url = config.database_url
-    if name == "datastore":
-        return DatastoreService(
-            endpoint, keypair, server_key, database_url=url, join_endpoints=config.join_endpoints, sign_key=sign_public
-        )
-    if name == "auth":
-        return AuthService(endpoint, keypair, server_key, database_url=url, sign_key=sign_public)
-    if name == "fanout":
-        return FanoutService(
-            endpoint,
-            keypair,
-            server_key,
-            database_url=url,
-            signing_key=signing_key,
-            presence_timeout=config.presence_timeout,
-        )
-    return SERVICES[name](endpoint, keypair, server_key)
+    # What each service needs beyond its connection to the broker.
+    extra: dict[str, dict[str, Any]] = {
+        "datastore": {"database_url": url, "join_endpoints": config.join_endpoints, "sign_key": sign_public},
+        "auth": {"database_url": url, "sign_key": sign_public},
+        "fanout": {"database_url": url, "signing_key": signing_key, "presence_timeout": config.presence_timeout},
+        "keydist": {},
+    }
+    return SERVICES[name](endpoint, keypair, server_key, **extra[name])
 
 
 def run_process(name: str, config: ServerConfig, broker: str | None = None) -> None:

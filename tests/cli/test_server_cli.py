@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from bus.messages.common import Ping, Pong
 from bus.messages.services import SERVICE_NAMES
 from tests.conftest import ROOT, wait_until
+from tests.helpers.server import free_port
 from tui.client import connect, resolve_address
 
 PROCESSES = ["broker", *SERVICE_NAMES]
@@ -26,12 +26,6 @@ def coterie(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "tui.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_init_writes_config_and_private_keys(tmp_path: Path) -> None:

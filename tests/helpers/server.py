@@ -20,7 +20,8 @@ from pathlib import Path
 
 import tomli_w
 
-from bus.client import Client, Context, shared_context
+from bus.client import Client, Context
+from bus.client import shared_context as shared
 from bus.errors import BusError
 from bus.messages import Message
 from bus.messages.auth import JoinString
@@ -151,8 +152,4 @@ class AgentThread:
         return self.agent.replica.digest
 
 
-def shared() -> Context:
-    return shared_context()
-
-
-__all__ = ["AgentThread", "CoterieServer", "free_port", "shared"]
+__all__ = ["AgentThread", "CoterieServer", "free_port", "shared"]  # shared: one ZeroMQ context for many agents
