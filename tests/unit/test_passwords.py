@@ -98,6 +98,18 @@ def test_source_lockout_and_success_clears() -> None:
     assert not throttle.check(keys, now + wait).allowed
     throttle.success(other)
     assert throttle.failures("user:carol") == 0
+    assert not throttle.check(keys, now + wait).allowed, "a success elsewhere does not lift the address's lockout"
+
+
+def test_one_attempt_per_key_in_flight() -> None:
+    throttle = Throttle()
+    first = keys_for("dave", "10.0.0.1")
+    assert throttle.begin(first, 0.0).allowed
+    assert not throttle.begin(keys_for("erin", "10.0.0.1"), 0.0).allowed, "same address"
+    assert not throttle.begin(keys_for("dave", "10.0.0.2"), 0.0).allowed, "same user"
+    assert throttle.begin(keys_for("erin", "10.0.0.2"), 0.0).allowed
+    throttle.end(first)
+    assert throttle.begin(keys_for("dave", "10.0.0.3"), 0.0).allowed
 
 
 def test_unknown_and_known_names_are_throttled_alike() -> None:
@@ -108,3 +120,15 @@ def test_unknown_and_known_names_are_throttled_alike() -> None:
     a = throttle.check(keys_for("exists", ""), 0.0)
     b = throttle.check(keys_for("does-not-exist", ""), 0.0)
     assert a == b and not a.allowed
+
+
+def test_an_address_that_keeps_knocking_while_blocked_is_locked_out() -> None:
+    throttle, keys = Throttle(), keys_for("frank", "10.0.0.7")
+    for _ in range(limiter.FREE_FAILURES + 1):
+        throttle.failure(keys, 0.0)
+    verdicts = [throttle.begin(keys, 0.0) for _ in range(limiter.SOURCE_LOCKOUT_REFUSALS)]
+    assert not any(v.allowed for v in verdicts)
+    assert [v.lockout for v in verdicts if v.lockout] == ["source:10.0.0.7"]
+    assert verdicts[-1].retry_after == pytest.approx(limiter.SOURCE_LOCKOUT)
+    assert throttle.failures("user:frank") == limiter.FREE_FAILURES + 1, "unchecked refusals do not count"
+    assert throttle.begin(keys_for("frank", "10.0.0.8"), limiter.USER_MAX_DELAY).allowed
