@@ -29,7 +29,7 @@ def agent_up(
     server: CoterieServer, state: Path, *args: str, stdin: str = "", timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     """`coterie agent up` that is expected to fail (it returns); a success keeps running, see AgentProcess."""
-    argv = [sys.executable, "-m", "tui.cli", "agent", "up", "--state-dir", str(state), *args]
+    argv = [sys.executable, "-m", "tui.cli", "agent", "up", "--control-only", "--state-dir", str(state), *args]
     return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
@@ -51,7 +51,7 @@ class AgentProcess:
 
     def __init__(self, tmp: Path, args: list[str], stdin: str) -> None:
         self.log = tmp / f"agent-{len(list(tmp.glob('agent-*.log')))}.log"
-        argv = [sys.executable, "-m", "tui.cli", "agent", "up", *args]
+        argv = [sys.executable, "-m", "tui.cli", "agent", "up", "--control-only", *args]
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=out, stderr=out)
         assert self.process.stdin is not None
