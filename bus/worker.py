@@ -13,6 +13,7 @@ with ``internal``; nothing a caller sends stops the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -88,6 +89,16 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def keepalive(self) -> None:
+        """Heartbeat now, from a handler that blocks for long (a password hash on a loaded machine).
+
+        The broker drops a worker silent for HEARTBEAT_LIVENESS intervals, even one busy with a request.
+        Call it from the worker's own thread (the one running the handler), as the socket is not thread-safe.
+        """
+        if self._socket is not None:
+            with contextlib.suppress(zmq.ZMQError):  # the loop notices a lost broker by itself
+                self._socket.send_multipart([c.WORKER, c.HEARTBEAT], zmq.NOBLOCK)
 
     def push(self, target_key: str, message: Message) -> None:
         """Send *message* to the client whose CURVE key is *target_key*, through the broker."""

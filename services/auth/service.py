@@ -22,7 +22,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
 
 from sqlmodel import select
 
@@ -61,12 +64,15 @@ from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import JoinToken, Node, Vpn, utcnow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WORKERS = 6  # connections to the broker in the auth process (threads)
 HASH_SLOTS = 2  # argon2id hashes at once: 2 x 64 MiB; one per core of the reference machine
 # Seconds a request waits for a hash slot before it is answered "busy, retry" (retriable). Short: a worker
 # busy longer than the broker's heartbeat liveness (3 s) is dropped, and a waiting worker serves no one else.
 HASH_WAIT = 0.5
+KEEPALIVE = 0.5  # seconds between heartbeats of a worker waiting for a hash or a realm (broker liveness: 3 s)
+REALM_THREADS = 4  # realm checks (LDAP, RADIUS) at once; they wait on the network, not on a core
 THROTTLE_AUDIT_EVERY = 5.0  # seconds: refused attempts of one key are summed into one audit entry
 
 #: The one refusal for an unknown user, a wrong password and a locked user (no enumeration).
@@ -85,24 +91,28 @@ class AuthCore:
         self.config = config
         self.throttle = Throttle()
         self.hash_slots = threading.BoundedSemaphore(HASH_SLOTS)
+        self.hash_pool = ThreadPoolExecutor(HASH_SLOTS, thread_name_prefix="argon2")
+        self.realm_pool = ThreadPoolExecutor(REALM_THREADS, thread_name_prefix="realm")
         self._realms: dict[str, Any] | None = None
         self._realms_lock = threading.Lock()
         self._throttled: dict[str, tuple[int, float]] = {}  # key -> (refusals not yet audited, last audit)
         self._throttled_lock = threading.Lock()
 
-    def hashing(self) -> Any:
-        """Context manager for one hash slot; raises a retriable error when none frees up in time."""
-        core = self
+    def hash(self, worker: Worker, fn: Callable[..., T], *args: Any) -> T:
+        """Run one argon2id computation in a hash slot; the calling worker keeps heartbeating meanwhile.
 
-        class _Slot:
-            def __enter__(self) -> None:
-                if not core.hash_slots.acquire(timeout=HASH_WAIT):
-                    raise RemoteError(errors.SERVICE_UNAVAILABLE, "the auth service is busy; retry")
+        Raises a retriable ``service_unavailable`` when no slot frees up within HASH_WAIT.
+        """
+        if not self.hash_slots.acquire(timeout=HASH_WAIT):
+            raise RemoteError(errors.SERVICE_UNAVAILABLE, "the auth service is busy; retry")
+        try:
+            return _wait(worker, self.hash_pool.submit(fn, *args))
+        finally:
+            self.hash_slots.release()
 
-            def __exit__(self, *exc: object) -> None:
-                core.hash_slots.release()
-
-        return _Slot()
+    def close(self) -> None:
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.realm_pool.shutdown(wait=False, cancel_futures=True)
 
     def realm(self, name: str) -> Any:
         """The proxy realm *name*, or None (realms load lazily: their module may be absent)."""
@@ -151,6 +161,7 @@ class AuthService(Worker):
         self.core = core or AuthCore(database_url, sign_key, join_endpoints or [endpoint], config)
         self.engine = self.core.engine
         self._siblings: list[AuthService] = []
+        self._owns_core = core is None
         if core is None:  # the first worker of the process starts the others, sharing its core
             self._siblings = [
                 AuthService(endpoint, keypair, server_key, database_url=database_url, sign_key=sign_key, core=self.core)
@@ -168,6 +179,8 @@ class AuthService(Worker):
                 sibling.stop()
             for thread in threads:
                 thread.join(timeout=5)
+            if self._owns_core:
+                self.core.close()
 
     def stop(self) -> None:
         super().stop()
@@ -330,8 +343,7 @@ class AuthService(Worker):
         with reading(self.engine) as session:
             row = accounts.find(session, user)
         stored = row.password_hash if row is not None and row.password_hash else None
-        with self.core.hashing():
-            matches = passwords.verify_password(stored or passwords.DUMMY_HASH, password)
+        matches = self.core.hash(self, passwords.verify_password, stored or passwords.DUMMY_HASH, password)
         if stored is None:
             return False, "unknown user"
         if not matches:
@@ -344,8 +356,7 @@ class AuthService(Worker):
         return True, "accepted"
 
     def _rehash(self, user: str, stored: str, password: str) -> None:
-        with self.core.hashing():
-            fresh = passwords.hash_password(password)
+        fresh = self.core.hash(self, passwords.hash_password, password)
         with transaction(self.engine) as session:
             row = accounts.find(session, user)
             if row is not None and row.password_hash == stored:  # unchanged meanwhile
@@ -356,13 +367,13 @@ class AuthService(Worker):
         local, realm_name = user.split("@", 1)
         realm = self.core.realm(realm_name)
         if realm is None:
-            with self.core.hashing():  # an unknown realm costs what a local user costs
-                passwords.verify_password(passwords.DUMMY_HASH, password)
+            # An unknown realm costs what a local user costs.
+            self.core.hash(self, passwords.verify_password, passwords.DUMMY_HASH, password)
             return False, f"no realm named {realm_name!r}"
         with reading(self.engine) as session:
             row = accounts.find(session, user)
         try:
-            verdict = realm.authenticate(local, password)
+            verdict = _wait(self, self.core.realm_pool.submit(realm.authenticate, local, password))
         except Exception as exc:  # RealmUnavailable, after the realm's own retries
             log.error("realm %s unavailable: %s", realm_name, exc)
             raise RemoteError(
@@ -391,8 +402,7 @@ class AuthService(Worker):
         if problem is not None:
             raise RemoteError(errors.INVALID, problem)
         self._verify(user, request.old_password, caller, audit.PASSWORD_CHANGE_FAIL)
-        with self.core.hashing():
-            fresh = passwords.hash_password(request.new_password)
+        fresh = self.core.hash(self, passwords.hash_password, request.new_password)
         with transaction(self.engine) as session:
             row = accounts.get(session, user)
             row.password_hash = fresh
@@ -413,8 +423,7 @@ class AuthService(Worker):
         problem = passwords.check_new_password(request.password)
         if problem is not None:
             raise RemoteError(errors.INVALID, problem)
-        with self.core.hashing():
-            hashed = passwords.hash_password(request.password)
+        hashed = self.core.hash(self, passwords.hash_password, request.password)
 
         def apply(session: Any) -> str:
             accounts.add(session, request.name, hashed)
@@ -490,6 +499,15 @@ class AuthService(Worker):
             audit.add(session, audit.OPERATOR, caller.caller, caller.address, True, summary)
         log.info("%s by %s", summary, caller.caller)
         return Done(summary=summary)
+
+
+def _wait(worker: Worker, future: Future[T]) -> T:
+    """The future's result, heartbeating the broker every KEEPALIVE seconds until it is there."""
+    while True:
+        try:
+            return future.result(timeout=KEEPALIVE)
+        except FutureTimeout:
+            worker.keepalive()
 
 
 def _operators_only(handler: Handler) -> Handler:
