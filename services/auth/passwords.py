@@ -16,6 +16,7 @@ libsodium's crypto_pwhash_str_verify, which compares in constant time.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -79,5 +80,8 @@ def check_new_password(password: str) -> str | None:
     return None
 
 
-#: Unknown users are checked against this, so that they cost what a real user costs (no enumeration by timing).
-DUMMY_HASH = hash_password("coterie dummy password, never set for anyone")
+@functools.cache
+def dummy_hash() -> str:
+    """Unknown users are checked against this, so that they cost what a real user costs (no enumeration by
+    timing). Made on first use: every server process imports this module, only auth needs it."""
+    return hash_password("coterie dummy password, never set for anyone")

@@ -90,6 +90,7 @@ class AuthCore:
         self.join_endpoints = join_endpoints
         self.config = config
         self.throttle = Throttle()
+        passwords.dummy_hash()  # now, not at the first unknown user (whose refusal would then take twice as long)
         self.hash_slots = threading.BoundedSemaphore(HASH_SLOTS)
         self.hash_pool = ThreadPoolExecutor(HASH_SLOTS, thread_name_prefix="argon2")
         self.realm_pool = ThreadPoolExecutor(REALM_THREADS, thread_name_prefix="realm")
@@ -343,7 +344,7 @@ class AuthService(Worker):
         with reading(self.engine) as session:
             row = accounts.find(session, user)
         stored = row.password_hash if row is not None and row.password_hash else None
-        matches = self.core.hash(self, passwords.verify_password, stored or passwords.DUMMY_HASH, password)
+        matches = self.core.hash(self, passwords.verify_password, stored or passwords.dummy_hash(), password)
         if stored is None:
             return False, "unknown user"
         if not matches:
@@ -368,7 +369,7 @@ class AuthService(Worker):
         realm = self.core.realm(realm_name)
         if realm is None:
             # An unknown realm costs what a local user costs.
-            self.core.hash(self, passwords.verify_password, passwords.DUMMY_HASH, password)
+            self.core.hash(self, passwords.verify_password, passwords.dummy_hash(), password)
             return False, f"no realm named {realm_name!r}"
         with reading(self.engine) as session:
             row = accounts.find(session, user)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from bus.messages.auth import JoinString
 from bus.messages.datastore import VpnCreate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from tests.helpers.server import CoterieServer
+from tests.process.auth_helpers import START_TIMEOUT
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
-    srv = CoterieServer(tmp_path_factory.mktemp("authcli")).start()
+    srv = CoterieServer(tmp_path_factory.mktemp("authcli")).start(timeout=START_TIMEOUT)
     srv.mutate(VpnCreate, name="office", subnet="10.7.0.0/24")
     yield srv
     srv.stop()
@@ -139,18 +141,19 @@ def test_audit_lists_operator_actions_with_source(server: CoterieServer) -> None
 def test_audit_follow_prints_new_entries(server: CoterieServer) -> None:
     argv = [sys.executable, "-m", "tui.cli", "audit", "--follow", "--json", "--dir", str(server.home)]
     follower = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+
+    def read() -> None:  # a reader thread, so that the wait below is bounded in time
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            seen.append(json.loads(line)["detail"])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         ok(coterie(server, "user", "add", "hank", "--password-stdin", stdin="long enough pw\n"))
-        assert follower.stdout is not None
-        seen = []
-        for _ in range(500):  # bounded: the follower prints everything since the start, then the new entry
-            line = follower.stdout.readline()
-            if not line:
-                break
-            seen.append(json.loads(line)["detail"])
-            if "added user hank" in seen:
-                break
-        assert "added user hank" in seen
+        assert wait_until(lambda: "added user hank" in seen, 30), seen[-5:]
     finally:
         follower.terminate()
         follower.wait(timeout=10)
+        reader.join(timeout=10)

@@ -14,6 +14,7 @@ from tests.conftest import ROOT, wait_until
 from tests.helpers.server import CoterieServer
 
 PASSWORD = "correct horse battery"
+START_TIMEOUT = 90.0  # seconds for a whole server to come up (five processes; the machine is shared)
 
 
 def endpoint(server: CoterieServer, source: str = "") -> str:

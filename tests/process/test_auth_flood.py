@@ -19,7 +19,9 @@ from bus.messages.datastore import VpnCreate
 from services.auth import limiter
 from services.auth.service import HASH_SLOTS, REFUSED, WORKERS
 from tests.helpers.server import CoterieServer
-from tests.process.auth_helpers import PASSWORD, anonymous_client, audit_entries
+from tests.process.auth_helpers import PASSWORD, START_TIMEOUT, anonymous_client, audit_entries
+
+pytestmark = pytest.mark.timeout(300)
 
 FLOOD = 2000
 HASH_MIB = 64
@@ -27,7 +29,7 @@ HASH_MIB = 64
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[CoterieServer]:
-    srv = CoterieServer(tmp_path).start()
+    srv = CoterieServer(tmp_path).start(timeout=START_TIMEOUT)
     srv.mutate(VpnCreate, name="office", subnet="10.5.0.0/24")
     srv.request(UserAdd(name="alice", password=PASSWORD), service="auth")
     srv.request(UserAllow(name="alice", vpn="office"), service="auth")
