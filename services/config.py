@@ -180,6 +180,9 @@ class RadiusRealmConfig:
     timeout: float = 3.0  # seconds to wait for a reply to one transmission
     retries: int = 2  # retransmissions after the first try
     nas_identifier: str = "coterie"
+    # Drop replies without a Message-Authenticator (BlastRADIUS, CVE-2024-3596). Turn off only for a server
+    # too old to sign its replies (FreeRADIUS < 3.2.5 without the post-auth workaround), on a trusted network.
+    require_message_authenticator: bool = True
 
     kind = "radius"
 

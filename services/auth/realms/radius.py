@@ -19,7 +19,9 @@ What one ``authenticate`` does, and why:
 4. Believe a datagram only if it is a well-formed reply to *this* request:
    right Identifier, right Response Authenticator (MD5 over the reply, the
    Request Authenticator and the secret), a Message-Authenticator present
-   and right (HMAC-MD5), and no Proxy-State we did not send. Anything else is
+   and right (HMAC-MD5; ``require_message_authenticator = false`` admits an
+   old server's unsigned replies, still checked by Response Authenticator),
+   and no Proxy-State we did not send. Anything else is
    dropped and counted by reason (``drops``), and the wait goes on: a forged
    or stray datagram can neither accept nor reject a login.
 5. Access-Accept accepts; Access-Reject and Access-Challenge (no multi-round
@@ -174,10 +176,13 @@ class RadiusRealm:
         except packet.PacketError:
             return None, "malformed attributes"
         attributes = dict.keys(reply)  # raw codes, whatever the dictionary knows
-        if MESSAGE_AUTHENTICATOR not in attributes or len(dict.__getitem__(reply, MESSAGE_AUTHENTICATOR)) != 1:
+        required = self.settings.require_message_authenticator
+        if MESSAGE_AUTHENTICATOR not in attributes and required:
             return None, "no message-authenticator"
+        if MESSAGE_AUTHENTICATOR in attributes and len(dict.__getitem__(reply, MESSAGE_AUTHENTICATOR)) != 1:
+            return None, "several message-authenticators"
         if PROXY_STATE in attributes:
             return None, "unsolicited proxy-state"
-        if not request.VerifyReply(reply, data, enforce_ma=True):
+        if not request.VerifyReply(reply, data, enforce_ma=required):  # checks any Message-Authenticator present
             return None, "bad authenticator"
         return reply, ""
