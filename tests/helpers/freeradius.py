@@ -71,8 +71,9 @@ def _quote(value: str) -> str:
 class FreeRadius:
     """One FreeRADIUS server with a given client secret and users (name -> cleartext password)."""
 
-    def __init__(self, root: Path, secret: str, users: dict[str, str]) -> None:
+    def __init__(self, root: Path, secret: str, users: dict[str, str], *, sign_replies: bool = True) -> None:
         self.binary = find_binary()
+        self.sign_replies = sign_replies
         self.root = root
         self.secret = secret
         self.users = users
@@ -135,6 +136,7 @@ class FreeRadius:
             libdir=MODULE_DIR,
             port=self.port,
             secret=_quote(self.secret),
+            post_auth=POST_AUTH if self.sign_replies else "",
         ))
 
 
@@ -210,17 +212,21 @@ server default {{
             pap
         }}
     }}
-    # FreeRADIUS before 3.2.5 signs a reply only when the reply list holds a Message-Authenticator
-    # (the BlastRADIUS advice for those versions); later versions sign every reply anyway.
-    post-auth {{
-        update reply {{
-            Message-Authenticator := 0x00
-        }}
-        Post-Auth-Type REJECT {{
-            update reply {{
-                Message-Authenticator := 0x00
-            }}
-        }}
-    }}
+{post_auth}
 }}
+"""
+
+# FreeRADIUS before 3.2.5 signs a reply only when the reply list holds a Message-Authenticator
+# (the BlastRADIUS advice for those versions); later versions sign every reply anyway.
+POST_AUTH = """
+    post-auth {
+        update reply {
+            Message-Authenticator := 0x00
+        }
+        Post-Auth-Type REJECT {
+            update reply {
+                Message-Authenticator := 0x00
+            }
+        }
+    }
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +53,7 @@ class LdapRealm:
     def __init__(self, settings: LdapRealmConfig, config_dir: Path) -> None:
         self.name = settings.name
         self.settings = settings
-        self.server = _server(settings, config_dir)
+        self.ca_file = str(config_dir / settings.ca_file) if settings.ca_file else None
 
     def authenticate(self, user: str, password: str) -> RealmVerdict:
         if not password:
@@ -111,14 +112,14 @@ class LdapRealm:
         own context manager is not used because it reopens a connection that was open on entry.
         """
         conn = Connection(
-            self.server,
+            _server(self.settings, self.ca_file),
             user=dn or None,
             password=password or None,
             authentication=SIMPLE if dn else ANONYMOUS,
             auto_bind=False,
             read_only=True,
             raise_exceptions=False,
-            receive_timeout=self.settings.timeout,
+            receive_timeout=math.ceil(self.settings.timeout),  # ldap3 packs it into SO_RCVTIMEO as whole seconds
         )
         try:
             conn.open()
@@ -130,12 +131,15 @@ class LdapRealm:
                 conn.unbind()
 
 
-def _server(settings: LdapRealmConfig, config_dir: Path) -> Server:
-    """The ldap3 Server: TLS verifying the certificate and host name whenever TLS is used."""
+def _server(settings: LdapRealmConfig, ca_file: str | None) -> Server:
+    """A fresh ldap3 Server per connection: TLS verifies the certificate and host name whenever TLS is used.
+
+    Fresh because an ldap3 Server remembers a failed address as unavailable for a while and resolves the
+    host name once; a login right after the directory comes back must reach it, at its current address.
+    """
     use_ssl = settings.url.lower().startswith("ldaps://")
     tls = None
     if use_ssl or settings.starttls:
-        ca_file = str(config_dir / settings.ca_file) if settings.ca_file else None
         tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
     return Server(settings.url, use_ssl=use_ssl, tls=tls, get_info="NO_INFO", connect_timeout=settings.timeout)
 
