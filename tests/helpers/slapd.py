@@ -225,7 +225,10 @@ class Slapd:
 
 
 # Passwords: a user may only authenticate with its own (anonymous 'auth'); the reader and users read the rest.
+# 'allow bind_anon_dn' makes slapd treat a DN with an empty password as an anonymous bind that succeeds, as
+# some directories do by default: the realm must refuse such a login itself, and the tests show it does.
 SLAPD_CONF = """{schemas}
+allow bind_anon_dn
 pidfile {root}/slapd.pid
 argsfile {root}/slapd.args
 modulepath {modules}

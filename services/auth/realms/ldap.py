@@ -97,6 +97,8 @@ class LdapRealm:
         return dns[0]
 
     def _bind_as(self, dn: str, password: str) -> RealmVerdict:
+        if not dn or not password:  # either empty would make this an anonymous or unauthenticated bind
+            return RealmVerdict(False, "refused: empty DN or password")
         with self._connect(dn, password) as conn:
             if conn.bind():
                 return RealmVerdict(True, "accepted")
