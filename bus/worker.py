@@ -155,9 +155,11 @@ class Worker:
             return True
         if command == c.DISCONNECT:
             return False
-        if command == c.REQUEST and len(frames) == 6:
-            _, _, client, request_id, caller, body = frames
-            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(self._serve(caller, body))])
+        if command == c.REQUEST and len(frames) in (6, 7):
+            client, request_id, caller, body = frames[2:6]
+            address = frames[6].decode("ascii", "replace") if len(frames) == 7 else ""
+            reply = self._serve(caller, body, address)
+            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(reply)])
             return True
         self.counters["malformed"] += 1
         log.warning("%s: unexpected %s from broker dropped", self.service, c.COMMAND_NAMES.get(command, command))
@@ -170,10 +172,10 @@ class Worker:
             log.exception("%s: reply %s could not be encoded", self.service, reply.KIND)
             return codec.encode(self._error(errors.INTERNAL, f"{self.service} failed to encode its reply"))
 
-    def _serve(self, caller_text: bytes, body: bytes) -> Message:
+    def _serve(self, caller_text: bytes, body: bytes, address: str = "") -> Message:
         self.counters["requests"] += 1
         try:
-            caller = Identity.from_wire(caller_text.decode())
+            caller = Identity.from_wire(caller_text.decode(), address)
             request = codec.decode(body)
         except DecodeError as exc:
             return self._error(exc.code, exc.message)
