@@ -138,6 +138,19 @@ def test_empty_password_is_refused_before_any_bind(slapd: Slapd) -> None:
     assert realm(f"ldap://127.0.0.1:{free_port()}").authenticate("alice", "").reason == "empty password"
 
 
+@pytest.mark.parametrize("password", ["\u00ad", "\u00ad\u034f\u180b", "\x00", "\x00" + PASSWORDS["alice"]])
+def test_password_saslprep_maps_to_nothing_or_refuses_is_a_rejection(slapd: Slapd, password: str) -> None:
+    """SASLprep (RFC 4013) maps soft hyphens and the like to nothing: never an empty bind, never 'unavailable'."""
+    verdict = realm(slapd.url).authenticate("alice", password)
+    assert not verdict.ok and ("empty password" in verdict.reason or "SASLprep" in verdict.reason), verdict
+
+
+def test_saslprep_maps_the_password_as_rfc_4013_says(slapd: Slapd) -> None:
+    """A soft hyphen inside a password maps to nothing, so it binds as the password without it."""
+    password = PASSWORDS["alice"]
+    assert realm(slapd.url).authenticate("alice", password[:3] + "\u00ad" + password[3:]).ok
+
+
 @pytest.mark.parametrize("name", INJECTIONS, ids=[repr(n) for n in INJECTIONS])
 @pytest.mark.parametrize("service", [False, True], ids=["anonymous-search", "service-bind"])
 def test_filter_characters_match_nothing(slapd: Slapd, name: str, service: bool) -> None:

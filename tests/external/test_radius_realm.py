@@ -73,6 +73,16 @@ def test_empty_password_is_refused_without_asking(radius: FreeRadius) -> None:
     assert not verdict.ok and verdict.reason == "empty password"
 
 
+def test_password_with_a_nul_is_refused_locally_because_the_server_would_cut_it(radius: FreeRadius) -> None:
+    subject = realm(radius.port)
+    smuggled = USERS["bob"] + "\x00"
+    assert subject.authenticate("bob", smuggled).reason == "NUL in password"
+    assert subject.authenticate("bob", "\x00" + USERS["bob"]).reason == "NUL in password"
+    # The hazard is real: sent anyway, a trailing NUL is indistinguishable from PAP padding and is accepted.
+    reply = subject._exchange(subject.build_request("bob", smuggled))
+    assert reply.code == ACCEPT
+
+
 def test_wrong_shared_secret_is_unavailable_not_a_rejection(radius: FreeRadius) -> None:
     """FreeRADIUS drops a request whose Message-Authenticator fails; the realm gives up after its retries."""
     subject = realm(radius.port, secret="not-the-secret", timeout=0.5, retries=1)

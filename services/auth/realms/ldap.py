@@ -5,7 +5,10 @@ Steps of one ``authenticate`` (RFC 4513 for binds, RFC 4515 for the filter):
 1. Refuse an empty password (and an empty user name) before any network
    traffic. A simple bind with a DN and an empty password is an
    "unauthenticated bind" (RFC 4513 section 5.1.2) that many servers accept
-   as anonymous: it must never be mistaken for a login.
+   as anonymous: it must never be mistaken for a login. The password is
+   prepared with SASLprep (RFC 4013) here, once, so that one which maps to
+   nothing (soft hyphens, say) or holds control characters is refused as a
+   rejection, not sent and not mistaken for an unavailable server.
 2. Open a connection (ldap:// or ldaps://), upgrade it with StartTLS when
    configured, and bind as the service account (or search anonymously when
    none is configured).
@@ -17,6 +20,7 @@ Steps of one ``authenticate`` (RFC 4513 for binds, RFC 4515 for the filter):
    ambiguous and refused (size limit 2, so a broad match costs little).
 5. Bind on a fresh connection with the entry's DN, as the server spelled it
    (so DN special characters arrive already escaped), and the password.
+   Referrals are never followed, so no credential is sent to another server.
    invalidCredentials is a rejection; any other refusal is a rejection with
    the server's reason; a network failure is :class:`RealmUnavailable`.
 
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from ldap3 import ANONYMOUS, NO_ATTRIBUTES, SIMPLE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
+from ldap3.protocol.sasl.sasl import validate_simple_password
 from ldap3.utils.conv import escape_filter_chars
 
 from services.auth.realms import RealmUnavailable, RealmVerdict
@@ -61,10 +66,16 @@ class LdapRealm:
         if not user:
             return RealmVerdict(False, "empty user name")
         try:
+            prepared = validate_simple_password(password)  # SASLprep (RFC 4013), as RFC 4513 section 5.1.2 asks
+        except LDAPException:
+            return RealmVerdict(False, "password refused by SASLprep: prohibited characters, or none left")
+        if not prepared:  # a password of characters SASLprep maps to nothing is an empty password too
+            return RealmVerdict(False, "empty password")
+        try:
             found = self._find(user)
             if isinstance(found, RealmVerdict):
                 return found
-            return self._bind_as(found, password)
+            return self._bind_as(found, prepared)
         except LDAPException as exc:
             raise RealmUnavailable(f"LDAP realm {self.name}: {type(exc).__name__}: {exc}") from None
 
@@ -96,7 +107,8 @@ class LdapRealm:
             return RealmVerdict(False, "ambiguous user name: more than one entry matches")
         return dns[0]
 
-    def _bind_as(self, dn: str, password: str) -> RealmVerdict:
+    def _bind_as(self, dn: str, password: bytes) -> RealmVerdict:
+        """Bind as *dn*; *password* is already SASLprep'ed bytes, which ldap3 sends as they are."""
         if not dn or not password:  # either empty would make this an anonymous or unauthenticated bind
             return RealmVerdict(False, "refused: empty DN or password")
         with self._connect(dn, password) as conn:
@@ -107,7 +119,7 @@ class LdapRealm:
             return RealmVerdict(False, f"rejected: {_describe(conn)}")
 
     @contextlib.contextmanager
-    def _connect(self, dn: str, password: str) -> Iterator[Connection]:
+    def _connect(self, dn: str, password: str | bytes) -> Iterator[Connection]:
         """An open connection (StartTLS done when configured), not bound yet; ``bind()`` is the caller's.
 
         Closed (unbind, which also closes an unbound socket) on the way out, whatever happened; ldap3's
@@ -119,6 +131,7 @@ class LdapRealm:
             password=password or None,
             authentication=SIMPLE if dn else ANONYMOUS,
             auto_bind=False,
+            auto_referrals=False,  # a referral must not take the service password (or the user's) elsewhere
             read_only=True,
             raise_exceptions=False,
             receive_timeout=math.ceil(self.settings.timeout),  # ldap3 packs it into SO_RCVTIMEO as whole seconds

@@ -3,7 +3,10 @@
 What one ``authenticate`` does, and why:
 
 1. Refuse an empty password locally (RFC 2865 hides it, but an empty secret
-   is never a credential here, as in the LDAP realm).
+   is never a credential here, as in the LDAP realm), and one holding a NUL:
+   PAP pads with NULs (section 5.2), so the password followed by NULs is the
+   same ciphertext as the password, and some servers read only up to the
+   first NUL: a password with a NUL in it does not mean what it says.
 2. Build the Access-Request: a random Identifier and a Request Authenticator
    of 16 bytes from ``os.urandom`` (RFC 2865 section 3 asks it to be
    unpredictable and unique; the password hiding of section 5.2 depends on
@@ -43,6 +46,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 import time
 from collections import Counter
 
@@ -86,6 +90,7 @@ class RadiusRealm:
         self.secret = settings.secret.encode()
         self.dict = dictionary()
         self.drops: Counter[str] = Counter()  # replies dropped, by reason (for logs and tests)
+        self._drops_lock = threading.Lock()  # the auth service calls one realm from several threads
 
     def authenticate(self, user: str, password: str) -> RealmVerdict:
         if not password:
@@ -94,6 +99,8 @@ class RadiusRealm:
             return RealmVerdict(False, "empty user name")
         if len(password.encode()) > MAX_PASSWORD or len(user.encode()) > MAX_STRING:
             return RealmVerdict(False, "user name or password too long for RADIUS")
+        if "\x00" in password:  # PAP pads with NULs: the password plus NULs would pass for the password
+            return RealmVerdict(False, "NUL in password")
         request = self.build_request(user, password)
         reply = self._exchange(request)
         if reply.code == packet.AccessAccept:
@@ -155,7 +162,8 @@ class RadiusRealm:
             reply, reason = self.check_reply(request, data)
             if reply is not None:
                 return reply
-            self.drops[reason] += 1
+            with self._drops_lock:
+                self.drops[reason] += 1
             log.warning("RADIUS realm %s: dropped a reply from %s: %s", self.name, self.settings.server, reason)
         return None
 
