@@ -56,8 +56,8 @@ def login(
         sign_key=state.identity_public(),
         agent_version=VERSION,
     )
-    # No retries: a resent login would count as a second attempt against the throttle.
-    with Client(endpoint, keypair, server_key.encode(), timeout=timeout, retries=0, context=context) as client:
+    # Retries resend only after silence for *timeout* or a retriable "busy" answer (a hash slot was not free).
+    with Client(endpoint, keypair, server_key.encode(), timeout=timeout, retries=2, context=context) as client:
         try:
             reply = client.request("auth", request, expect=Enrolled)
         except RemoteError as exc:

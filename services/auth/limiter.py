@@ -5,12 +5,15 @@ Pure state with an explicit monotonic ``now``: the service owns the clock.
 Each key (``user:NAME`` or ``source:ADDR``) counts recent failures. The first
 FREE_FAILURES cost nothing; each one after that blocks the key for a delay that
 doubles, up to a cap. A source that keeps failing past SOURCE_LOCKOUT_AFTER is
-locked out for SOURCE_LOCKOUT seconds. While blocked, attempts are refused
+locked out for SOURCE_LOCKOUT seconds, and so is one that keeps knocking while
+blocked (SOURCE_LOCKOUT_REFUSALS attempts refused unchecked): a flood that
+stays below the failure count because its guesses are refused is still a flood. While blocked, attempts are refused
 before any password is hashed, so a flood costs a dictionary lookup, not 64 MiB
 and 120 ms of a core; blocked attempts do not add to the count, so a flood
 from one address cannot keep a user's own account blocked for long: the
 user's delay is bounded by the failures that were really checked. A success
-clears the user's and the source's counts. Counts fade after FORGET seconds
+clears the user's count (not the address's: a guesser with one valid account
+must not be able to reset its address by logging in). Counts fade after FORGET seconds
 without a failure. Keys exist for any name, known or not, so throttling
 says nothing about which users exist.
 """
@@ -25,7 +28,9 @@ BASE_DELAY = 0.5  # seconds: the first delay; each further failure doubles it
 USER_MAX_DELAY = 30.0  # a user's delay stops growing here (the "temporary lockout" of an account)
 SOURCE_MAX_DELAY = 60.0
 SOURCE_LOCKOUT_AFTER = 8  # failures from one address before it is locked out
+SOURCE_LOCKOUT_REFUSALS = 100  # attempts refused while blocked before the address is locked out anyway
 SOURCE_LOCKOUT = 300.0  # seconds an address stays locked out
+MAX_IN_FLIGHT = 1  # attempts of one key checked at once: one address cannot take every hash slot
 FORGET = 900.0  # seconds without a failure after which a key's count starts over
 MAX_KEYS = 100_000  # bounded memory under a flood of distinct names or addresses
 
@@ -35,12 +40,15 @@ class _State:
     failures: int = 0
     blocked_until: float = 0.0
     last_failure: float = 0.0
+    in_flight: int = 0
+    refused: int = 0  # attempts refused unchecked since the last lockout
 
 
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
     retry_after: float = 0.0  # seconds, when not allowed
+    lockout: str = ""  # the key this refusal just locked out (for the audit), if any
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,35 @@ class Throttle:
         with self._lock:
             wait = max((self._live(k, now).blocked_until - now for k in keys if k in self._states), default=0.0)
         return Verdict(True) if wait <= 0 else Verdict(False, wait)
+
+    def begin(self, keys: list[str], now: float) -> Verdict:
+        """Like :meth:`check`, and if allowed, count the attempt as in flight until :meth:`end`."""
+        with self._lock:
+            states = [self._states.setdefault(k, _State()) for k in keys]
+            wait = max(self._live(k, now).blocked_until - now for k in keys)
+            if wait <= 0 and not any(s.in_flight >= MAX_IN_FLIGHT for s in states):
+                for state in states:
+                    state.in_flight += 1
+                return Verdict(True)
+            return self._refuse(keys, states, max(wait, 1.0), now)
+
+    def _refuse(self, keys: list[str], states: list[_State], wait: float, now: float) -> Verdict:
+        for key, state in zip(keys, states, strict=True):
+            if not key.startswith("source:"):
+                continue
+            state.refused += 1
+            if state.refused >= SOURCE_LOCKOUT_REFUSALS:
+                state.refused = 0
+                state.blocked_until = max(state.blocked_until, now + SOURCE_LOCKOUT)
+                return Verdict(False, state.blocked_until - now, lockout=key)
+        return Verdict(False, wait)
+
+    def end(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                state = self._states.get(key)
+                if state is not None and state.in_flight:
+                    state.in_flight -= 1
 
     def failure(self, keys: list[str], now: float) -> list[Escalation]:
         escalations = []
@@ -91,8 +128,10 @@ class Throttle:
 
     def success(self, keys: list[str]) -> None:
         with self._lock:
-            for key in keys:
-                self._states.pop(key, None)
+            for key in (k for k in keys if k.startswith("user:")):
+                state = self._states.get(key)
+                if state is not None:
+                    state.failures, state.blocked_until = 0, 0.0
 
     def failures(self, key: str) -> int:
         with self._lock:
@@ -106,7 +145,11 @@ class Throttle:
         return state
 
     def _prune(self, now: float) -> None:
-        stale = [k for k, s in self._states.items() if now >= s.blocked_until and now - s.last_failure > BASE_DELAY]
+        stale = [
+            k
+            for k, s in self._states.items()
+            if not s.in_flight and now >= s.blocked_until and now - s.last_failure > BASE_DELAY
+        ]
         for key in stale[: max(len(stale), len(self._states) - MAX_KEYS // 2)]:
             del self._states[key]
 

@@ -64,7 +64,9 @@ log = logging.getLogger(__name__)
 
 WORKERS = 6  # connections to the broker in the auth process (threads)
 HASH_SLOTS = 2  # argon2id hashes at once: 2 x 64 MiB; one per core of the reference machine
-HASH_WAIT = 5.0  # seconds a request waits for a hash slot before it is answered "busy, retry"
+# Seconds a request waits for a hash slot before it is answered "busy, retry" (retriable). Short: a worker
+# busy longer than the broker's heartbeat liveness (3 s) is dropped, and a waiting worker serves no one else.
+HASH_WAIT = 0.5
 THROTTLE_AUDIT_EVERY = 5.0  # seconds: refused attempts of one key are summed into one audit entry
 
 #: The one refusal for an unknown user, a wrong password and a locked user (no enumeration).
@@ -293,14 +295,21 @@ class AuthService(Worker):
     def _verify(self, user: str, password: str, caller: Identity, fail_event: str) -> None:
         """Return if *password* is *user*'s; otherwise throttle, audit and raise the one refusal."""
         keys = keys_for(user, caller.address)
-        verdict = self.core.throttle.check(keys, time.monotonic())
+        verdict = self.core.throttle.begin(keys, time.monotonic())
         if not verdict.allowed:
             self.counters["throttled"] += 1
+            if verdict.lockout:
+                detail = f"{verdict.lockout} blocked for {verdict.retry_after:.0f}s: kept trying while blocked"
+                audit.write(self.engine, audit.LOCKOUT, user, caller.address, False, detail)
+                log.warning("lockout: %s", detail)
             self.core.note_throttled(keys, user, caller.address, verdict.retry_after)
             raise RemoteError(
                 errors.REFUSED, f"too many failed attempts; try again in {max(1, round(verdict.retry_after))} s"
             )
-        ok, reason = self._check(user, password)
+        try:
+            ok, reason = self._check(user, password)
+        finally:
+            self.core.throttle.end(keys)
         if ok:
             self.core.throttle.success(keys)
             return
