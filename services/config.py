@@ -145,7 +145,10 @@ def load_config(directory: Path) -> ServerConfig:
 
 REALM_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 LDAP_ATTRIBUTE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")  # RFC 4512 descr
-MAX_TIMEOUT = 60.0  # seconds; a login waits at most (retries + 1) times this
+# Seconds. A login waits for its realm while an auth worker thread waits with it, and the agent gives up
+# on its login request after 10 s: the defaults keep the worst case (a RADIUS server that never answers:
+# (retries + 1) x timeout = 6 s; an LDAP server that stalls: one timeout) well below that.
+MAX_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class LdapRealmConfig:
     bind_password: str = ""
     starttls: bool = False  # upgrade ldap:// with StartTLS (RFC 4513 section 3)
     ca_file: str = ""  # PEM file of CAs to trust for ldaps/StartTLS, relative to the config dir; empty: system CAs
-    timeout: float = 5.0  # connect and receive timeout, seconds
+    timeout: float = 3.0  # connect and receive timeout, seconds (receive: whole seconds, rounded up)
 
     kind = "ldap"
 
@@ -177,7 +180,7 @@ class RadiusRealmConfig:
     server: str  # host name or address
     secret: str  # the shared secret of this client at the server
     port: int = 1812
-    timeout: float = 3.0  # seconds to wait for a reply to one transmission
+    timeout: float = 2.0  # seconds to wait for a reply to one transmission
     retries: int = 2  # retransmissions after the first try
     nas_identifier: str = "coterie"
     # Drop replies without a Message-Authenticator (BlastRADIUS, CVE-2024-3596). Turn off only for a server
@@ -297,6 +300,8 @@ def _check_radius(where: str, realm: RadiusRealmConfig) -> None:
         raise ValueError(f"{where}.port must be 1..65535, got {realm.port}")
     if not 0 <= realm.retries <= 10:
         raise ValueError(f"{where}.retries must be 0..10, got {realm.retries}")
+    if (realm.retries + 1) * realm.timeout > MAX_TIMEOUT:
+        raise ValueError(f"{where}: (retries + 1) x timeout must be at most {MAX_TIMEOUT:g} seconds")
     if not realm.nas_identifier:
         raise ValueError(f"{where}.nas_identifier must not be empty (RFC 2865 wants NAS-Identifier or NAS-IP)")
 

@@ -35,9 +35,9 @@ def test_defaults_and_load_realms(tmp_path: Path) -> None:
     config = load(tmp_path, LDAP + RADIUS)
     corp, radius = config.realms
     assert corp == LdapRealmConfig(name="corp", url="ldap://ldap.example.org", base_dn="ou=people,dc=example,dc=org")
-    assert (corp.user_attribute, corp.starttls, corp.bind_dn, corp.timeout) == ("uid", False, "", 5.0)
+    assert (corp.user_attribute, corp.starttls, corp.bind_dn, corp.timeout) == ("uid", False, "", 3.0)
     assert radius == RadiusRealmConfig(name="radius", server="radius.example.org", secret="s3cret")
-    assert (radius.port, radius.retries, radius.require_message_authenticator) == (1812, 2, True)
+    assert (radius.port, radius.retries, radius.timeout, radius.require_message_authenticator) == (1812, 2, 2.0, True)
     realms = load_realms(config)
     assert sorted(realms) == ["corp", "radius"]
     assert isinstance(realms["corp"], LdapRealm) and realms["corp"].kind == "ldap"
@@ -107,6 +107,7 @@ def test_ca_file_is_relative_to_the_config_dir(tmp_path: Path) -> None:
         (RADIUS + "port = 70000\n", "realms.radius.port must be 1..65535"),
         (RADIUS.replace('"s3cret"', '""'), "realms.radius.secret must not be empty"),
         (RADIUS + "retries = 11\n", "realms.radius.retries must be 0..10"),
+        (RADIUS + "retries = 3\ntimeout = 20\n", "realms.radius: (retries + 1) x timeout must be at most 60"),
         (RADIUS.replace('"radius.example.org"', '" "'), "realms.radius.server must not be empty"),
         (RADIUS + 'nas_identifier = ""\n', "nas_identifier must not be empty"),
         (RADIUS + 'require_message_authenticator = "no"\n', "require_message_authenticator must be bool"),
