@@ -16,6 +16,8 @@ from tests.conftest import ROOT, wait_until
 from tests.helpers.server import CoterieServer
 from tests.process.auth_helpers import START_TIMEOUT
 
+pytestmark = pytest.mark.timeout(300)  # many CLI processes per test, on a shared machine
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
@@ -27,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
 
 def coterie(server: CoterieServer, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "tui.cli", *args, "--dir", str(server.home)]
-    return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=120)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

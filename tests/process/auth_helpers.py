@@ -9,9 +9,11 @@ from pathlib import Path
 
 from bus.client import Client
 from bus.keys import KeyPair, load_public_key
+from bus.messages import Message
 from bus.messages.auth import AuditInfo, AuditLog, AuditRequest
 from tests.conftest import ROOT, wait_until
 from tests.helpers.server import CoterieServer
+from tui.client import connect, resolve_address
 
 PASSWORD = "correct horse battery"
 START_TIMEOUT = 90.0  # seconds for a whole server to come up (five processes; the machine is shared)
@@ -27,7 +29,7 @@ def server_pub(server: CoterieServer) -> Path:
 
 
 def agent_up(
-    server: CoterieServer, state: Path, *args: str, stdin: str = "", timeout: float = 30
+    server: CoterieServer, state: Path, *args: str, stdin: str = "", timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """`coterie agent up` that is expected to fail (it returns); a success keeps running, see AgentProcess."""
     argv = [sys.executable, "-m", "tui.cli", "agent", "up", "--control-only", "--state-dir", str(state), *args]
@@ -77,8 +79,14 @@ class AgentProcess:
                 self.process.wait()
 
 
+def auth_request(server: CoterieServer, message: Message) -> Message:
+    """An operator request to auth, sent once with a long deadline (a resent UserAdd would conflict)."""
+    with connect(resolve_address(server.home), timeout=60.0, retries=0) as client:
+        return client.request("auth", message)
+
+
 def audit_entries(server: CoterieServer) -> list[AuditInfo]:
-    reply = server.request(AuditRequest(limit=1000), service="auth")
+    reply = auth_request(server, AuditRequest(limit=1000))
     assert isinstance(reply, AuditLog)
     return reply.entries
 

@@ -36,6 +36,7 @@ from tests.process.auth_helpers import (
     agent_up,
     anonymous_client,
     audit_entries,
+    auth_request,
     login_args,
 )
 
@@ -45,9 +46,9 @@ def server(tmp_path: Path) -> Iterator[CoterieServer]:
     srv = CoterieServer(tmp_path).start(timeout=START_TIMEOUT)
     srv.mutate(VpnCreate, name="office", subnet="10.5.0.0/24")
     srv.mutate(VpnCreate, name="lab", subnet="10.6.0.0/24")
-    srv.request(UserAdd(name="alice", password=PASSWORD), service="auth")
-    srv.request(UserAllow(name="alice", vpn="office"), service="auth")
-    srv.request(UserAllow(name="alice", vpn="lab"), service="auth")
+    auth_request(srv, UserAdd(name="alice", password=PASSWORD))
+    auth_request(srv, UserAllow(name="alice", vpn="office"))
+    auth_request(srv, UserAllow(name="alice", vpn="lab"))
     yield srv
     srv.stop()
 
@@ -86,8 +87,8 @@ def test_password_login_creates_the_node_in_the_users_vpns(server: CoterieServer
 
 
 def test_wrong_password_unknown_user_and_locked_user_get_one_refusal(server: CoterieServer, tmp_path: Path) -> None:
-    server.request(UserAdd(name="lockedout", password=PASSWORD), service="auth")
-    server.request(UserLock(name="lockedout"), service="auth")
+    auth_request(server, UserAdd(name="lockedout", password=PASSWORD))
+    auth_request(server, UserLock(name="lockedout"))
     wrong = _error_line(agent_up(server, tmp_path / "a", *login_args(server, "alice"), stdin="not it\n"))
     unknown = _error_line(agent_up(server, tmp_path / "b", *login_args(server, "mallory"), stdin=PASSWORD + "\n"))
     locked = _error_line(agent_up(server, tmp_path / "c", *login_args(server, "lockedout"), stdin=PASSWORD + "\n"))
@@ -101,7 +102,7 @@ def test_unknown_user_and_wrong_password_take_the_same_time(server: CoterieServe
     """A1: medians within 10%. Each attempt from its own loopback address and name, so no throttle interferes."""
     names = [f"u{i}" for i in range(12)]
     for name in names:
-        server.request(UserAdd(name=name, password=PASSWORD), service="auth")
+        auth_request(server, UserAdd(name=name, password=PASSWORD))
     timings: dict[str, list[float]] = {"wrong": [], "unknown": []}
     for i, name in enumerate(names):  # interleaved, so that load from other tests hits both alike
         for kind, user in (("wrong", name), ("unknown", f"ghost{i}")):
@@ -129,7 +130,7 @@ def test_weak_hash_is_upgraded_at_login(server: CoterieServer, tmp_path: Path) -
 
 
 def _token(server: CoterieServer, **fields: object) -> TokenCreated:
-    reply = server.request(TokenCreate(vpn="office", **fields), service="auth")  # type: ignore[arg-type]
+    reply = auth_request(server, TokenCreate(vpn="office", **fields))  # type: ignore[arg-type]
     assert isinstance(reply, TokenCreated)
     return reply
 
@@ -152,7 +153,7 @@ def test_token_enrolls_with_tags_and_is_refused_when_reused(server: CoterieServe
 
 def test_revoked_and_expired_tokens_are_refused(server: CoterieServer, tmp_path: Path) -> None:
     revoked = _token(server, reusable=True)
-    server.request(TokenRevoke(id=revoked.id), service="auth")
+    auth_request(server, TokenRevoke(id=revoked.id))
     line = _error_line(agent_up(server, tmp_path / "p3", "--join", revoked.join, "--node-name", "p3"))
     assert line == "enrollment refused: this enrollment token has been revoked; ask the operator for a new one"
 
@@ -214,4 +215,4 @@ def _passwd(state: Path, stdin: str):  # type: ignore[no-untyped-def]
     from tests.conftest import ROOT
 
     argv = [sys.executable, "-m", "tui.cli", "agent", "passwd", "--state-dir", str(state), "--password-stdin"]
-    return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=30)
+    return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=120)

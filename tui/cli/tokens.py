@@ -9,7 +9,8 @@ import typer
 
 from bus.messages.auth import Done, TokenCreate, TokenCreated, TokenList, TokenListRequest, TokenRevoke
 from tui.cli.options import DirOption, JsonOption, KeyOption, ServerKeyOption, ServerOption
-from tui.cli.remote import call, print_json, table
+from tui.cli.remote import print_json, table
+from tui.cli.users import auth_call
 
 token_app = typer.Typer(help="Enrollment tokens: join strings for one VPN, reusable or limited.", no_args_is_help=True)
 
@@ -26,7 +27,7 @@ def parse_hours(text: str) -> float:
 
 
 def _auth(directory, server, server_key, key, message):  # type: ignore[no-untyped-def]
-    return call(directory, message, service="auth", server=server, server_key=server_key, key=key)
+    return auth_call(directory, message, server=server, server_key=server_key, key=key)
 
 
 @token_app.command("create")

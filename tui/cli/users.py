@@ -8,10 +8,14 @@ from typing import Annotated
 
 import typer
 
+from bus.errors import BusError, RemoteError
 from bus.messages.auth import Done, UserAdd, UserAllow, UserList, UserListRequest, UserLock, UserRemove
 from tui.cli.errors import fail
-from tui.cli.options import DirOption, JsonOption, KeyOption, ServerKeyOption, ServerOption
-from tui.cli.remote import call, print_json, table
+from tui.cli.options import DirOption, JsonOption, KeyOption, ServerKeyOption, ServerOption, resolve_dir
+from tui.cli.remote import print_json, table
+from tui.client import connect, resolve_address
+
+AUTH_TIMEOUT = 30.0  # seconds
 
 user_app = typer.Typer(
     help="Users whose nodes log in with a password, and the VPNs they may join.", no_args_is_help=True
@@ -19,7 +23,23 @@ user_app = typer.Typer(
 
 
 def _auth(directory, server, server_key, key, message):  # type: ignore[no-untyped-def]
-    return call(directory, message, service="auth", server=server, server_key=server_key, key=key)
+    return auth_call(directory, message, server=server, server_key=server_key, key=key)
+
+
+def auth_call(directory, message, *, server=None, server_key=None, key=None):  # type: ignore[no-untyped-def]
+    """One request to the auth service, sent once with a long deadline.
+
+    Not remote.call's short timeout and retries: adding a user hashes a password (~120 ms, seconds on a
+    loaded machine), and a resent UserAdd would be answered "already exists" although the first one worked.
+    """
+    address = resolve_address(resolve_dir(directory), server, server_key, key)
+    with connect(address, timeout=AUTH_TIMEOUT, retries=0) as client:
+        try:
+            return client.request("auth", message)
+        except RemoteError as exc:
+            fail(exc.message if exc.code in ("invalid", "not_found", "conflict") else f"{exc.code}: {exc.message}")
+        except BusError as exc:
+            fail(f"cannot reach the server at {address.endpoint}: {exc}")
 
 
 def _report(reply: object, as_json: bool) -> None:
