@@ -64,7 +64,7 @@ class AgentProcess:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, needle: str, timeout: float = 20) -> bool:
+    def wait_for(self, needle: str, timeout: float = 60) -> bool:
         return wait_until(lambda: needle in self.text() or self.process.poll() is not None, timeout, 0.1) and (
             needle in self.text()
         )
