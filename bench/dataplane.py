@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vpnbench", type=Path, default=DEFAULT_VPNBENCH, help=f"the harness [default: {DEFAULT_VPNBENCH}]"
     )
     ap.add_argument("--mtu", type=int, default=1400, help="overlay MTU for every VPN (default 1400)")
+    ap.add_argument(
+        "--setup-timeout", type=float, default=90, help="s from `up` to the first ping through the tunnel (default 90)"
+    )
     ap.add_argument("--wire", action="store_true", help="wire-like wan (router segments GSO); see vpnbench --help")
     ap.add_argument("--no-udp", action="store_true", help="skip the UDP packet-rate test")
     ap.add_argument("--keep", action="store_true", help="keep vpnbench's work directory (logs, configs)")
@@ -93,6 +96,8 @@ def run_vpnbench(harness: Path, names: list[str], args: argparse.Namespace, json
         str(args.mtu),
         "--json",
         str(json_out),
+        "--setup-timeout",
+        str(args.setup_timeout),
     ]
     argv += [] if args.no_udp else ["--udp"]
     argv += ["--wire"] if args.wire else []
