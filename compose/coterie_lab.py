@@ -91,7 +91,7 @@ class LabServer:
 
 
 def start_server(
-    host: Host, workdir: Path, listen: str | None = None, port: int = DEFAULT_PORT, timeout: float = 60
+    host: Host, workdir: Path, listen: str | None = None, port: int = DEFAULT_PORT, timeout: float = 120
 ) -> LabServer:
     """``coterie init`` + ``coterie server up`` in *host*, listening on *listen* (default: its first address).
 
@@ -137,7 +137,7 @@ def agent_status(host: Host, state_dir: Path) -> dict[str, Any] | None:
 
 
 def wait_agent(
-    host: Host, state_dir: Path, peers: Sequence[str] = (), timeout: float = 60, agent: LabProcess | None = None
+    host: Host, state_dir: Path, peers: Sequence[str] = (), timeout: float = 120, agent: LabProcess | None = None
 ) -> dict[str, Any]:
     """Wait until the agent is connected and sees each of *peers* online; returns its last status.
 

@@ -189,7 +189,7 @@ def _site(lab: Lab, r: Host, i: int, kind: str, count: int, firewall_ports: Sequ
         hosts.append(host)
         addrs.append(addr)
     if kind == "nat":
-        public = [wan_addr] + [f"198.18.{i}.{3 + j}" for j in range(1, count)]
+        public = [wan_addr] + [f"198.18.{i}.{2 + j}" for j in range(1, count)]
         mappings = dict(zip(addrs, public, strict=True))
         # the first host takes over the box's own wan address: all that arrives for it goes to that host
         nat_box(box, "wan", mappings)

@@ -64,7 +64,7 @@ def test_firewall_box_passes_tcp_443_only(lab: Lab) -> None:
 def test_nat_box_maps_both_ways(lab: Lab) -> None:
     s = sites_behind(lab, ["nat", "public"], hosts_per_site=2)
     nat, far = s[0], s[1]
-    assert nat.public == ["198.18.0.2", "198.18.0.4"]
+    assert nat.public == ["198.18.0.2", "198.18.0.3"]
     udp_echo(far.hosts[0], 9999, count=4)
     for host, public in zip(nat.hosts, nat.public, strict=True):
         seen = udp_ask(host, far.addrs[0], 9999, sport=40000)
