@@ -39,6 +39,15 @@ TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 _TAG_RE = re.compile(r"^[0-9a-f]{6}$")
 
 
+ROOT = Path(__file__).resolve().parent.parent  # this checkout: what processes in a lab import
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for Python processes in a lab: this checkout first on the import path, unbuffered."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 class LabError(RuntimeError):
     """A lab command failed; the message carries the command and its stderr."""
 

@@ -24,14 +24,17 @@ The boxes are nftables rulesets in the box's namespace:
   of established connections come back; everything else is dropped. It also masquerades by default,
   as the firewalls of real networks do.
 - ``add_loss``: random loss on whatever a box or router forwards (nftables numgen).
+- ``add_delay``: delay on what a router forwards, through a small relay over a TUN (no tc netem here).
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from compose.netns import Host, Lab
+from compose.netns import ROOT, Host, Lab, LabError, LabProcess, checkout_env
 
 UNDER_A, UNDER_RA = "10.201.1.2", "10.201.1.1"
 UNDER_B, UNDER_RB = "10.201.2.2", "10.201.2.1"
@@ -117,6 +120,33 @@ def add_loss(host: Host, percent: int) -> None:
         "table inet cotloss {\n chain forwarding {\n  type filter hook forward priority -20; policy accept;\n"
         f'  numgen random mod 100 < {int(percent)} counter drop comment "loss"\n }}\n}}\n'
     )
+
+
+def add_delay(host: Host, ms: float, devs: Sequence[str], tun: str = "dly0") -> LabProcess:
+    """Delay by *ms* every packet *host* forwards that arrives on one of *devs* (see compose/delay.py).
+
+    Give both directions' devices for a round trip of 2 x *ms*. The relay is
+    a lab process: it stops with the lab, and its routes vanish with its TUN.
+    """
+    relay = host.spawn(
+        [sys.executable, "-m", "compose.delay", "--tun", tun, "--ms", str(ms)],
+        f"delay-{tun}",
+        env=checkout_env(),
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 15
+    while host.run(["ip", "link", "show", tun], check=False).returncode != 0:
+        if relay.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"delay relay in {host.name} did not create {tun}: {relay.log_tail()}")
+        time.sleep(0.05)
+    host.run(["ip", "link", "set", tun, "up"])
+    for conf in ("all", tun, *devs):
+        host.sysctl(f"net.ipv4.conf.{conf}.rp_filter", 0)
+    host.run(["ip", "route", "add", "default", "dev", tun, "table", "77"])
+    host.run(["ip", "rule", "add", "iif", tun, "lookup", "main", "priority", "100"])
+    for dev in devs:
+        host.run(["ip", "rule", "add", "iif", dev, "lookup", "77", "priority", "200"])
+    return relay
 
 
 # ------------------------------------------------------------------- sites

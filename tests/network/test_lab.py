@@ -6,7 +6,7 @@ import pytest
 
 from compose.netns import Lab, LabError, cleanup_stale, list_namespaces, ns_pids
 from compose.probes import tcp_ask, tcp_echo, udp_ask, udp_echo
-from compose.topologies import add_loss, sites_behind, two_hosts
+from compose.topologies import add_delay, add_loss, sites_behind, two_hosts
 from tests.conftest import wait_until
 from tests.network.conftest import lab_unavailable
 
@@ -84,6 +84,21 @@ def test_loss_drops_a_share_of_forwarded_packets(lab: Lab) -> None:
     assert t.r.nft_counter("cotloss", "loss") > 0
     # 40 round trips at 50 % loss each way: all 40 arriving has probability 0.75**40 ~ 1e-5
     assert "40 received" not in got.stdout, got.stdout
+
+
+def test_delay_relay_delays_forwarded_packets_both_ways(lab: Lab) -> None:
+    t = two_hosts(lab)
+    relay = add_delay(t.r, 50, ["ra", "rb"])
+    got = t.a.run(["ping", "-n", "-c", "5", "-i", "0.2", "-W", "3", t.b_addr], check=False, timeout=30)
+    rtts = [float(x.split("time=")[1].split()[0]) for x in got.stdout.splitlines() if "time=" in x]
+    assert len(rtts) >= 4, got.stdout  # the relay loses nothing on an idle link
+    # 50 ms each way through the relay: a lower bound only, which a loaded machine cannot break
+    assert min(rtts) >= 95, f"round trips {rtts} ms, expected >= 100 ms"
+    # a TCP exchange still completes through the delayed router
+    tcp_echo(t.b, 8443, count=1)
+    seen = tcp_ask(t.a, t.b_addr, 8443, timeout=10)
+    assert seen is not None and seen.startswith(f"{t.a_addr}:"), seen
+    assert relay.poll() is None
 
 
 def test_lab_exit_removes_namespaces_and_processes() -> None:
