@@ -2,6 +2,7 @@
 
     sudo python3 -m compose.demo                          # A - R - B, server in R, agents in A and B
     sudo python3 -m compose.demo --sites public,nat,pat   # R as the internet, one node per site kind
+    sudo python3 -m compose.demo --file compose/labs/demo.toml   # a topology file (compose/spec.py)
 
 It prints the namespaces and commands to look around (``ip netns exec NS ...``),
 then waits. Ctrl-C (or SIGTERM) stops every process it started and deletes
@@ -20,42 +21,44 @@ from pathlib import Path
 
 from compose.coterie_lab import LabServer, coterie_argv, start_agent, start_server, wait_agent
 from compose.netns import Host, Lab, LabError
-from compose.topologies import KINDS, sites_behind, two_hosts
-
-VPN, SUBNET = "demo", "100.64.0.0/24"
+from compose.spec import LabSpec, build, load
+from compose.topologies import KINDS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python3 -m compose.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sites", help=f"comma-separated site kinds ({', '.join(KINDS)}); default: two hosts and R")
+    ap.add_argument("--file", type=Path, help="a topology file (see compose/labs/ and compose/spec.py)")
     ap.add_argument("--agent-arg", action="append", default=[], help="extra argument for `agent up` (repeatable)")
     ap.add_argument("--workdir", type=Path, help="logs and state [default: a new temporary directory]")
     ap.add_argument("--no-wait", action="store_true", help="tear down as soon as everything is up (a smoke test)")
     return ap.parse_args(argv)
 
 
-def build(lab: Lab, sites: str | None) -> tuple[Host, str, dict[str, Host]]:
-    """The topology; returns the server's host, its listen address and {node name: host}."""
-    if not sites:
-        t = two_hosts(lab)
-        return t.r, t.ra_addr, {"a": t.a, "b": t.b}
-    s = sites_behind(lab, [k.strip() for k in sites.split(",") if k.strip()])
-    return s.r, s.server_addr, {f"{site.kind.replace('-', '')}{site.index}": site.hosts[0] for site in s.sites}
+def spec_of(args: argparse.Namespace) -> LabSpec:
+    if args.file:
+        spec = load(args.file)
+    elif args.sites:
+        spec = LabSpec(shape="sites", kinds=tuple(k.strip() for k in args.sites.split(",") if k.strip()))
+    else:
+        spec = LabSpec()
+    return LabSpec(**{**spec.__dict__, "agent_args": (*spec.agent_args, *args.agent_arg)})
 
 
-def bring_up(lab: Lab, sites: str | None, agent_args: list[str]) -> tuple[LabServer, dict[str, Host]]:
-    server_host, listen, nodes = build(lab, sites)
-    print(f"building lab {lab.tag}: server in {server_host.ns} on {listen}", flush=True)
-    server = start_server(server_host, lab.workdir, listen=listen)
-    server.vpn_create(VPN, SUBNET)
+def bring_up(lab: Lab, spec: LabSpec) -> tuple[LabServer, dict[str, Host]]:
+    built = build(lab, spec)
+    print(f"building lab {lab.tag}: server in {built.server_host.ns} on {built.listen}", flush=True)
+    server = start_server(built.server_host, lab.workdir, listen=built.listen, port=spec.server_port)
+    server.vpn_create(spec.vpn, spec.subnet)
     agents = {}
-    for name, host in nodes.items():
-        agents[name] = start_agent(host, server.node_add(name, [VPN]), lab.workdir / f"agent-{name}", agent_args)
-    for name, host in nodes.items():
-        others = [n for n in nodes if n != name]
+    for name, host in built.nodes.items():
+        join = server.node_add(name, [spec.vpn])
+        agents[name] = start_agent(host, join, lab.workdir / f"agent-{name}", spec.agent_args)
+    for name, host in built.nodes.items():
+        others = [n for n in built.nodes if n != name]
         status = wait_agent(host, lab.workdir / f"agent-{name}", others, agent=agents[name])
-        print(f"  node {name} in {host.ns}: {status['vpns'][VPN]['vip']}, sees {', '.join(others)}", flush=True)
-    return server, nodes
+        print(f"  node {name} in {host.ns}: {status['vpns'][spec.vpn]['vip']}, sees {', '.join(others)}", flush=True)
+    return server, built.nodes
 
 
 def explain(lab: Lab, server: LabServer, nodes: dict[str, Host]) -> None:
@@ -82,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: stop.set())
     try:
+        spec = spec_of(args)
         with Lab(workdir=args.workdir) as lab:
-            server, nodes = bring_up(lab, args.sites, args.agent_arg)
+            server, nodes = bring_up(lab, spec)
             explain(lab, server, nodes)
             while not args.no_wait and not stop.wait(1.0):
                 pass

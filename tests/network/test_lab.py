@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from compose.netns import Lab, LabError, cleanup_stale, list_namespaces, ns_pids
 from compose.probes import tcp_ask, tcp_echo, udp_ask, udp_echo
+from compose.spec import SpecError, build, load
 from compose.topologies import add_delay, add_loss, sites_behind, two_hosts
 from tests.conftest import wait_until
 from tests.network.conftest import lab_unavailable
+
+LABS = Path(__file__).resolve().parents[2] / "compose" / "labs"
 
 
 def test_two_hosts_ping_across_the_router(lab: Lab) -> None:
@@ -131,3 +136,26 @@ def test_cleanup_stale_leaves_live_labs_alone() -> None:
         assert cleanup_stale("cotst", force=True) == [lab.prefix + "x"]
         assert lab.namespaces() == []
     lab.remove_workdir()
+
+
+@pytest.mark.parametrize("path", sorted(LABS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_topology_file_builds_and_reaches_the_server_address(lab: Lab, path: Path) -> None:
+    assert path.read_text().startswith("#"), f"{path.name} must open with an ASCII diagram"
+    spec = load(path)
+    built = build(lab, spec)
+    assert built.nodes, path.name
+    # every node's traffic toward the server is routed (a TCP probe; firewalls pass only their ports)
+    tcp_echo(built.server_host, spec.server_port, count=len(built.nodes), timeout=60)
+    for name, host in built.nodes.items():
+        seen = tcp_ask(host, built.listen, spec.server_port, timeout=10)
+        assert seen is not None, f"{path.name}: node {name} cannot reach {built.listen}:{spec.server_port}"
+
+
+def test_topology_file_errors_name_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('shape = "sites"\nkinds = ["pat", "moon"]\n')
+    with pytest.raises(SpecError, match=r"bad.toml: unknown kinds \['moon'\]"):
+        load(bad)
+    bad.write_text('shape = "two-hosts"\nlos = 1\n')
+    with pytest.raises(SpecError, match="unknown keys"):
+        load(bad)
