@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from compose.coterie_lab import LabServer, coterie_argv, start_agent, start_server, wait_agent
@@ -50,15 +51,34 @@ def bring_up(lab: Lab, spec: LabSpec) -> tuple[LabServer, dict[str, Host]]:
     print(f"building lab {lab.tag}: server in {built.server_host.ns} on {built.listen}", flush=True)
     server = start_server(built.server_host, lab.workdir, listen=built.listen, port=spec.server_port)
     server.vpn_create(spec.vpn, spec.subnet)
-    agents = {}
+    agents, started = {}, time.monotonic()
     for name, host in built.nodes.items():
         join = server.node_add(name, [spec.vpn])
         agents[name] = start_agent(host, join, lab.workdir / f"agent-{name}", spec.agent_args)
+    vips: dict[str, str] = {}
     for name, host in built.nodes.items():
         others = [n for n in built.nodes if n != name]
         status = wait_agent(host, lab.workdir / f"agent-{name}", others, agent=agents[name])
         print(f"  node {name} in {host.ns}: {status['vpns'][spec.vpn]['vip']}, sees {', '.join(others)}", flush=True)
+        vips[name] = status["vpns"][spec.vpn]["vip"]
+    if "--control-only" not in spec.agent_args:
+        ping_all(built.nodes, vips, started)
     return server, built.nodes
+
+
+def ping_all(nodes: dict[str, Host], vips: dict[str, str], started: float, timeout: float = 30) -> None:
+    """Ping every other node's virtual address from each node; print the time since the agents started."""
+    for name, host in nodes.items():
+        for other, vip in vips.items():
+            if other == name:
+                continue
+            deadline = time.monotonic() + timeout
+            while not (ok := host.ping(vip, timeout=1)) and time.monotonic() < deadline:
+                pass
+            when = (
+                f"{time.monotonic() - started:.1f} s after the agents started" if ok else f"no reply in {timeout:g} s"
+            )
+            print(f"  ping {name} -> {other} ({vip}): {when}", flush=True)
 
 
 def explain(lab: Lab, server: LabServer, nodes: dict[str, Host]) -> None:
