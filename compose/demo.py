@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_of(args)
         with Lab(workdir=args.workdir) as lab:
             server, nodes = bring_up(lab, spec)
+            lab.publish(
+                file=str(args.file.resolve()) if args.file else None,
+                nodes={name: host.name for name, host in nodes.items()},
+                server={"host": server.host.name, "dir": str(server.home), "endpoint": server.endpoint},
+            )
             explain(lab, server, nodes)
             while not args.no_wait and not stop.wait(1.0):
                 pass

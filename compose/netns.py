@@ -64,7 +64,7 @@ def _sh(
     return proc
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,10 +85,10 @@ def kill_pids(pids: Sequence[int], grace: float = TERM_GRACE) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
     for pid in pids:
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -315,6 +315,26 @@ class Lab:
         if self._owner_file is not None:
             with contextlib.suppress(OSError):
                 self._owner_file.unlink()
+            with contextlib.suppress(OSError):
+                self._owner_file.with_suffix(".json").unlink()
+
+    def publish(self, **extra: object) -> Path:
+        """Describe this running lab in ``/run/coterie-lab/<tag>.json`` so other commands can find it.
+
+        What ``python3 -m compose down|exec|list`` read: owner PID, work
+        directory, {host: namespace}, and whatever *extra* the launcher adds.
+        """
+        path = OWNER_DIR / f"{self.tag}.json"
+        doc = {
+            "tag": self.tag,
+            "pid": os.getpid(),
+            "workdir": str(self.workdir),
+            "hosts": {name: host.ns for name, host in self.hosts.items()},
+            **extra,
+        }
+        OWNER_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
+        return path
 
     def remove_workdir(self) -> None:
         """Delete the work directory (logs) if the Lab made it; call after a passing test."""
@@ -343,8 +363,9 @@ def cleanup_stale(prefix: str = PREFIX, force: bool = False) -> list[str]:
         _sh(["ip", "netns", "del", ns], check=False)
         removed.append(ns)
     for tag in {pattern.match(ns).group(1) for ns in removed}:  # type: ignore[union-attr]
-        with contextlib.suppress(OSError):
-            (OWNER_DIR / f"{tag}.owner").unlink()
+        for suffix in (".owner", ".json"):
+            with contextlib.suppress(OSError):
+                (OWNER_DIR / f"{tag}{suffix}").unlink()
     return removed
 
 
@@ -353,4 +374,4 @@ def _owner_alive(tag: str) -> bool:
         pid = int((OWNER_DIR / f"{tag}.owner").read_text().strip())
     except (OSError, ValueError):
         return False
-    return _alive(pid)
+    return pid_alive(pid)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from compose.netns import Lab, LabError, cleanup_stale, list_namespaces, ns_pids
+from compose.netns import Lab, LabError, checkout_env, cleanup_stale, list_namespaces, ns_pids
 from compose.probes import tcp_ask, tcp_echo, udp_ask, udp_echo
 from compose.spec import SpecError, build, load
 from compose.topologies import add_delay, add_loss, sites_behind, two_hosts
@@ -159,3 +161,49 @@ def test_topology_file_errors_name_the_field(tmp_path: Path) -> None:
     bad.write_text('shape = "two-hosts"\nlos = 1\n')
     with pytest.raises(SpecError, match="unknown keys"):
         load(bad)
+
+
+HOLD_LAB = """
+import signal, sys, threading
+from compose.netns import Lab
+from compose.topologies import two_hosts
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+with Lab() as lab:
+    two_hosts(lab)
+    lab.publish(file=sys.argv[1], nodes={"alpha": "a"})
+    print(lab.prefix, flush=True)
+    stop.wait(120)
+lab.remove_workdir()
+"""
+
+
+def test_compose_cli_finds_execs_in_and_stops_a_published_lab(tmp_path: Path) -> None:
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    spec = tmp_path / "held.toml"
+    spec.write_text("# held by a test process\n")
+    env = checkout_env()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LAB, str(spec)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        prefix = holder.stdout.readline().strip()  # type: ignore[union-attr]
+        assert prefix.startswith("cot-"), prefix
+
+        def compose(*args: str) -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "compose", *args]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=90, env=env)
+
+        assert str(spec) in compose("list").stdout
+        # a node name resolves to its host's namespace
+        assert "10.201.1.2" in compose("exec", str(spec), "alpha", "--", "ip", "-4", "addr").stdout
+        unknown = compose("exec", str(spec), "nosuch", "--", "true")
+        assert unknown.returncode == 1 and "known: a, alpha, b, r" in unknown.stderr
+        assert compose("down", str(spec)).returncode == 0
+        assert holder.wait(timeout=30) == 0
+        assert [ns for ns in list_namespaces() if ns.startswith(prefix)] == []
+        assert compose("down", str(spec)).returncode == 1  # nothing left to stop
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
