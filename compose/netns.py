@@ -7,8 +7,8 @@ promises, and getting them right once is cheaper than in every test:
    several helpers' test runs) share one machine without colliding.
 2. Everything the Lab creates it records, and on exit it removes exactly
    that: its processes by PID (TERM, then KILL after a bounded wait), then
-   whatever still runs inside its namespaces, then the namespaces. It never
-   touches anything it did not create.
+   whatever still runs inside its namespaces (started there by its users),
+   then the namespaces. It never touches anything outside what it created.
 3. Every wait is bounded in time.
 
 Links are created inside the namespaces (``ip -n NS link add ... peer ...
@@ -34,11 +34,8 @@ from pathlib import Path
 from types import TracebackType
 
 PREFIX = "cot"
-OWNER_DIR = Path("/run/coterie-lab")  # <tag>.owner holds the PID of the process that owns a lab
+OWNER_DIR = Path("/run/coterie-lab")  # <tag>.owner: the owner's PID; <tag>.json: a published lab (publish())
 TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
-_TAG_RE = re.compile(r"^[0-9a-f]{6}$")
-
-
 ROOT = Path(__file__).resolve().parent.parent  # this checkout: what processes in a lab import
 
 
@@ -65,13 +62,13 @@ def _sh(
 
 
 def pid_alive(pid: int) -> bool:
+    """True if *pid* runs (a zombie counts as ended: it only waits to be reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # a zombie is dead for our purposes
     with contextlib.suppress(OSError):
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False
