@@ -25,6 +25,7 @@ The boxes are nftables rulesets in the box's namespace:
   as the firewalls of real networks do.
 - ``add_loss``: random loss on whatever a box or router forwards (nftables numgen).
 - ``add_delay``: delay on what a router forwards, through a small relay over a TUN (no tc netem here).
+- ``restart_box`` (a NAT box reboots: its port mappings are forgotten) and ``readdress`` (a node roams).
 """
 
 from __future__ import annotations
@@ -147,6 +148,28 @@ def add_delay(host: Host, ms: float, devs: Sequence[str], tun: str = "dly0") -> 
     for dev in devs:
         host.run(["ip", "rule", "add", "iif", dev, "lookup", "77", "priority", "200"])
     return relay
+
+
+def restart_box(site: Site) -> None:
+    """What a NAT box reboot does to its mappings: every translation is forgotten.
+
+    Taking the wan link down drops the masquerade entries of conntrack (the
+    kernel flushes them when the address goes away); static 1:1 NAT keeps
+    its rules, as a real box would after a reboot. The default route comes back.
+    """
+    if site.box is None:
+        raise ValueError(f"site {site.index} ({site.kind}) has no box")
+    site.box.run(["ip", "link", "set", "wan", "down"])
+    site.box.run(["ip", "link", "set", "wan", "up"])
+    site.box.run(["ip", "route", "replace", "default", "via", f"198.18.{site.index}.1"])
+
+
+def readdress(host: Host, dev: str, old: str, new: str, gateway: str) -> None:
+    """Move *host* to another address (CIDRs) on *dev*, as a roaming node does; its default route follows."""
+    # old first: deleting a primary address also deletes the secondaries of its subnet
+    host.run(["ip", "addr", "del", old, "dev", dev])
+    host.run(["ip", "addr", "add", new, "dev", dev])
+    host.run(["ip", "route", "replace", "default", "via", gateway])
 
 
 # ------------------------------------------------------------------- sites

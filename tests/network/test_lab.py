@@ -11,7 +11,7 @@ import pytest
 from compose.netns import Lab, LabError, checkout_env, cleanup_stale, list_namespaces, ns_pids
 from compose.probes import tcp_ask, tcp_echo, udp_ask, udp_echo
 from compose.spec import SpecError, build, load
-from compose.topologies import add_delay, add_loss, sites_behind, two_hosts
+from compose.topologies import add_delay, add_loss, readdress, restart_box, sites_behind, two_hosts
 from tests.conftest import wait_until
 from tests.network.conftest import lab_unavailable
 
@@ -49,6 +49,26 @@ def test_pat_box_with_random_ports(lab: Lab) -> None:
     assert seen is not None and seen.startswith(s[0].wan_addr + ":")
     # fully-random mapping: keeping port 40000 has a 1 in ~28,000 chance
     assert seen != f"{s[0].wan_addr}:40000"
+
+
+def test_restarted_pat_box_forgets_its_mappings_and_a_host_can_move(lab: Lab) -> None:
+    s = sites_behind(lab, ["pat-random", "public"])
+    pat, far = s[0], s[1]
+    udp_echo(far.hosts[0], 9999, count=6)
+    first = udp_ask(pat.hosts[0], far.addrs[0], 9999, sport=40000)
+    again = udp_ask(pat.hosts[0], far.addrs[0], 9999, sport=40000)
+    assert first is not None and first == again, f"a live mapping changed: {first} then {again}"
+    restart_box(pat)
+    after = udp_ask(pat.hosts[0], far.addrs[0], 9999, sport=40000)
+    assert after is not None and after.startswith(pat.wan_addr + ":")
+    assert after != first, f"the mapping survived the box restart: {first}"
+    # the public host roams to another address on its link: the far side sees the new one
+    readdress(far.hosts[0], "wan", "198.18.1.2/24", "198.18.1.7/24", "198.18.1.1")
+    udp_echo(pat.hosts[0], 9998, count=1)  # not reachable from outside: expect no answer
+    assert udp_ask(far.hosts[0], pat.addrs[0], 9998, timeout=1) is None
+    tcp_echo(s.r, 7000, count=1)
+    seen = tcp_ask(far.hosts[0], s.server_addr, 7000, timeout=5)
+    assert seen is not None and seen.startswith("198.18.1.7:"), seen
 
 
 def test_firewall_box_passes_tcp_443_only(lab: Lab) -> None:
