@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,10 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--wire", action="store_true", help="wire-like wan (router segments GSO); see vpnbench --help")
     ap.add_argument("--no-udp", action="store_true", help="skip the UDP packet-rate test")
+    ap.add_argument("--repeat", type=int, default=1, help="run everything N times and print medians (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep vpnbench's work directory (logs, configs)")
     args = ap.parse_args(argv)
-    if not 1 <= args.seconds <= 600:
-        ap.error("--seconds must be 1..600")
+    if not 1 <= args.seconds <= 600 or not 1 <= args.repeat <= 20:
+        ap.error("--seconds must be 1..600, --repeat 1..20")
     return args
 
 
@@ -133,9 +135,33 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mbit_per_cpu_s_4": tp.get("mbit_per_vpn_cpu_s"),
             }
         )
-    # Coterie first, then the peers, then the baseline: the comparison reads top-down
+    return _ordered(out)
+
+
+def _ordered(table_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Coterie first, then the peers, then the baseline: the comparison reads top-down."""
     order = {"coterie": 0, BASELINE: 2}
-    return sorted(out, key=lambda row: order.get(row["vpn"], 1))
+    return sorted(table_rows, key=lambda row: order.get(row["vpn"], 1))
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per VPN, the median of each figure over the runs in which it was measured; a status other than ok wins."""
+    merged = []
+    names = list(dict.fromkeys(r["vpn"] for run in runs for r in run))
+    for name in names:
+        same = [r for run in runs for r in run if r["vpn"] == name]
+        first = same[0]
+        row = dict(first)
+        for key, value in first.items():
+            if key not in ("vpn", "status", "reason") and (value is None or isinstance(value, int | float)):
+                values = [r[key] for r in same if r.get(key) is not None]
+                row[key] = statistics.median(values) if values else None
+        bad = [r for r in same if r["status"] != "ok"]
+        if bad:
+            row["status"] = bad[0]["status"] + (f" ({len(bad)}/{len(same)} runs)" if len(same) > 1 else "")
+            row["reason"] = bad[0]["reason"]
+        merged.append(row)
+    return _ordered(merged)
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -193,26 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peers = installed_peers(args.vpnbench.resolve().parent)
     names = [BASELINE, "coterie", *peers]
-    with tempfile.TemporaryDirectory(prefix="coterie-dataplane-") as tmp:
-        harness = copy_harness(args.vpnbench, Path(tmp))
-        json_out = Path(tmp) / "vpnbench.json"
-        code = run_vpnbench(harness, names, args, json_out)
-        if not json_out.exists():
-            print(f"dataplane: vpnbench wrote no results (exit {code})", file=sys.stderr)
-            return code or 1
-        doc = json.loads(json_out.read_text())
-    table_rows = rows(doc["results"])
+    docs, code = [], 0
+    for run in range(args.repeat):
+        if args.repeat > 1:
+            print(f"dataplane: run {run + 1} of {args.repeat}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="coterie-dataplane-") as tmp:
+            harness = copy_harness(args.vpnbench, Path(tmp))
+            json_out = Path(tmp) / "vpnbench.json"
+            code = run_vpnbench(harness, names, args, json_out) or code
+            if json_out.exists():
+                docs.append(json.loads(json_out.read_text()))
+    if not docs:
+        print(f"dataplane: vpnbench wrote no results (exit {code})", file=sys.stderr)
+        return code or 1
+    doc = docs[0]
+    table_rows = median_rows([rows(d["results"]) for d in docs])
     meta = doc["meta"]
     machine = meta["machine"]
     print(
         f"\nCoterie data plane, {meta['started_utc']}: {machine['nproc']} x {machine['cpu_model']}, "
         f"kernel {machine['kernel']}; iperf3 -t {args.seconds}, overlay MTU {args.mtu}"
         + (", wire-like wan" if args.wire else "")
+        + (f"; medians of {len(docs)} runs" if len(docs) > 1 else "")
         + "\n"
     )
     print(table(table_rows))
     if args.json:
-        args.json.write_text(json.dumps({"rows": table_rows, "vpnbench": doc}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": table_rows, "vpnbench": docs}, indent=2) + "\n")
         print(f"\nJSON: {args.json}")
     return code
 
