@@ -60,6 +60,7 @@ QUEUE_WAIT = 3.0  # seconds a held packet waits before it is answered with ICMP 
 UNDERLAY_MTU = 1500
 TICK_INTERVAL = 0.25
 PATHS = ("udp", "esp")
+EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
 
 
 def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
@@ -97,7 +98,15 @@ class Tunnel:
 class DataPlane:
     """One agent's data plane; ``apply_view`` and ``install`` are its whole control interface."""
 
-    def __init__(self, wire: Wire, tun: Tun | None = None, *, path: str = "udp", exit_node: str | None = None) -> None:
+    def __init__(
+        self,
+        wire: Wire,
+        tun: Tun | None = None,
+        *,
+        path: str = "udp",
+        exit_node: str | None = None,
+        exempt: list[str] | None = None,
+    ) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(PATHS)}")
         if path == "esp" and wire.esp is None:
@@ -106,6 +115,8 @@ class DataPlane:
         self.tun = tun
         self.path = path
         self.exit_node = exit_node
+        self.exempt = exempt or []  # hosts never routed through an exit node: the control server
+        self.exit_via: str | None = None  # the source address of the exit route while it is installed
         self.counters: Counter[str] = Counter()
         self.peers = PeerTable(NodeView(node=""), exit_node=exit_node)
         self.policy = Policy(NodeView(node=""))
@@ -145,13 +156,23 @@ class DataPlane:
             addresses.append((vpn.vip, subnet.prefixlen))
         for peer in view.peers.values():
             for route in peer.routes:
-                if ipaddress.ip_network(route.cidr).prefixlen == 0 and peer.name != self.exit_node:
-                    continue
+                if ipaddress.ip_network(route.cidr).prefixlen == 0:
+                    continue  # a default route goes in the exit table (below), never in main
                 mine = view.vpns.get(route.vpn)
                 if mine is not None:
                     routes.append((route.cidr, mine.vip))
         self.tun.set_addresses(addresses)
         self.tun.set_routes(routes)
+        exit_via = None
+        exit_peer = view.peers.get(self.exit_node) if self.exit_node else None
+        if exit_peer is not None:
+            for route in exit_peer.routes:
+                if ipaddress.ip_network(route.cidr).prefixlen == 0 and route.vpn in view.vpns:
+                    exit_via = view.vpns[route.vpn].vip
+        if exit_via != self.exit_via:
+            self.tun.route_all_through(exit_via, EXIT_MARK, self.exempt)
+            self.exit_via = exit_via
+            log.info("exit node %s: %s", self.exit_node, "in use" if exit_via else "not offering 0.0.0.0/0 (yet)")
 
     def install(self, peer: str, outbound: OutboundSA | None, inbound: list[InboundSA]) -> None:
         """Make these the peer's SAs: *outbound* for sending, exactly *inbound* for receiving."""
