@@ -44,9 +44,9 @@ def up(
     port: Annotated[int, typer.Option("--port", help="UDP port for ESP (0: any free port).", min=0, max=65535)] = (
         DEFAULT_UDP_PORT
     ),
-    path: Annotated[str, typer.Option("--path", help="How to send ESP to peers: udp (masquerade) or esp (raw).")] = (
-        "udp"
-    ),
+    path: Annotated[
+        str, typer.Option("--path", help="auto (the server's choice per peer), udp (masquerade) or esp (raw).")
+    ] = "auto",
     exit_node: Annotated[
         str | None, typer.Option("--exit-node", help="Send all traffic through this gateway (its 0.0.0.0/0 route).")
     ] = None,
