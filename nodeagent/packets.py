@@ -181,10 +181,19 @@ def clamp_mss(packet: bytearray, summary: Summary, largest: int) -> bool:
             if old <= largest:
                 return False
             packet[option + 2 : option + 4] = largest.to_bytes(2, "big")
-            _adjust_checksum(packet, at + 16, old, largest)
+            if (option + 2 - at) % 2:
+                # After a NOP or a 3-byte option the field straddles two checksum words (RFC 1071 byte order
+                # independence): its bytes count swapped in the sum, so the update must use them swapped.
+                _adjust_checksum(packet, at + 16, _swap16(old), _swap16(largest))
+            else:
+                _adjust_checksum(packet, at + 16, old, largest)
             return True
         option += length
     return False
+
+
+def _swap16(value: int) -> int:
+    return ((value & 0xFF) << 8) | (value >> 8)
 
 
 def _adjust_checksum(packet: bytearray, where: int, old: int, new: int) -> None:
