@@ -80,6 +80,10 @@ class PeerTable:
                 self._add(_network(vip), Route(peer.name, vpn, 32 if ":" not in vip else 128))
             for route in peer.routes:
                 network = _network(route.cidr)
+                if network.prefixlen == 0 and peer.name != exit_node:
+                    # A default route not chosen is not a route at all: kept, the first of several exit
+                    # nodes would shadow the chosen one, and an unchosen one could speak for any source.
+                    continue
                 self._add(network, Route(peer.name, route.vpn, network.prefixlen))
 
     def _add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, route: Route) -> None:
