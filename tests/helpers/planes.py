@@ -1,7 +1,7 @@
 """Two DataPlanes without TUN devices, keyed for each other, with the peer's endpoint captured on loopback.
 
 Each plane's view names its peer at ``127.0.0.1:PORT`` where PORT is a plain
-UDP socket the test holds (``Pair.capture_of``), so whatever a plane sends is
+UDP socket the test holds (``Pair.captures``), so whatever a plane sends is
 read back by the test and handed to the other plane's ``inbound_udp``: the
 stages run for real (real sockets, real AES-GCM), only the TUN side is the
 test's own lists.
@@ -13,7 +13,7 @@ import hashlib
 import socket
 from dataclasses import dataclass, field
 
-from bus.messages.sync import NodeView
+from bus.messages.sync import AclView, NodeView
 from nodeagent.dataplane import DataPlane
 from nodeagent.esp import InboundSA, OutboundSA
 from nodeagent.transport import Wire
@@ -81,7 +81,8 @@ class Pair:
             sock.close()
 
 
-def make_pair(*, keyed: bool = True) -> Pair:
+def make_pair(*, keyed: bool = True, acl: list[AclView] | None = None) -> Pair:
+    """Planes a and b in VPN corp; *acl* goes into both views."""
     pair = Pair()
     for node in ("a", "b"):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -94,6 +95,7 @@ def make_pair(*, keyed: bool = True) -> Pair:
             node,
             [vpn("corp", VIPS[node])],
             [peer(other, {"corp": VIPS[other]}, endpoints=(f"127.0.0.1:{port}",))],
+            acl=acl,
         )
         plane = DataPlane(Wire(0, raw_esp=False))
         plane.apply_view(pair.views[node])
