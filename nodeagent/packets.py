@@ -128,8 +128,11 @@ def icmp_error(original: bytes | bytearray | memoryview, source: int, code: int,
         return None
     if summary.version != 4 or not summary.first_fragment or summary.src == 0:
         return None
-    if summary.proto == PROTO_ICMP and summary.dport not in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY):
-        return None
+    if summary.proto == PROTO_ICMP:
+        # Read the type here, not from summary.dport, which is 0 (echo reply) when the ICMP header is cut short.
+        at = summary.header_length
+        if len(original) <= at or original[at] not in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY):
+            return None
     quoted = bytes(original[: summary.header_length + 8])
     rest = mtu.to_bytes(4, "big") if code == ICMP_CODE_FRAG_NEEDED else b"\0\0\0\0"
     body = bytearray(bytes([ICMP_UNREACHABLE, code, 0, 0]) + rest + quoted)

@@ -188,12 +188,14 @@ def test_icmp_error_answers_an_echo_request() -> None:
     [
         raw(IP(src=A4, dst=B4) / ICMP(type=3, code=1) / raw(IP(src=B4, dst=A4) / UDP())),
         raw(IP(src=A4, dst=B4) / ICMP(type=11)),
+        raw(IP(src=A4, dst=B4, proto=PROTO_ICMP) / b"\x03\x01\x00\x00"),  # an ICMP error cut to 4 bytes
+        raw(IP(src=A4, dst=B4, proto=PROTO_ICMP)),  # ICMP with no header at all
         raw(IP(src=A4, dst=B4, frag=10, proto=PROTO_UDP) / Raw(b"x" * 16)),
         raw(IP(src="0.0.0.0", dst=B4) / UDP()),
         raw(IPv6(src=A6, dst=B6) / UDP()),
         b"\x45\x00",
     ],
-    ids=["icmp-unreachable", "icmp-time-exceeded", "non-first-fragment", "source-0", "ipv6", "garbage"],
+    ids=["icmp-unreachable", "icmp-time-exceeded", "icmp-cut", "icmp-empty", "non-first-fragment", "source-0", "ipv6", "garbage"],
 )
 def test_icmp_error_stays_silent_where_rfc1122_forbids(original: bytes) -> None:
     assert icmp_error(original, SOURCE, ICMP_CODE_HOST_UNREACHABLE) is None
