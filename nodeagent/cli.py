@@ -13,10 +13,11 @@ import typer
 from bus.messages.auth import JoinString
 from nodeagent.agent import Agent, EnrollmentError, enroll
 from nodeagent.dataplane import PATHS, DataPlane
+from nodeagent.keys import REKEY_INTERVAL
 from nodeagent.state import StateDir, StateError, default_state_dir
 from nodeagent.transport import DEFAULT_UDP_PORT, Wire
 from nodeagent.tun import Tun, TunError
-from nodeagent.tunnels import Tunnels
+from nodeagent.tunnels import Tunnels, timing_for
 from services.logsetup import setup_logging
 
 agent_app = typer.Typer(help="Run the node agent and inspect it.", no_args_is_help=True)
@@ -47,6 +48,9 @@ def up(
     exit_node: Annotated[
         str | None, typer.Option("--exit-node", help="Send all traffic through this gateway (its 0.0.0.0/0 route).")
     ] = None,
+    rekey_interval: Annotated[
+        float, typer.Option("--rekey-interval", help="Seconds between new ESP keys (make-before-break).", min=4.0)
+    ] = REKEY_INTERVAL,
     control_only: Annotated[
         bool, typer.Option("--control-only", help="Keep the view current but move no traffic (no TUN, no root).")
     ] = False,
@@ -71,7 +75,7 @@ def up(
     try:
         server = state.server()
         if not control_only:
-            tunnels = _start_tunnels(state, server.node, tun, port, path, exit_node)
+            tunnels = _start_tunnels(state, server.node, tun, port, path, exit_node, rekey_interval)
         agent = Agent(state, heartbeat=heartbeat, tunnels=tunnels)
     except (StateError, TunError, OSError) as exc:
         if tunnels is not None:
@@ -88,7 +92,9 @@ def up(
             tunnels.close()
 
 
-def _start_tunnels(state: StateDir, node: str, tun: str, port: int, path: str, exit_node: str | None) -> Tunnels:
+def _start_tunnels(
+    state: StateDir, node: str, tun: str, port: int, path: str, exit_node: str | None, rekey_interval: float
+) -> Tunnels:
     from bus.signing import load_signing_key
 
     try:
@@ -100,7 +106,7 @@ def _start_tunnels(state: StateDir, node: str, tun: str, port: int, path: str, e
     except TunError:
         wire.close()
         raise
-    return Tunnels.create(plane, node, load_signing_key(state.path / "identity.key"))
+    return Tunnels.create(plane, node, load_signing_key(state.path / "identity.key"), timing_for(rekey_interval))
 
 
 @agent_app.command("status")
@@ -111,28 +117,15 @@ def status(
     """This node's view: its VPNs and addresses, its peers and their state."""
     state = StateDir(state_dir or default_state_dir())
     try:
-        server = state.server()
-        stored = state.load_view()
+        doc = status_doc(state)
     except StateError as exc:
         _fail(str(exc))
-    running = state.load_status()
-    doc: dict[str, Any] = {
-        "node": stored.view.node if stored else server.node,
-        "server": server.endpoints,
-        "state": running.get("state", "unknown"),
-        "revision": stored.revision if stored else 0,
-        "vpns": {n: v.model_dump(mode="json") for n, v in stored.view.vpns.items()} if stored else {},
-        "peers": {n: p.model_dump(mode="json") for n, p in stored.view.peers.items()} if stored else {},
-        "acl": [a.model_dump(mode="json") for a in stored.view.acl] if stored else [],
-        "updated": running.get("at"),
-        "dataplane": running.get("dataplane"),
-    }
     if as_json:
         typer.echo(json.dumps(doc))
         return
     age = f", {time.time() - doc['updated']:.0f}s ago" if doc["updated"] else ""
     typer.echo(
-        f"node {doc['node']}: {doc['state']}{age}, revision {doc['revision']}, server {', '.join(server.endpoints)}"
+        f"node {doc['node']}: {doc['state']}{age}, revision {doc['revision']}, server {', '.join(doc['server'])}"
     )
     for name, vpn in doc["vpns"].items():
         typer.echo(f"  vpn {name}: {vpn['vip']} ({vpn['role']}) in {vpn['subnet']}, {vpn['topology']}")
@@ -147,3 +140,21 @@ def status(
         typer.echo(f"  peer {name}: {addresses}, {'online' if peer['online'] else 'offline'}{path}")
     if not doc["peers"]:
         typer.echo("  no peers")
+
+
+def status_doc(state: StateDir) -> dict[str, Any]:
+    """What `agent status --json` prints: the stored view and the running agent's last report."""
+    server = state.server()
+    stored = state.load_view()
+    running = state.load_status()
+    return {
+        "node": stored.view.node if stored else server.node,
+        "server": server.endpoints,
+        "state": running.get("state", "unknown"),
+        "revision": stored.revision if stored else 0,
+        "vpns": {n: v.model_dump(mode="json") for n, v in stored.view.vpns.items()} if stored else {},
+        "peers": {n: p.model_dump(mode="json") for n, p in stored.view.peers.items()} if stored else {},
+        "acl": [a.model_dump(mode="json") for a in stored.view.acl] if stored else [],
+        "updated": running.get("at"),
+        "dataplane": running.get("dataplane"),
+    }

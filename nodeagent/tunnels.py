@@ -19,12 +19,21 @@ from bus.errors import BusError
 from bus.messages import Message
 from bus.messages.sync import NodeView
 from nodeagent.dataplane import DataPlane
-from nodeagent.keys import KeyRing, Timing
+from nodeagent.keys import REKEY_GRACE, REKEY_LEAD, KeyRing, Timing
 
 log = logging.getLogger(__name__)
 
 KEY_TICK = 0.5  # seconds between key ring ticks (rotation, republish, fetch, SA switch-over)
 ENDPOINT_REFRESH = 10.0  # seconds between re-reads of the local addresses (roaming)
+
+
+def timing_for(rekey_interval: float) -> Timing:
+    """The key schedule for a rekey interval: lead and grace shrink with short intervals (tests, paranoia)."""
+    return Timing(
+        rekey_interval=rekey_interval,
+        lead=min(REKEY_LEAD, rekey_interval / 4),
+        grace=min(REKEY_GRACE, rekey_interval / 2),
+    )
 
 
 class Tunnels:
