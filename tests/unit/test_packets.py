@@ -195,7 +195,16 @@ def test_icmp_error_answers_an_echo_request() -> None:
         raw(IPv6(src=A6, dst=B6) / UDP()),
         b"\x45\x00",
     ],
-    ids=["icmp-unreachable", "icmp-time-exceeded", "icmp-cut", "icmp-empty", "non-first-fragment", "source-0", "ipv6", "garbage"],
+    ids=[
+        "icmp-unreachable",
+        "icmp-time-exceeded",
+        "icmp-cut",
+        "icmp-empty",
+        "non-first-fragment",
+        "source-0",
+        "ipv6",
+        "garbage",
+    ],
 )
 def test_icmp_error_stays_silent_where_rfc1122_forbids(original: bytes) -> None:
     assert icmp_error(original, SOURCE, ICMP_CODE_HOST_UNREACHABLE) is None

@@ -96,7 +96,7 @@ DATAGRAMS = st.one_of(
 )
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(DATAGRAMS)
 def test_classify_matches_the_documented_rules(datagram: bytes) -> None:
     kind, start = classify_udp(datagram)
