@@ -81,8 +81,15 @@ class Pair:
             sock.close()
 
 
-def make_pair(*, keyed: bool = True, acl: list[AclView] | None = None) -> Pair:
-    """Planes a and b in VPN corp; *acl* goes into both views."""
+def make_pair(
+    *,
+    keyed: bool = True,
+    acl: list[AclView] | None = None,
+    routes: dict[str, tuple[str, ...]] | None = None,
+    exit_node: dict[str, str] | None = None,
+) -> Pair:
+    """Planes a and b in VPN corp; *acl* goes into both views, *routes* are subnets a node is the gateway for."""
+    routes, exit_node = routes or {}, exit_node or {}
     pair = Pair()
     for node in ("a", "b"):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -91,13 +98,14 @@ def make_pair(*, keyed: bool = True, acl: list[AclView] | None = None) -> Pair:
         pair.captures[node] = sock
     for node, other in (("a", "b"), ("b", "a")):
         port = pair.captures[other].getsockname()[1]
+        behind = tuple(("corp", cidr) for cidr in routes.get(other, ()))
         pair.views[node] = view(
             node,
-            [vpn("corp", VIPS[node])],
-            [peer(other, {"corp": VIPS[other]}, endpoints=(f"127.0.0.1:{port}",))],
+            [vpn("corp", VIPS[node], routes=routes.get(node, ()))],
+            [peer(other, {"corp": VIPS[other]}, routes=behind, endpoints=(f"127.0.0.1:{port}",))],
             acl=acl,
         )
-        plane = DataPlane(Wire(0, raw_esp=False))
+        plane = DataPlane(Wire(0, raw_esp=False), exit_node=exit_node.get(node))
         plane.apply_view(pair.views[node])
         pair.planes[node] = plane
     if keyed:

@@ -25,7 +25,7 @@ from scapy.packet import raw
 
 from nodeagent.constants import SEQ_FIRST
 from nodeagent.dataplane import QUEUE_LIMIT, QUEUE_WAIT, UNDERLAY_MTU, DataPlane, tunnel_mtu
-from nodeagent.esp import OutboundSA
+from nodeagent.esp import InboundSA, OutboundSA
 from nodeagent.packets import checksum
 from nodeagent.transport import MASQUERADE_MARKER, PATH_OVERHEAD, Wire
 from tests.helpers.netviews import peer, rule, view, vpn
@@ -254,6 +254,110 @@ def test_an_inner_packet_of_tunnel_mtu_fits_the_underlay(path: str, vpn_mtu: int
     )
     sealed = OutboundSA(*sa_material("a", "b")).seal(inner)
     assert len(sealed) + PATH_OVERHEAD[path] <= UNDERLAY_MTU
+
+
+# -- keys: install, rekey, collisions ----------------------------------------------------------------
+
+
+def test_install_makes_exactly_the_given_inbound_sas_live(pair: Pair) -> None:
+    a, b = pair.planes["a"], pair.planes["b"]
+    old_spi = sa_material("a", "b")[0]
+    a.outbound_batch([ping(seq=1)])
+    ((under_old, _),) = pair.received("b", 1)
+    new_material = (old_spi + 1, bytes(range(32)), b"salt")
+    # make-before-break: b accepts both SAs while a switches.
+    old_in = b.spis[old_spi][0]
+    b.install("a", outbound_sa("b", "a"), [old_in, InboundSA(*new_material)])
+    a.install("b", OutboundSA(*new_material), [inbound_sa("b", "a")])
+    a.outbound_batch([ping(seq=2)])
+    ((under_new, _),) = pair.received("b", 1)
+    home = pair.address_of("a")
+    assert [bytes(p) for p in b.inbound_udp([(under_new, home), (under_old, home)])] == [ping(seq=2), ping(seq=1)]
+    assert b.spis[old_spi][0] is old_in  # the same SA object: its replay window survived the install
+    # break: the old SA goes, its packets are refused as unknown.
+    b.install("a", outbound_sa("b", "a"), [InboundSA(*new_material)])
+    assert old_spi not in b.spis and b.tunnels["a"].inbound_spis == {old_spi + 1}
+    assert b.inbound_udp([(under_old, home)]) == []
+    assert b.counters["in_unknown_spi"] == 1
+
+
+def test_an_spi_already_owned_by_another_peer_is_not_installed() -> None:
+    plane = DataPlane(Wire(0, raw_esp=False))
+    try:
+        plane.apply_view(view("me", [vpn("corp", A)], [peer("p", {"corp": B}), peer("q", {"corp": "10.1.0.3"})]))
+        shared = (0x5000, bytes(32), bytes(4))
+        plane.install("p", None, [InboundSA(*shared)])
+        plane.install("q", None, [InboundSA(*shared)])
+        assert plane.spis[0x5000][1] == "p"
+        assert plane.counters["spi_collision"] == 1
+        plane.install("nobody", None, [InboundSA(0x6000, bytes(32), bytes(4))])  # not a peer: ignored
+        assert 0x6000 not in plane.spis
+    finally:
+        plane.close()
+
+
+def test_a_spent_sa_holds_packets_until_a_new_one_is_installed(pair: Pair) -> None:
+    a = pair.planes["a"]
+    a.install("b", OutboundSA(*sa_material("a", "b"), limit=2), [inbound_sa("b", "a")])
+    a.outbound_batch([ping(seq=n) for n in (1, 2, 3)])
+    assert a.counters["out_packets"] == 2 and a.counters["out_rekey_wait"] == 1
+    assert len(a.tunnels["b"].queue) == 1
+    fresh = (sa_material("a", "b")[0] + 7, bytes(range(32, 64)), b"new!")
+    a.install("b", OutboundSA(*fresh), [inbound_sa("b", "a")])
+    pair.planes["b"].install("a", outbound_sa("b", "a"), [InboundSA(*sa_material("a", "b")), InboundSA(*fresh)])
+    assert a.flush_queues(time.monotonic()) == []
+    assert [bytes(p) for p in pair.carry("a", 3)] == [ping(seq=n) for n in (1, 2, 3)]
+
+
+# -- other paths and chores -------------------------------------------------------------------------
+
+
+def test_raw_esp_is_opened_without_learning_an_endpoint(pair: Pair) -> None:
+    b = pair.planes["b"]
+    sealed = OutboundSA(*sa_material("a", "b")).seal(ping())
+    outer = raw(IP(src="192.0.2.1", dst="192.0.2.2", proto=50) / sealed)
+    assert [bytes(p) for p in b.inbound_esp([(outer, ("192.0.2.1", 0))])] == [ping()]
+    assert b.tunnels["a"].learned is None  # the esp path goes to the netmap's address, not to sources
+    assert b.inbound_esp([(outer, ("192.0.2.1", 0)), (outer[:30], ("192.0.2.1", 0))]) == []
+    assert b.counters["in_replay_duplicate"] == 1 and b.counters["in_truncated"] == 1
+
+
+def test_keepalive_goes_to_a_quiet_peer_and_is_counted_there(pair: Pair) -> None:
+    a, b = pair.planes["a"], pair.planes["b"]
+    tunnel = a.tunnels["b"]
+    a.tick(tunnel.last_sent + a.keepalive - 1.0)
+    assert pair.nothing_sent_to("b")
+    a.tick(tunnel.last_sent + a.keepalive)
+    ((datagram, _),) = pair.received("b", 1)
+    assert datagram == b"\xff" and a.counters["out_keepalive"] == 1
+    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == []
+    assert b.counters["in_keepalive"] == 1 and b.tunnels["a"].learned is None  # unauthenticated: teaches nothing
+
+
+def test_default_route_goes_through_the_chosen_exit_node_only() -> None:
+    internet = raw(IP(src=A, dst="1.1.1.1") / UDP(sport=5000, dport=53))
+    chosen = make_pair(routes={"b": ("0.0.0.0/0",)}, exit_node={"a": "b"})
+    try:
+        assert chosen.planes["a"].outbound_batch([internet]) == []
+        # b is the exit: it accepts a packet for the internet from a (its 0/0 route makes it b's to take).
+        assert [bytes(p) for p in chosen.carry("a", 1)] == [internet]
+        # and the answer from the internet, through b, is b's to send: a accepts it.
+        answer = raw(IP(src="1.1.1.1", dst=A) / UDP(sport=53, dport=5000))
+        chosen.planes["b"].outbound_batch([answer])
+        assert [bytes(p) for p in chosen.carry("b", 1)] == [answer]
+    finally:
+        chosen.close()
+    not_chosen = make_pair(routes={"b": ("0.0.0.0/0",)})
+    try:
+        (unreachable,) = not_chosen.planes["a"].outbound_batch([internet])
+        assert IP(unreachable)[ICMP].type == 3 and not_chosen.planes["a"].counters["out_no_route"] == 1
+        assert not_chosen.nothing_sent_to("b")
+        answer = raw(IP(src="1.1.1.1", dst=A) / UDP(sport=53, dport=5000))
+        spoofed = (MASQUERADE_MARKER + OutboundSA(*sa_material("b", "a")).seal(answer), not_chosen.address_of("b"))
+        assert not_chosen.planes["a"].inbound_udp([spoofed]) == []
+        assert not_chosen.planes["a"].counters["in_source_not_allowed"] == 1
+    finally:
+        not_chosen.close()
 
 
 # -- bugs found in dataplane.py (not this helper's file): strict xfails, for the lead ----------------
