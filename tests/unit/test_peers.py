@@ -160,6 +160,45 @@ def test_a_peer_in_both_vpns_is_routed_per_vpn() -> None:
     assert g is not None and (g.peer, g.vpn, g.prefix_length) == ("g", "green", 128)
 
 
+def test_a_gateway_in_two_vpns_does_not_bridge_them() -> None:
+    """An exit node (0.0.0.0/0) in red and blue: each VPN reaches the internet, neither reaches the other."""
+    both_exits = view(
+        "me",
+        [vpn("red", "10.1.0.1", routes=("0.0.0.0/0",)), vpn("blue", "10.2.0.1", routes=("0.0.0.0/0",))],
+        [
+            peer("r", {"red": "10.1.0.5"}),
+            peer("b", {"blue": "10.2.0.5"}),
+            peer("bgw", {"blue": "10.2.0.9"}, routes=(("blue", "172.16.0.0/16"),)),
+        ],
+    )
+    table = PeerTable(both_exits)
+    assert table.accepts("red", 4, ip("8.8.8.8")) and table.accepts("blue", 4, ip("8.8.8.8"))
+    assert table.accepts("red", 4, ip("10.1.0.1"))
+    assert not table.accepts("red", 4, ip("10.2.0.5"))  # a blue member
+    assert not table.accepts("red", 4, ip("172.16.3.3"))  # a LAN behind a blue gateway
+    assert not table.accepts("red", 4, ip("10.2.0.1"))  # this node's blue address
+    assert table.may_send_from("blue", 4, ip("8.8.8.8"))  # internet answers go back into blue
+    assert not table.may_send_from("blue", 4, ip("10.1.0.5"))  # a red member's packet leaving into blue
+    assert not table.may_send_from("blue", 4, ip("10.1.0.1"))
+
+
+def test_overlapping_gateway_routes_follow_the_longer_prefix() -> None:
+    def table(mine: str, theirs: str) -> PeerTable:
+        return PeerTable(
+            view(
+                "me",
+                [vpn("red", "10.1.0.1", routes=(mine,)), vpn("blue", "10.2.0.1")],
+                [peer("bgw", {"blue": "10.2.0.9"}, routes=(("blue", theirs),))],
+            )
+        )
+
+    narrow_mine = table("192.168.5.0/24", "192.168.0.0/16")
+    assert narrow_mine.accepts("red", 4, ip("192.168.5.1"))  # my LAN is the more specific: the kernel sends it there
+    wide_mine = table("192.168.0.0/16", "192.168.5.0/24")
+    assert not wide_mine.accepts("red", 4, ip("192.168.5.1"))  # blue's subnet is more specific: it would go there
+    assert wide_mine.accepts("red", 4, ip("192.168.6.1"))
+
+
 def test_conflicting_claims_are_recorded_and_the_first_kept() -> None:
     clash = view(
         "me",
