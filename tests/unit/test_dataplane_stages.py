@@ -322,6 +322,15 @@ def test_raw_esp_is_opened_without_learning_an_endpoint(pair: Pair) -> None:
     assert b.counters["in_replay_duplicate"] == 1 and b.counters["in_truncated"] == 1
 
 
+def test_dummy_packets_are_counted_and_not_delivered(pair: Pair) -> None:
+    b = pair.planes["b"]
+    sealer = OutboundSA(*sa_material("a", "b"))
+    datagrams = [(MASQUERADE_MARKER + sealer.seal_dummy(b"tfc"), pair.address_of("a"))]
+    datagrams.append((MASQUERADE_MARKER + sealer.seal(ping()), pair.address_of("a")))
+    assert [bytes(p) for p in b.inbound_udp(datagrams)] == [ping()]
+    assert b.counters["in_dummy"] == 1 and b.counters["in_packets"] == 1
+
+
 def test_keepalive_goes_to_a_quiet_peer_and_is_counted_there(pair: Pair) -> None:
     a, b = pair.planes["a"], pair.planes["b"]
     tunnel = a.tunnels["b"]
