@@ -87,9 +87,10 @@ def make_pair(
     acl: list[AclView] | None = None,
     routes: dict[str, tuple[str, ...]] | None = None,
     exit_node: dict[str, str] | None = None,
+    vips: dict[str, str] | None = None,
 ) -> Pair:
     """Planes a and b in VPN corp; *acl* goes into both views, *routes* are subnets a node is the gateway for."""
-    routes, exit_node = routes or {}, exit_node or {}
+    routes, exit_node, vips = routes or {}, exit_node or {}, vips or VIPS
     pair = Pair()
     for node in ("a", "b"):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -101,8 +102,8 @@ def make_pair(
         behind = tuple(("corp", cidr) for cidr in routes.get(other, ()))
         pair.views[node] = view(
             node,
-            [vpn("corp", VIPS[node], routes=routes.get(node, ()))],
-            [peer(other, {"corp": VIPS[other]}, routes=behind, endpoints=(f"127.0.0.1:{port}",))],
+            [vpn("corp", vips[node], routes=routes.get(node, ()))],
+            [peer(other, {"corp": vips[other]}, routes=behind, endpoints=(f"127.0.0.1:{port}",))],
             acl=acl,
         )
         plane = DataPlane(Wire(0, raw_esp=False), exit_node=exit_node.get(node))

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import raw
 
 from nodeagent.constants import SEQ_FIRST
@@ -79,6 +79,20 @@ def test_round_trip_both_ways(pair: Pair) -> None:
     assert b.outbound_batch([pong()]) == []
     assert [bytes(p) for p in pair.carry("b", 1)] == [pong()]
     assert pair.planes["a"].counters["in_packets"] == 1
+
+
+def test_ipv6_round_trip_and_cryptokey_routing() -> None:
+    pair = make_pair(vips={"a": "fd00:1::1", "b": "fd00:1::2"})
+    try:
+        a, b = pair.planes["a"], pair.planes["b"]
+        echo = raw(IPv6(src="fd00:1::1", dst="fd00:1::2") / ICMPv6EchoRequest(id=3) / b"six")
+        a.outbound_batch([echo])
+        assert [bytes(p) for p in pair.carry("a", 1)] == [echo]
+        forged = raw(IPv6(src="fd00:1::99", dst="fd00:1::2") / ICMPv6EchoRequest(id=3))
+        assert b.inbound_udp([(seal_from_a(forged, 5), pair.address_of("a"))]) == []
+        assert b.counters["in_source_not_allowed"] == 1 and b.counters["in_packets"] == 1
+    finally:
+        pair.close()
 
 
 def test_replayed_and_corrupted_datagrams_change_nothing(pair: Pair) -> None:
