@@ -44,8 +44,12 @@ class CompiledRule:
         return not self.ports or any(low <= port <= high for low, high in self.ports)
 
 
+_NO_PROTOCOL = -1  # a protocol name this agent does not know matches no packet: fail closed, never "any"
+
+
 def compile_rule(rule: AclView) -> CompiledRule:
-    return CompiledRule(rule.id, rule.src, rule.dst, _PROTOCOLS.get(rule.proto), parse_ports(rule.ports))
+    proto = _PROTOCOLS.get(rule.proto, _NO_PROTOCOL)
+    return CompiledRule(rule.id, rule.src, rule.dst, proto, parse_ports(rule.ports))
 
 
 class Policy:

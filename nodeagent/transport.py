@@ -65,6 +65,8 @@ def strip_ipv4_header(packet: bytes) -> memoryview | None:
     if len(packet) < 20 or packet[0] >> 4 != 4:
         return None
     start = (packet[0] & 0x0F) * 4
+    if start < 20:  # IHL below 5 is no IPv4 header: without this the header itself would be read as ESP
+        return None
     return memoryview(packet)[start:] if len(packet) >= start + ESP_MIN_PACKET_SIZE else None
 
 
