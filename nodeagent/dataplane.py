@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus.messages.sync import NodeView
-from nodeagent.acl import FlowTable, Policy
+from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired, parse_header
 from nodeagent.natprobe import NatProbe
@@ -64,6 +64,10 @@ PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the
 UDP_PATHS = ("udp", "punch")
 PUNCH_SECONDS = 10.0  # hole punching: keepalives every PUNCH_INTERVAL for this long, or until the peer answers
 PUNCH_INTERVAL = 0.5
+# The first punches leave with a small TTL: they open this node's own NAT but expire before the peer's,
+# so the peer's NAT holds no entry for them that would make it pick another port for its own punches.
+PUNCH_LOW_TTL = 2
+PUNCH_LOW_TTL_SECONDS = 2.0
 EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
 
 
@@ -146,12 +150,13 @@ class DataPlane:
         now = time.monotonic()
         for name, peer in view.peers.items():
             tunnel = self.tunnels.setdefault(name, Tunnel(name))
+            previous = tunnel.address(tunnel.path)
             tunnel.endpoint, tunnel.port = _pick_endpoint([peer.endpoint] if peer.endpoint else peer.endpoints)
             path = self.forced_path or peer.path or "udp"
             if path == "esp" and self.wire.esp is None:
                 path = "udp"
-            if path == "punch" and tunnel.path != "punch":
-                tunnel.punch_until = now + PUNCH_SECONDS
+            if path == "punch" and (tunnel.path != "punch" or tunnel.address("punch") != previous):
+                tunnel.punch_until = now + PUNCH_SECONDS  # a new pair, or the peer's mapping moved: punch again
             tunnel.path = path
         if view.vpns:
             self.keepalive = float(min(v.keepalive for v in view.vpns.values()))
@@ -231,7 +236,7 @@ class DataPlane:
         answers: list[bytes] = []
         peers, policy, flows, counters = self.peers, self.policy, self.flows, self.counters
         now = time.monotonic()
-        largest_mss = self.mtu - 40
+        largest_mss = {4: self.mtu - 40, 6: self.mtu - 60}  # MTU minus the IP and TCP headers
         for packet in packets:
             try:
                 summary = summarize(packet)
@@ -250,9 +255,9 @@ class DataPlane:
                 continue
             if policy.restricted(route.vpn):
                 flows.note(flows.key_outbound(summary), now)
-            if summary.proto == 6 and summary.version == 4:
+            if summary.proto == 6:
                 mutable = bytearray(packet)
-                if clamp_mss(mutable, summary, largest_mss):
+                if clamp_mss(mutable, summary, largest_mss[summary.version]):
                     counters["out_mss_clamped"] += 1
                     packet = bytes(mutable)
             tunnel = self.tunnels.get(route.peer)
@@ -293,10 +298,13 @@ class DataPlane:
         return True
 
     def _unreachable(self, packet: bytes, version: int) -> bytes | None:
-        if version != 4 or not self.peers.local_address:
+        """ICMP host unreachable from this node's own address: the sender's, else its first IPv4 one."""
+        if version != 4 or len(packet) < 20:
             return None
-        source = next(iter(self.peers.local_address.values()))
-        return icmp_error(packet, source, ICMP_CODE_HOST_UNREACHABLE)
+        own = [a for a in self.peers.local_address.values() if a < 1 << 32]
+        sender = int.from_bytes(packet[12:16], "big")
+        source = sender if sender in own else (own[0] if own else None)
+        return None if source is None else icmp_error(packet, source, ICMP_CODE_HOST_UNREACHABLE)
 
     def flush_queues(self, now: float) -> list[bytes]:
         """Send held packets whose peer became ready; answer those held too long with ICMP unreachable."""
@@ -384,7 +392,11 @@ class DataPlane:
         policy = self.policy
         if policy.restricted(route.vpn):
             flows = self.flows
-            if not flows.known(flows.key_inbound(summary)) and policy.allows_inbound(route.vpn, peer, summary) is None:
+            if (
+                not flows.known(flows.key_inbound(summary))
+                and policy.allows_inbound(route.vpn, peer, summary) is None
+                and not flows.known(quoted_flow_key(inner, summary))  # an ICMP error about our own flow
+            ):
                 counters["in_acl_denied"] += 1
                 return
         counters["in_packets"] += 1
@@ -402,7 +414,8 @@ class DataPlane:
             punching = now < tunnel.punch_until and tunnel.rx == 0
             interval = PUNCH_INTERVAL if punching else self.keepalive
             if (tunnel.outbound is not None or punching) and now - tunnel.last_sent >= interval:
-                self.wire.send_udp(KEEPALIVE, address)
+                low = punching and now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
+                self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
                 tunnel.last_sent = now
                 self.counters["out_punch" if punching else "out_keepalive"] += 1
         self.flows.sweep(now)

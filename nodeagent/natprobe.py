@@ -83,6 +83,11 @@ class NatProbe:
     def due(self, now: float) -> bool:
         return now >= self._next
 
+    def soon(self) -> None:
+        """Probe at the next chance: a punch failed, so our mapping toward peers may differ from the last seen."""
+        if not self._nonce:
+            self._next = 0.0
+
     def start(self, now: float) -> bytes:
         """A probe to send now (a new nonce per round; the same round retries up to PROBE_TRIES)."""
         if not self._nonce or self._tries >= PROBE_TRIES:

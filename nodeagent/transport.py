@@ -17,6 +17,7 @@ import enum
 import errno
 import logging
 import socket
+import struct
 
 from nodeagent.constants import ESP_MIN_PACKET_SIZE
 
@@ -93,8 +94,15 @@ class Wire:
     def sockets(self) -> list[socket.socket]:
         return [self.udp] + ([self.esp] if self.esp is not None else [])
 
-    def send_udp(self, payload: bytes, address: tuple[str, int]) -> None:
-        self._send(self.udp, payload, address)
+    def send_udp(self, payload: bytes, address: tuple[str, int], ttl: int | None = None) -> None:
+        """Send one datagram; *ttl* sets this datagram's IP TTL only (ancillary data, not the socket's)."""
+        if ttl is None:
+            self._send(self.udp, payload, address)
+            return
+        try:
+            self.udp.sendmsg([payload], [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack("i", ttl))], 0, address)
+        except OSError:
+            self.send_errors += 1
 
     def send_esp(self, packet: bytes, host: str) -> None:
         if self.esp is None:

@@ -87,6 +87,11 @@ class Tunnels:
     def _probe(self, now: float) -> None:
         if self.reflector is None:
             return
+        for tunnel in list(self.dataplane.tunnels.values()):
+            if tunnel.path == "punch" and tunnel.rx == 0 and 0 < tunnel.punch_until < now:
+                tunnel.punch_until = -1.0  # once per punch: the next view change starts another
+                log.info("hole punching to %s got no answer; probing our mapping again", tunnel.peer)
+                self.nat_probe.soon()
         if self.nat_probe.conclude(now):
             report = self.nat_probe.report
             log.info("NAT discovery: mapped %s, filtering %s", report.mapped or "-", report.filtering)

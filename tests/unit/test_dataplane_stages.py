@@ -383,15 +383,9 @@ def test_default_route_goes_through_the_chosen_exit_node_only() -> None:
         not_chosen.close()
 
 
-# -- bugs found in dataplane.py (not this helper's file): strict xfails, for the lead ----------------
+# -- found by review: the ICMP source with an IPv6 VPN first, IPv6 MSS clamping, ICMP errors and ACLs --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="dataplane._unreachable takes the first VPN's address as the ICMP source; when that VPN is IPv6 "
-    "icmp_error gets a 128-bit source and the outbound thread dies with OverflowError",
-)
 def test_no_route_answer_with_an_ipv6_vpn_listed_first() -> None:
     plane = DataPlane(Wire(0, raw_esp=False))
     try:
@@ -402,11 +396,6 @@ def test_no_route_answer_with_an_ipv6_vpn_listed_first() -> None:
         plane.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbound_batch clamps the MSS of IPv4 SYNs only: IPv6 TCP keeps MSS 1440 through a tunnel "
-    "whose MTU leaves room for less, which blackholes when PMTUD is filtered",
-)
 def test_ipv6_syn_is_clamped_too() -> None:
     pair = Pair()
     try:
@@ -425,12 +414,6 @@ def test_ipv6_syn_is_clamped_too() -> None:
         pair.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in a VPN with ACL rules, an ICMP error answering this node's own flow (port unreachable, "
-    "frag-needed for PMTUD) is keyed by its own type/id, not by the flow it quotes, so it is dropped as "
-    "in_acl_denied; needs FlowTable/_open to key ICMP errors by the quoted header (acl.py + dataplane.py)",
-)
 def test_icmp_errors_about_own_flows_pass_restricted_vpns() -> None:
     pair = make_pair(acl=[rule("corp", "a", "b", "tcp", "22")])
     try:
