@@ -75,6 +75,7 @@ class CoterieApp(ManagementActions, App[None]):
         if not self.connected:
             self.notify(f"connected to {message.endpoint}")
         self.connected = True
+        self._status()
 
     def on_link_down(self, message: LinkDown) -> None:
         if self.connected:
@@ -98,12 +99,15 @@ class CoterieApp(ManagementActions, App[None]):
         self.query_one(NodeTable).show(state)
         self.query_one(AclTable).show(state)
         self.query_one(EventLog).show(state)
-        if self.connected:
-            online = sum(1 for n in state.nodes if n.online)
-            self.query_one(StatusBar).up(self.endpoint, state.head, len(state.nodes), online)
+        self._status()
         for screen in self.screen_stack:
             if isinstance(screen, NodeDetailScreen):
                 screen.show(state)
+
+    def _status(self) -> None:
+        if self.connected:
+            online = sum(1 for n in self.state.nodes if n.online)
+            self.query_one(StatusBar).up(self.endpoint, self.state.head, len(self.state.nodes), online)
 
     # ------------------------------------------------------------------ requests
     def send(self, message: Message, callback: Callable[[Any], None]) -> None:

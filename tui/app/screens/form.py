@@ -32,9 +32,10 @@ class FormScreen(ModalScreen[Any]):
     }
     FormScreen .title { text-style: bold; margin-bottom: 1; }
     FormScreen .field-label { margin-top: 0; }
-    FormScreen .error { color: $error; height: auto; }
-    FormScreen Input, FormScreen Select { margin: 0; }
-    FormScreen Horizontal { height: auto; margin-top: 1; }
+    FormScreen .error { color: $error; height: auto; display: none; }
+    FormScreen Input, FormScreen Select { margin: 0 0 1 0; }
+    FormScreen Horizontal { height: auto; }
+    FormScreen Button { margin-right: 2; }
     """
 
     def __init__(self, spec: FormSpec, initial: dict[str, str] | None = None) -> None:
@@ -51,14 +52,20 @@ class FormScreen(ModalScreen[Any]):
                 if field.choices:
                     start = value if value in field.choices else field.choices[0]
                     options = [(c, c) for c in field.choices]
-                    yield Select(options, value=start, allow_blank=False, id=f"field-{field.name}")
+                    yield Select(options, value=start, allow_blank=False, id=f"field-{field.name}", compact=True)
                 else:
-                    yield Input(value=value, placeholder=field.placeholder, id=f"field-{field.name}")
+                    yield Input(value=value, placeholder=field.placeholder, id=f"field-{field.name}", compact=True)
                 yield Label("", classes="error", id=f"error-{field.name}")
             yield Label("", classes="error", id="error-form")
             with Horizontal():
-                yield Button(self.spec.submit, variant="primary", id="submit")
-                yield Button("Cancel", id="cancel")
+                yield Button(f"{self.spec.submit} (enter)", variant="primary", id="submit", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        """Start in the first field the caller did not fill in (else the first)."""
+        empty = [f for f in self.spec.fields if not f.choices and not self.initial.get(f.name)]
+        first = (empty or list(self.spec.fields))[0]
+        self.query_one(f"#field-{first.name}").focus()
 
     def values(self) -> dict[str, str]:
         out = {}
@@ -68,11 +75,14 @@ class FormScreen(ModalScreen[Any]):
         return out
 
     def _show_error(self, field: str | None, message: str) -> None:
-        self.query_one(f"#error-{field or 'form'}", Label).update(message)
+        label = self.query_one(f"#error-{field or 'form'}", Label)
+        label.update(message)
+        label.display = bool(message)
 
     def _clear_errors(self) -> None:
         for label in self.query(".error").results(Label):
             label.update("")
+            label.display = False
 
     @on(Input.Changed)
     def _validate_live(self, event: Input.Changed) -> None:
