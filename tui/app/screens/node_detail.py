@@ -45,7 +45,7 @@ class NodeDetailScreen(Screen[None]):
             yield Label(NO_DATA_PLANE, id="note")
             yield Label("Events", classes="heading")
             events: DataTable = DataTable(id="node-events", cursor_type="row", zebra_stripes=True)
-            events.add_columns("rev", "time (UTC)", "kind", "applied", "what")
+            events.add_columns("rev", "what", "kind", "applied", "time (UTC)")
             yield events
         yield Footer()
 
@@ -74,7 +74,7 @@ class NodeDetailScreen(Screen[None]):
         facts.update(Text("\n").join(Text.assemble((f"{k:>10}: ", "dim"), v) for k, v in lines))
         fill(self.query_one("#peer-table", DataTable), self._peer_rows(server))
         rows = [
-            (str(e.revision), [str(e.revision), when(e.at), e.kind, receipt(e), e.summary])
+            (str(e.revision), [str(e.revision), e.summary, e.kind, receipt(e), when(e.at)])
             for e in reversed(server.events_about(self.node_name))
         ]
         fill(self.query_one("#node-events", DataTable), rows)

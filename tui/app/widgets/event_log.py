@@ -28,7 +28,7 @@ def receipt(event: EventInfo) -> str:
 class EventLog(Vertical):
     BINDINGS = [Binding("escape", "leave_filter", "Leave filter", show=False)]
     DEFAULT_CSS = """
-    EventLog #event-filter { height: 3; }
+    EventLog #event-filter { height: 1; margin-bottom: 1; }
     EventLog #event-table { height: 1fr; }
     """
 
@@ -37,22 +37,26 @@ class EventLog(Vertical):
         self.events: list[EventInfo] = []
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter: words in kind, actor or text (/ to focus, esc to leave)", id="event-filter")
+        yield Input(
+            placeholder="/ filter: words in kind, actor or text (esc: back to the list)",
+            id="event-filter",
+            compact=True,
+        )
         table = DataTable(id="event-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("rev", "time (UTC)", "kind", "actor", "applied", "what")
+        table.add_columns("rev", "what", "kind", "actor", "applied", "time (UTC)")
         yield table
 
     def show(self, state: ServerState) -> None:
         self.events = state.events
-        self._render()
+        self._fill_rows()
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        self._render()
+        self._fill_rows()
 
-    def _render(self) -> None:
+    def _fill_rows(self) -> None:
         needle = self.query_one("#event-filter", Input).value
         shown = [e for e in reversed(self.events) if matches(e, needle)]  # newest first
-        rows = [(str(e.revision), [str(e.revision), when(e.at), e.kind, e.actor, receipt(e), e.summary]) for e in shown]
+        rows = [(str(e.revision), [str(e.revision), e.summary, e.kind, e.actor, receipt(e), when(e.at)]) for e in shown]
         fill(self.query_one("#event-table", DataTable), rows)
 
     def action_leave_filter(self) -> None:
