@@ -114,8 +114,10 @@ class CoterieApp(ManagementActions, App[None]):
         """Send an operator request; *callback* gets the reply or the BusError (on this thread)."""
         if self.link is None:
             callback(BusError("not connected to a server (showing fixed data)"))
-            return
-        self.link.submit(message, callback)
+        elif not self.connected:
+            callback(BusError("the server is not answering; nothing was sent (the status bar shows when it is back)"))
+        else:
+            self.link.submit(message, callback)
 
     def report(self, result: object) -> bool:
         """Notify the outcome of a request; True if it succeeded."""
