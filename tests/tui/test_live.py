@@ -8,6 +8,7 @@ event stream (no key pressed), and survive the server going away.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -41,6 +42,10 @@ def server(tmp_path: Path) -> Iterator[CoterieServer]:
 
 def vpn_members(app: CoterieApp, vpn: str) -> set[str]:
     return {m.node for m in app.state.members.get(vpn, [])}
+
+
+def routes(app: CoterieApp, vpn: str, node: str) -> list[str]:
+    return next((m.routes for m in app.state.members.get(vpn, []) if m.node == node), [])
 
 
 def node_online(app: CoterieApp, name: str) -> bool | None:
@@ -92,6 +97,9 @@ def test_manage_from_the_tui_and_see_it_in_the_cli(server: CoterieServer) -> Non
             assert app.screen.values()["node"] == "beta"
             await pilot.press("tab", "tab", "enter", "down", "enter", "ctrl+s")  # role: gateway
             assert await until(pilot, lambda: vpn_members(app, "office") == {"alpha", "beta"}, WAIT)
+            # a gateway route behind beta: g (node and VPN from the selection), the subnet, enter
+            await pilot.press("g", *"192.168.1.0/24", "enter")
+            assert await until(pilot, lambda: routes(app, "office", "beta") == ["192.168.1.0/24"], WAIT)
             # an ACL rule with an invalid port list first: the form says why and stays open
             await pilot.press("r", *"alpha", "tab", *"beta", "tab", "enter", "down", "enter", "tab", *"22,99999")
             await pilot.press("enter")
@@ -110,7 +118,7 @@ def test_manage_from_the_tui_and_see_it_in_the_cli(server: CoterieServer) -> Non
 
     asyncio.run(scenario())
     shown = coterie(server, "vpn", "show", "office")
-    assert "alpha" in shown and "beta" in shown and "gateway" in shown
+    assert "alpha" in shown and "beta" in shown and "gateway" in shown and "192.168.1.0/24" in shown
     rules = coterie(server, "acl", "list", "office")
     assert "alpha" in rules and "beta" in rules and "tcp" in rules and "22" in rules
 
@@ -135,8 +143,6 @@ def test_presence_changes_reach_the_screen_without_a_key(server: CoterieServer, 
             assert committed is not None
             latencies.append((seen - committed).total_seconds())
             again = Agent(agent.state, heartbeat=0.3, timeout=2.0)
-            import threading
-
             thread = threading.Thread(target=again.run, daemon=True)
             thread.start()
             try:
@@ -150,6 +156,7 @@ def test_presence_changes_reach_the_screen_without_a_key(server: CoterieServer, 
             latencies.append((seen - committed).total_seconds())
 
     asyncio.run(scenario())
+    print(f"commit-to-screen latency: offline {latencies[0]:.3f}s, online {latencies[1]:.3f}s")
     assert all(latency < LIVE for latency in latencies), latencies
 
 
