@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 RENEW = WATCH_LEASE / 3  # seconds between lease renewals (10 s)
 HEARTBEAT = 1.0
 HEARTBEAT_MISSES = 2
-RELOAD_GAP = 0.25
+RELOAD_GAP = 0.5  # a burst of changes (hundreds of agents coming online) costs two reads a second at most
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 5.0)  # seconds between reconnection attempts; the last repeats
 REQUEST_TIMEOUT = 5.0
 

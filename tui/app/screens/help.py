@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Label
+from textual.widgets import DataTable
 
 from tui.app.actions import ACTIONS, key_label
 
@@ -22,8 +22,9 @@ class HelpScreen(ModalScreen[None]):
     """
 
     def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label("Keys (ctrl+p: command palette, enter on a node: detail, esc: close)", classes="title")
+        with Vertical() as frame:
+            frame.border_title = "Keys"
+            frame.border_subtitle = "ctrl+p: command palette · enter on a node: detail · esc: close"
             table: DataTable = DataTable(cursor_type="none", show_cursor=False)
             table.add_columns("key", "action", "what it does")
             for action in ACTIONS:
