@@ -21,6 +21,9 @@ INTERNAL = "internal"
 NOT_FOUND = "not_found"  # the named VPN, node, rule... does not exist
 CONFLICT = "conflict"  # the request clashes with what exists (a duplicate name, say)
 REFUSED = "refused"  # a credential or token was refused (the reason is in the message)
+BAD_SIGNATURE = "bad_signature"  # a signed key or record does not verify with the signer's identity key
+STALE_EPOCH = "stale_epoch"  # an epoch key older than (or conflicting with) one already held
+EXPIRED = "expired"  # a key or record whose validity has ended
 
 #: Codes after which the same request may succeed when simply sent again.
 RETRIABLE = frozenset({SERVICE_UNAVAILABLE, WORKER_LOST})

@@ -55,7 +55,7 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
         "datastore": {"database_url": url, "join_endpoints": config.join_endpoints, "sign_key": sign_public},
         "auth": {"database_url": url, "sign_key": sign_public},
         "fanout": {"database_url": url, "signing_key": signing_key, "presence_timeout": config.presence_timeout},
-        "keydist": {},
+        "keydist": {"database_url": url},
     }
     return SERVICES[name](endpoint, keypair, server_key, **extra[name])
 

@@ -96,6 +96,7 @@ class World:
             vpns=dict(sorted(vpns.items())),
             peers=dict(sorted(peers.items())),
             acl=sorted(acl, key=lambda a: a.id),
+            tags=sorted(me.tags),
         )
 
     def _visible(self, vpn: Vpn, mine: Membership, other: Membership, rules: list[AclRule]) -> bool:
@@ -123,6 +124,7 @@ class World:
             nat_class=peer.nat_class,
             online=peer.online,
             sign_key=peer.sign_key,
+            tags=sorted(peer.tags),
         )
 
     def affected(self, change: Change) -> set[int]:
