@@ -183,8 +183,11 @@ def test_server_restart_is_shown_and_recovered(server: CoterieServer, tmp_path: 
             agent = AgentThread(tmp_path / "alpha", join, heartbeat=0.3).start()
             try:
                 started = time.monotonic()
-                assert await until(pilot, lambda: node_online(app, "alpha") is True, WAIT)
-                assert time.monotonic() - started < 8.0  # well under the 10 s lease renewal: it was pushed
+                seen = await until(pilot, lambda: node_online(app, "alpha") is True, WAIT)
+                took = time.monotonic() - started
+                online_at = change_time(server, "node.online", "alpha")
+                assert seen, f"not shown; server says online since {online_at}; TUI holds r{app.state.head}"
+                assert took < 8.0, f"{took:.1f}s: not pushed (online since {online_at})"  # the lease renews at 10 s
             finally:
                 agent.stop()
 

@@ -112,6 +112,7 @@ class ServerLink:
         self._stale.clear()
         state = load_state(client)
         self.head = state.head
+        log.debug("state read at r%d", state.head)
         self.post(StateLoaded(state))
 
     def _serve(self, client: Client) -> None:
@@ -133,6 +134,7 @@ class ServerLink:
                 next_renew = now + RENEW
                 lease = client.request("fanout", WatchRequest(), expect=WatchLease)
                 assert isinstance(lease, WatchLease)
+                log.debug("lease renewed: head r%d, holding r%d", lease.head, self.head)
                 if lease.head > self.head:
                     self._stale.set()  # a notice was lost on the way
 
@@ -143,8 +145,10 @@ class ServerLink:
             if push is None:
                 return
             _, message = push
-            if isinstance(message, ChangeNotice) and message.revision > self.head:
-                self._stale.set()
+            if isinstance(message, ChangeNotice):
+                log.debug("notice r%d..r%d (holding r%d)", message.prev_revision, message.revision, self.head)
+                if message.revision > self.head:
+                    self._stale.set()
 
     def _run_jobs(self, client: Client) -> None:
         for _ in range(100):
