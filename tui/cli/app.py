@@ -16,7 +16,7 @@ from bus.errors import BusError
 from nodeagent.cli import agent_app
 from services.config import ConfigError
 from services.supervisor.supervisor import PortInUseError
-from tui.cli import manage, server, setup, status
+from tui.cli import manage, server, setup, status, tui_cmd
 
 app = typer.Typer(
     name="coterie",
@@ -36,6 +36,7 @@ app.add_typer(manage.route_app, name="route")
 app.add_typer(manage.acl_app, name="acl")
 app.command()(manage.events)
 app.add_typer(agent_app, name="agent")
+app.command("tui")(tui_cmd.tui)
 
 
 def main() -> None:
