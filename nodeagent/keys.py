@@ -316,6 +316,8 @@ class PeerKeyState:
         if pair in self.spent:  # an older pair again (cannot happen by the rules above): never reuse a counter
             return None
         keys = derive_pair(self.me, mine.private, mine.epoch, self.name, theirs.key.public_key, theirs.key.epoch)
+        # My epochs are never made again, so pairs of my retired epochs cannot recur: forget them.
+        self.spent = {p for p in self.spent if p[0] in own.keys}
         self.spent.add(pair)
         self.outbound_pair = pair
         self.outbound_sa = OutboundSA(keys.outbound.spi, keys.outbound.key, keys.outbound.salt, limit=self.packet_limit)

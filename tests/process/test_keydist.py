@@ -1,6 +1,8 @@
 """keydist end to end: real server processes, real enrolled nodes' keys, real CURVE (issue 5).
 
-Three nodes:   vpn a: n1, n2     vpn b: n3 (shares no VPN with n1 or n2)
+Three nodes per test, on one server per module:
+
+    vpn t<i>-a: t<i>-n1, t<i>-n2        vpn t<i>-b: t<i>-n3 (shares no VPN with the other two)
 
 Each node is its enrollment (CURVE key pair and Ed25519 identity, made by the
 real ``enroll``), one bus client, and a real KeyRing driven the way the agent
@@ -10,6 +12,7 @@ the SAs the ring chose and open at the other end.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -106,20 +109,27 @@ class Node:
         self.client.close()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[CoterieServer]:
-    srv = CoterieServer(tmp_path, presence_timeout=120.0).start()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
+    srv = CoterieServer(tmp_path_factory.mktemp("keydist"), presence_timeout=120.0).start()
     yield srv
     srv.stop()
 
 
+_tests = itertools.count(1)
+
+
 @pytest.fixture
 def nodes(server: CoterieServer, tmp_path: Path) -> Iterator[dict[str, Node]]:
-    server.mutate(VpnCreate, name="a", subnet="10.1.0.0/24")
-    server.mutate(VpnCreate, name="b", subnet="10.2.0.0/24")
-    joins = {"n1": server.add_node("n1", ["a"]), "n2": server.add_node("n2", ["a"]), "n3": server.add_node("n3", ["b"])}
+    """Each test its own two VPNs and three nodes (t<i>-n1 ...) on the module's server."""
+    i = next(_tests)
+    a, b = f"t{i}-a", f"t{i}-b"
+    server.mutate(VpnCreate, name=a, subnet=f"10.{i}.1.0/24")
+    server.mutate(VpnCreate, name=b, subnet=f"10.{i}.2.0/24")
+    names = {"n1": a, "n2": a, "n3": b}
+    joins = {label: server.add_node(f"t{i}-{label}", [vpn]) for label, vpn in names.items()}
     context = shared()
-    made = {name: Node(tmp_path / name, join, context) for name, join in joins.items()}
+    made = {label: Node(tmp_path / label, join, context) for label, join in joins.items()}
     for node in made.values():  # everyone enrolled: every netmap now holds its peers' identity keys
         node.refresh_view()
         assert all(p.sign_key for p in node.view.peers.values())
@@ -144,11 +154,11 @@ def test_co_members_exchange_keys_and_their_sas_carry_packets(nodes: dict[str, N
     published = [r for r in n1.replies if isinstance(r, KeyPublished)]
     assert published and published[0].fresh and published[0].relayed == 1
     pushes = n2.take_pushes(5.0)
-    assert [p.key.node for p in pushes] == ["n1"]
+    assert [p.key.node for p in pushes] == [n1.name]
     assert pushes[0].key.epoch == n1.ring.own.newest.epoch
     n2.exchange()  # publishes (pushed to n1) and fetches n1's key
     fetched = [r for r in n2.replies if isinstance(r, PeerKeys)]
-    assert fetched and {k.node for k in fetched[0].keys} == {"n1"}
+    assert fetched and {k.node for k in fetched[0].keys} == {n1.name}
     assert n1.take_pushes(5.0), "n1 hears of n2's key"
     _ready(nodes, ["n1", "n2"], TIMING.lead + 0.5)
     for sender, receiver in ((n1, n2), (n2, n1)):
@@ -163,13 +173,13 @@ def test_keys_never_reach_a_node_that_shares_no_vpn(nodes: dict[str, Node]) -> N
     n1, n3 = nodes["n1"], nodes["n3"]
     n1.exchange()
     assert n3.take_pushes(2.0) == []
-    for ask in (FetchPeerKeys(), FetchPeerKeys(peers=["n1", "n2"])):
+    for ask in (FetchPeerKeys(), FetchPeerKeys(peers=[n1.name, nodes["n2"].name])):
         reply = n3.client.request("keydist", ask, expect=PeerKeys)
         assert isinstance(reply, PeerKeys) and reply.keys == []
     # And the other way: n3's key reaches neither n1 nor n2.
     n3.exchange()
     assert [r.relayed for r in n3.replies if isinstance(r, KeyPublished)] == [0]
-    reply = n1.client.request("keydist", FetchPeerKeys(peers=["n3"]), expect=PeerKeys)
+    reply = n1.client.request("keydist", FetchPeerKeys(peers=[n3.name]), expect=PeerKeys)
     assert isinstance(reply, PeerKeys) and reply.keys == []
 
 
@@ -179,7 +189,7 @@ def test_forged_stale_and_expired_keys_are_refused(nodes: dict[str, Node], serve
     key = n1.ring.own.newest
     cases = {
         "another identity": ({"signature": SigningKey.generate().sign(
-            publication_payload("n1", key.epoch + 1, key.public, key.not_before, key.expires)).signature,
+            publication_payload(n1.name, key.epoch + 1, key.public, key.not_before, key.expires)).signature,
             "epoch": key.epoch + 1}, errors.BAD_SIGNATURE),
         "altered expiry": ({"expires": key.expires + 1}, errors.BAD_SIGNATURE),
         "another key in a held epoch": ({"public_key": bytes(32)}, errors.BAD_SIGNATURE),
@@ -193,7 +203,7 @@ def test_forged_stale_and_expired_keys_are_refused(nodes: dict[str, Node], serve
         (key.epoch - 1, now, now + 60): errors.STALE_EPOCH,  # older than the held epoch
         (key.epoch + 5, now - 120, now - 60): errors.EXPIRED,
     }.items():
-        signature = n1.identity.sign(publication_payload("n1", epoch, key.public, not_before, expires)).signature
+        signature = n1.identity.sign(publication_payload(n1.name, epoch, key.public, not_before, expires)).signature
         with pytest.raises(RemoteError) as refused:
             n1.publish_raw(epoch=epoch, not_before=not_before, expires=expires, signature=signature)
         assert refused.value.code == code
@@ -204,14 +214,14 @@ def test_forged_stale_and_expired_keys_are_refused(nodes: dict[str, Node], serve
     assert refused.value.code == errors.FORBIDDEN
     # Nothing refused was relayed: n2 holds only the genuine key.
     reply = nodes["n2"].client.request("keydist", FetchPeerKeys(), expect=PeerKeys)
-    assert isinstance(reply, PeerKeys) and [(k.node, k.epoch) for k in reply.keys] == [("n1", key.epoch)]
+    assert isinstance(reply, PeerKeys) and [(k.node, k.epoch) for k in reply.keys] == [(n1.name, key.epoch)]
 
 
 def test_removing_a_membership_stops_the_relay_at_once(nodes: dict[str, Node], server: CoterieServer) -> None:
     n1, n2 = nodes["n1"], nodes["n2"]
     n1.exchange()
     assert n2.take_pushes(5.0)
-    server.mutate(MemberRemove, node="n2", vpn="a")
+    server.mutate(MemberRemove, node=n2.name, vpn=next(iter(n2.view.vpns)))
     n1.ring.own.new_epoch(time.time())  # a new epoch after the removal
     n1.exchange()
     assert [r.relayed for r in n1.replies if isinstance(r, KeyPublished)][-1] == 0
@@ -219,7 +229,7 @@ def test_removing_a_membership_stops_the_relay_at_once(nodes: dict[str, Node], s
     reply = n2.client.request("keydist", FetchPeerKeys(), expect=PeerKeys)
     assert isinstance(reply, PeerKeys) and reply.keys == []
     # n2's agent learns of the removal from its netmap and drops n1's SAs itself.
-    assert n2.ring.set_peers({}, time.time()) == ["n1"]
+    assert n2.ring.set_peers({}, time.time()) == [n1.name]
     assert n2.ring.spi_table.open(bytes(64)) is DropReason.UNKNOWN_SPI and len(n2.ring.spi_table) == 0
 
 
@@ -238,4 +248,4 @@ def test_a_restarted_keydist_is_complete_again_after_one_republish(
     n1.exchange()
     assert [r.fresh for r in n1.replies if isinstance(r, KeyPublished)][-1] is True
     reply = n2.client.request("keydist", FetchPeerKeys(), expect=PeerKeys)
-    assert isinstance(reply, PeerKeys) and [k.node for k in reply.keys] == ["n1"]
+    assert isinstance(reply, PeerKeys) and [k.node for k in reply.keys] == [n1.name]
