@@ -324,3 +324,36 @@ def test_a_peer_removed_from_the_netmap_loses_its_sas_at_once() -> None:
     assert len(alpha.ring.spi_table) == 0
     assert alpha.ring.spi_table.open(sa.seal(INNER)) is DropReason.UNKNOWN_SPI
     assert alpha.ring.outbound("bravo", t) is None
+
+
+def test_a_peer_removed_and_re_added_never_gets_a_restarted_sa() -> None:
+    """Back in the netmap within the same epochs: no SA is made twice, so no replay and no nonce reuse."""
+    relay, alpha, bravo = make_world((0.0, 0.0), FAST, rekey_after=2**40)
+    t = T0
+
+    def run(seconds: float) -> None:
+        nonlocal t
+        for _ in range(int(seconds / 0.5)):
+            t += 0.5
+            relay.deliver(t)
+            for node in (alpha, bravo):
+                relay.tick(node, t, delay=0.5)
+
+    run(8)
+    old = bravo.ring.outbound("alpha", t)
+    assert old is not None
+    captured = old.seal(INNER)
+    assert isinstance(alpha.ring.spi_table.open(captured), Opened)
+    signs = {n.name: n.identity.verify_key.encode().hex() for n in (alpha, bravo)}
+    for node, other in ((alpha, bravo), (bravo, alpha)):
+        node.ring.set_peers({}, node.clock(t))
+        node.ring.set_peers({other.name: signs[other.name]}, node.clock(t))
+        node.ring.on_connect(node.clock(t))
+        assert node.ring.counters["rekey_peer_back"] == 1
+    assert alpha.ring.spi_table.open(captured) is DropReason.UNKNOWN_SPI, "a replay must not open a fresh window"
+    assert bravo.ring.outbound("alpha", t) is None, "the old pair is spent"
+    run(FAST.lead + 3)
+    fresh = bravo.ring.outbound("alpha", t)
+    assert fresh is not None and fresh.spi != old.spi
+    assert isinstance(alpha.ring.spi_table.open(fresh.seal(INNER)), Opened)
+    assert alpha.ring.spi_table.open(captured) is DropReason.UNKNOWN_SPI
