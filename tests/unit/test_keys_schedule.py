@@ -25,8 +25,8 @@ from scapy.packet import raw
 from bus.errors import RemoteError
 from bus.messages import Message
 from bus.messages.keys import FetchPeerKeys, KeyPublished, PeerKeys, PeerKeyUpdate, PublishKey
-from nodeagent.esp import DropReason, Opened, OutboundSA, RekeyRequired
-from nodeagent.keys import KeyRing, Timing
+from nodeagent.esp import DropReason, InboundSA, Opened, OutboundSA, RekeyRequired
+from nodeagent.keys import KeyRing, Timing, derive_pair
 from services.keydist.store import KeyStore
 
 T0 = 1_800_000_000.0
@@ -357,3 +357,24 @@ def test_a_peer_removed_and_re_added_never_gets_a_restarted_sa() -> None:
     assert fresh is not None and fresh.spi != old.spi
     assert isinstance(alpha.ring.spi_table.open(fresh.seal(INNER)), Opened)
     assert alpha.ring.spi_table.open(captured) is DropReason.UNKNOWN_SPI
+
+
+def test_an_spi_collision_keeps_the_installed_sa_and_starts_an_early_epoch() -> None:
+    relay, alpha, bravo = make_world((0.0, 0.0), FAST, rekey_after=2**40)
+    # Before alpha hears of bravo's key, an SA of something else already holds the SPI the pair will derive.
+    mine, theirs = alpha.ring.own.newest, bravo.ring.own.newest
+    spi = derive_pair("alpha", mine.private, mine.epoch, "bravo", theirs.public, theirs.epoch).inbound.spi
+    squatter = InboundSA(spi, bytes(32), bytes(4))
+    alpha.ring.spi_table.add(squatter)
+    t = T0
+    for _ in range(40):
+        t += 0.5
+        relay.deliver(t)
+        for node in (alpha, bravo):
+            relay.tick(node, t, delay=0.5)
+    assert alpha.ring.counters["spi_collision"] == 1
+    assert alpha.ring.counters["rekey_spi_collision"] == 1
+    assert alpha.ring.peer_of(spi) is None, "the SA installed first keeps its SPI"
+    sa = bravo.ring.outbound("alpha", t)
+    assert sa is not None and sa.spi != spi, "bravo moved to alpha's new epoch, with a new SPI"
+    assert isinstance(alpha.ring.spi_table.open(sa.seal(INNER)), Opened)
