@@ -427,7 +427,7 @@ class KeyRing:
         elif isinstance(request, FetchPeerKeys):
             if isinstance(reply, PeerKeys):
                 for key in reply.keys:
-                    self._learn(key, now)
+                    self._learn(key, now, sync=False)  # one sync below for the whole batch
             elif request.peers is None:
                 self._fetch_all_at = now + FETCH_BACKOFF_MIN
         self.sync(now)
@@ -539,7 +539,7 @@ class KeyRing:
         self._installed[sa.spi] = (name, pair)
 
     # -------------------------------------------------------------- helpers
-    def _learn(self, key: PeerKey, now: float) -> bool:
+    def _learn(self, key: PeerKey, now: float, *, sync: bool = True) -> bool:
         state = self.peers.get(key.node)
         if state is None:
             self.counters["key_not_a_peer"] += 1
@@ -549,7 +549,8 @@ class KeyRing:
             self.counters[f"key_{problem}"] += 1
             return False
         self._fetch[key.node] = _Fetch(now + FETCH_BACKOFF_MIN)
-        self.sync(now)
+        if sync:
+            self.sync(now)
         return True
 
     def _on_published(self, request: PublishKey, reply: Message | BusError, now: float) -> None:
