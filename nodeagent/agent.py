@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus import errors
 from bus.client import Client, Context
@@ -26,6 +26,9 @@ from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat,
 from bus.signing import verify_seal
 from nodeagent.state import ServerInfo, StateDir, StateError, StoredView
 from nodeagent.sync import Outcome, Replica
+
+if TYPE_CHECKING:
+    from nodeagent.tunnels import Tunnels
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +77,10 @@ class Agent:
         heartbeat: float = HEARTBEAT_INTERVAL,
         timeout: float = 3.0,
         context: Context | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         self.state = state
+        self.tunnels = tunnels  # the data plane and its keys; None for a control-only agent
         self.server = state.server()
         self.keypair = state.keypair()
         self.heartbeat_interval = heartbeat
@@ -118,6 +123,7 @@ class Agent:
         self.replica.view, self.replica.revision = stored.view, stored.revision
         self.replica.digest, self.replica.seal = stored.digest, stored.seal
         log.info("starting from the stored view at revision %d (until the server answers)", stored.revision)
+        self._view_changed()
         return True
 
     def check_stored(self, stored: StoredView) -> str | None:
@@ -170,6 +176,10 @@ class Agent:
                 self._save()
             if push is not None and push[0] == "fanout" and isinstance(push[1], Update):
                 self._on_update(client, push[1])
+            elif push is not None and push[0] == "keydist" and self.tunnels is not None:
+                self.tunnels.on_push(push[1])
+            if self.tunnels is not None:
+                self.tunnels.tick(client)
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
                 status = self._heartbeat(client)
@@ -180,7 +190,19 @@ class Agent:
 
     def _heartbeat(self, client: Client) -> SyncStatus | None:
         """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
-        beat = SyncHeartbeat(revision=self.replica.revision, digest=self.replica.digest, agent_version=VERSION)
+        endpoints, mapped, filtering = [], "", ""
+        if self.tunnels is not None:
+            endpoints = self.tunnels.endpoints()
+            report = self.tunnels.nat_report()
+            mapped, filtering = report.mapped, report.filtering
+        beat = SyncHeartbeat(
+            revision=self.replica.revision,
+            digest=self.replica.digest,
+            agent_version=VERSION,
+            endpoints=endpoints,
+            mapped=mapped,
+            filtering=filtering,
+        )
         try:
             status = client.request("fanout", beat, expect=SyncStatus)
         except BusTimeout:
@@ -190,6 +212,9 @@ class Agent:
             return None
         self._missed = 0
         assert isinstance(status, SyncStatus)
+        if self.tunnels is not None:
+            self.tunnels.set_reflector(status.reflector)
+            self._status("connected")  # refreshes the data plane's counters in status.json
         return status
 
     def _snapshot(self, client: Client) -> None:
@@ -200,6 +225,9 @@ class Agent:
         self.counters["snapshots"] += 1
         self.applied_log.append((snapshot.revision, time.monotonic()))
         self.connected = True
+        self._view_changed()
+        if self.tunnels is not None:
+            self.tunnels.on_connect()
         self._save()
         log.info(
             "snapshot at revision %d: %d VPNs, %d peers",
@@ -213,6 +241,7 @@ class Agent:
         self.counters[outcome.value] += 1
         if outcome is Outcome.APPLIED:
             self.applied_log.append((update.revision, time.monotonic()))
+            self._view_changed()
             self._save(force=False)
             # The receipt; the next heartbeat repeats it, so nothing waits for its reply.
             client.notify("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
@@ -225,6 +254,10 @@ class Agent:
                 self.replica.revision,
             )
             self._snapshot(client)
+
+    def _view_changed(self) -> None:
+        if self.tunnels is not None and self.replica.view is not None:
+            self.tunnels.apply_view(self.replica.view)
 
     def _save(self, force: bool = True) -> None:
         """Store the view; updates in a burst are stored at most every SAVE_INTERVAL (the loop flushes)."""
@@ -246,6 +279,7 @@ class Agent:
                 "revision": self.replica.revision,
                 "server": self.server.endpoints[self._endpoint % len(self.server.endpoints)],
                 "at": time.time(),
+                **({"dataplane": self.tunnels.status()} if self.tunnels is not None else {}),
                 **extra,
             }
         )

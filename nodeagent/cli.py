@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 
 from bus.messages.auth import JoinString
 from nodeagent.agent import Agent, EnrollmentError, enroll
+from nodeagent.dataplane import EXIT_MARK, PATHS, DataPlane
+from nodeagent.keys import REKEY_INTERVAL
 from nodeagent.state import StateDir, StateError, default_state_dir
+from nodeagent.transport import DEFAULT_UDP_PORT, Wire
+from nodeagent.tun import Tun, TunError
+from nodeagent.tunnels import Tunnels, timing_for
 from services.logsetup import setup_logging
 
 agent_app = typer.Typer(help="Run the node agent and inspect it.", no_args_is_help=True)
@@ -23,9 +30,9 @@ StateDirOption = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"coterie: error: {message}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @agent_app.command("up")
@@ -33,8 +40,26 @@ def up(
     join: Annotated[str | None, typer.Option("--join", help="The join string from `coterie node add`.")] = None,
     state_dir: StateDirOption = None,
     heartbeat: Annotated[float, typer.Option(help="Seconds between heartbeats.", min=0.2)] = 2.0,
+    tun: Annotated[str, typer.Option("--tun", help="Name of the TUN device the agent creates.")] = "cot0",
+    port: Annotated[int, typer.Option("--port", help="UDP port for ESP (0: any free port).", min=0, max=65535)] = (
+        DEFAULT_UDP_PORT
+    ),
+    path: Annotated[
+        str, typer.Option("--path", help="auto (the server's choice per peer), udp (masquerade) or esp (raw).")
+    ] = "auto",
+    exit_node: Annotated[
+        str | None, typer.Option("--exit-node", help="Send all traffic through this gateway (its 0.0.0.0/0 route).")
+    ] = None,
+    rekey_interval: Annotated[
+        float, typer.Option("--rekey-interval", help="Seconds between new ESP keys (make-before-break).", min=4.0)
+    ] = REKEY_INTERVAL,
+    control_only: Annotated[
+        bool, typer.Option("--control-only", help="Keep the view current but move no traffic (no TUN, no root).")
+    ] = False,
 ) -> None:
-    """Enroll with a join string (first run), then keep this node's view current until stopped."""
+    """Enroll with a join string (first run), then keep this node's view current and carry its traffic."""
+    if path not in PATHS:
+        _fail(f"--path must be one of: {', '.join(PATHS)}", code=2)
     setup_logging("agent")
     state = StateDir(state_dir or default_state_dir())
     if join is not None:
@@ -48,13 +73,50 @@ def up(
             except EnrollmentError as exc:
                 _fail(f"enrollment refused: {exc}")
             typer.echo(f"enrolled as node {info.node}")
+    tunnels = None
     try:
-        agent = Agent(state, heartbeat=heartbeat)
-    except StateError as exc:
+        server = state.server()
+        if not control_only:
+            exempt = [urlsplit(e).hostname or "" for e in server.endpoints]
+            tunnels = _start_tunnels(state, server.node, tun, port, path, exit_node, rekey_interval, exempt)
+        agent = Agent(state, heartbeat=heartbeat, tunnels=tunnels)
+    except (StateError, TunError, OSError) as exc:
+        if tunnels is not None:
+            tunnels.close()
         _fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    agent.run()
+    if tunnels is not None:
+        tunnels.start()
+    try:
+        agent.run()
+    finally:
+        if tunnels is not None:
+            tunnels.close()
+
+
+def _start_tunnels(
+    state: StateDir,
+    node: str,
+    tun: str,
+    port: int,
+    path: str,
+    exit_node: str | None,
+    rekey_interval: float,
+    exempt: list[str],
+) -> Tunnels:
+    from bus.signing import load_signing_key
+
+    try:
+        wire = Wire(port, raw_esp=True, mark=EXIT_MARK)
+    except OSError as exc:
+        raise TunError(f"cannot open the data plane's sockets (UDP port {port}): {exc.strerror}") from None
+    try:
+        plane = DataPlane(wire, Tun(tun, 1400), path=path, exit_node=exit_node, exempt=_ipv4_only(exempt))
+    except TunError:
+        wire.close()
+        raise
+    return Tunnels.create(plane, node, load_signing_key(state.path / "identity.key"), timing_for(rekey_interval))
 
 
 @agent_app.command("status")
@@ -65,12 +127,37 @@ def status(
     """This node's view: its VPNs and addresses, its peers and their state."""
     state = StateDir(state_dir or default_state_dir())
     try:
-        server = state.server()
-        stored = state.load_view()
+        doc = status_doc(state)
     except StateError as exc:
         _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    age = f", {time.time() - doc['updated']:.0f}s ago" if doc["updated"] else ""
+    typer.echo(
+        f"node {doc['node']}: {doc['state']}{age}, revision {doc['revision']}, server {', '.join(doc['server'])}"
+    )
+    for name, vpn in doc["vpns"].items():
+        typer.echo(f"  vpn {name}: {vpn['vip']} ({vpn['role']}) in {vpn['subnet']}, {vpn['topology']}")
+    tunnels = (doc["dataplane"] or {}).get("peers", {})
+    for name, peer in doc["peers"].items():
+        addresses = ", ".join(f"{v} {ip}" for v, ip in peer["vips"].items())
+        tunnel = tunnels.get(name)
+        path = ""
+        if tunnel:
+            keys = "keys ready" if tunnel["spi_out"] else "waiting for keys"
+            path = f"; {tunnel['path']} to {tunnel['endpoint'] or 'no endpoint yet'}, {keys}"
+        typer.echo(f"  peer {name}: {addresses}, {'online' if peer['online'] else 'offline'}{path}")
+    if not doc["peers"]:
+        typer.echo("  no peers")
+
+
+def status_doc(state: StateDir) -> dict[str, Any]:
+    """What `agent status --json` prints: the stored view and the running agent's last report."""
+    server = state.server()
+    stored = state.load_view()
     running = state.load_status()
-    doc: dict[str, Any] = {
+    return {
         "node": stored.view.node if stored else server.node,
         "server": server.endpoints,
         "state": running.get("state", "unknown"),
@@ -79,18 +166,17 @@ def status(
         "peers": {n: p.model_dump(mode="json") for n, p in stored.view.peers.items()} if stored else {},
         "acl": [a.model_dump(mode="json") for a in stored.view.acl] if stored else [],
         "updated": running.get("at"),
+        "dataplane": running.get("dataplane"),
     }
-    if as_json:
-        typer.echo(json.dumps(doc))
-        return
-    age = f", {time.time() - doc['updated']:.0f}s ago" if doc["updated"] else ""
-    typer.echo(
-        f"node {doc['node']}: {doc['state']}{age}, revision {doc['revision']}, server {', '.join(server.endpoints)}"
-    )
-    for name, vpn in doc["vpns"].items():
-        typer.echo(f"  vpn {name}: {vpn['vip']} ({vpn['role']}) in {vpn['subnet']}, {vpn['topology']}")
-    for name, peer in doc["peers"].items():
-        addresses = ", ".join(f"{v} {ip}" for v, ip in peer["vips"].items())
-        typer.echo(f"  peer {name}: {addresses}, {'online' if peer['online'] else 'offline'}")
-    if not doc["peers"]:
-        typer.echo("  no peers")
+
+
+def _ipv4_only(hosts: list[str]) -> list[str]:
+    """Server hosts given as IPv4 literals (a name would need resolving; exit-node users give addresses)."""
+    import ipaddress
+
+    found = []
+    for host in hosts:
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).version == 4:
+                found.append(host)
+    return found

@@ -64,6 +64,9 @@ class PeerView(_Part):
     nat_class: str = "unknown"
     online: bool = False
     sign_key: str | None = None
+    tags: list[str] = Field(default_factory=list)  # for ACL selectors `tag:TAG`, checked by the receiving agent
+    path: str = ""  # the server's choice for this pair (services/datastore/paths.py); "" = not decided
+    endpoint: str | None = None  # where this viewer sends to the peer ("host:port"), chosen by the server
 
     @cached_property
     def fingerprint(self) -> bytes:
@@ -87,6 +90,7 @@ class NodeView(_Part):
     vpns: dict[str, VpnView] = Field(default_factory=dict)
     peers: dict[str, PeerView] = Field(default_factory=dict)
     acl: list[AclView] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)  # this node's own tags, for ACL rules with `dst: tag:TAG`
 
     def digest(self) -> str:
         """SHA-256 over the canonical JSON of everything but the peers, then each peer's fingerprint.
@@ -96,6 +100,8 @@ class NodeView(_Part):
         """
         head = {"node": self.node, "vpns": {k: v.model_dump(mode="json") for k, v in self.vpns.items()}}
         head["acl"] = [a.model_dump(mode="json") for a in self.acl]
+        if self.tags:  # absent when empty, so views without tags keep the digests they always had
+            head["tags"] = list(self.tags)
         digest = hashlib.sha256(_canonical(head))
         for name in sorted(self.peers):
             digest.update(name.encode() + b"\x00" + self.peers[name].fingerprint)
@@ -111,12 +117,14 @@ class ViewDelta(_Part):
     set_peers: dict[str, PeerView] = Field(default_factory=dict)
     del_peers: list[str] = Field(default_factory=list)
     acl: list[AclView] | None = None
+    tags: list[str] | None = None
 
     def is_empty(self) -> bool:
         return (
             self.node is None
             and not (self.set_vpns or self.del_vpns or self.set_peers or self.del_peers)
             and self.acl is None
+            and self.tags is None
         )
 
     @classmethod
@@ -128,6 +136,7 @@ class ViewDelta(_Part):
             set_peers={k: v for k, v in new.peers.items() if old.peers.get(k) != v},
             del_peers=sorted(set(old.peers) - set(new.peers)),
             acl=new.acl if new.acl != old.acl else None,
+            tags=new.tags if new.tags != old.tags else None,
         )
 
     def apply(self, view: NodeView) -> NodeView:
@@ -138,6 +147,7 @@ class ViewDelta(_Part):
             vpns=dict(sorted(vpns.items())),
             peers=dict(sorted(peers.items())),
             acl=view.acl if self.acl is None else self.acl,
+            tags=view.tags if self.tags is None else self.tags,
         )
 
 
@@ -201,6 +211,8 @@ class SyncHeartbeat(Message):
     digest: str
     agent_version: str = ""
     endpoints: list[str] = Field(default_factory=list)
+    mapped: str = ""  # "ip:port" the server's UDP reflector saw (nodeagent/natprobe.py)
+    filtering: str = ""  # open | restricted | blocked: what got through from the reflector
 
 
 @register
@@ -219,3 +231,4 @@ class SyncStatus(Message):
     KIND = "sync.status"
     in_sync: bool
     revision: int
+    reflector: str = ""  # "host:port" of the server's UDP reflector, for NAT discovery

@@ -210,6 +210,7 @@ def test_receipts_show_a_paused_agent_as_pending(server: CoterieServer, tmp_path
             str(slow_dir),
             "--heartbeat",
             "0.4",
+            "--control-only",
         ],
         cwd=ROOT,
         stdout=log,

@@ -1,0 +1,1 @@
+"""compose: network-namespace labs for tests, demos and benchmarks (see compose/README.md)."""

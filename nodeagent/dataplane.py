@@ -1,0 +1,539 @@
+"""The data plane: packets between the TUN device and the peers, in batches.
+
+Outbound: TUN read -> summarize -> peer (longest prefix) -> VPN isolation ->
+flow note -> MSS clamp -> seal (ESP) -> frame for the peer's path -> send.
+Inbound: receive -> demultiplex (masquerade marker, keepalive, ESP) -> SPI
+lookup -> authenticate -> replay commit -> cryptokey routing -> VPN isolation
+-> ACL -> TUN write.
+
+Every stage takes the whole batch a read returned, so that the performance
+work can swap reads of one packet for reads of 64 KB (TUN offloads, UDP GRO)
+without touching the decisions. Two threads run the two directions; the
+control loop changes peers and keys by replacing whole objects (a PeerTable,
+a Policy, an SA), which Python assigns atomically, so no lock is held on the
+packet path.
+
+Every packet that is not delivered is counted under the reason why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import select
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.messages.sync import NodeView
+from nodeagent.acl import FlowTable, Policy, quoted_flow_key
+from nodeagent.constants import ESP_OVERHEAD, PAYLOAD_ALIGNMENT
+from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired, parse_header
+from nodeagent.natprobe import NatProbe
+from nodeagent.packets import (
+    ICMP_CODE_HOST_UNREACHABLE,
+    PacketError,
+    clamp_mss,
+    icmp_error,
+    summarize,
+)
+from nodeagent.peers import PeerTable
+from nodeagent.transport import (
+    KEEPALIVE,
+    MASQUERADE_MARKER,
+    PATH_OVERHEAD,
+    Kind,
+    Wire,
+    classify_udp,
+    strip_ipv4_header,
+)
+from nodeagent.tun import Tun
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # packets per read; the unit every stage works on
+QUEUE_LIMIT = 64  # packets held per peer while its keys or endpoint are not ready
+QUEUE_WAIT = 3.0  # seconds a held packet waits before it is answered with ICMP unreachable
+UNDERLAY_MTU = 1500
+TICK_INTERVAL = 0.25
+PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
+UDP_PATHS = ("udp", "punch")
+PUNCH_SECONDS = 10.0  # hole punching: keepalives every PUNCH_INTERVAL for this long, or until the peer answers
+PUNCH_INTERVAL = 0.5
+# The first punches leave with a small TTL: they open this node's own NAT but expire before the peer's,
+# so the peer's NAT holds no entry for them that would make it pick another port for its own punches.
+PUNCH_LOW_TTL = 2
+PUNCH_LOW_TTL_SECONDS = 2.0
+EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
+
+
+def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
+    """The largest inner packet that fits the path without fragmenting the outer one (RELIABILITY.md D14)."""
+    room = underlay_mtu - PATH_OVERHEAD[path] - ESP_OVERHEAD
+    room -= room % PAYLOAD_ALIGNMENT  # the padded payload is a multiple of 4; the trailer fits in what is left
+    return min(vpn_mtu, room - (PAYLOAD_ALIGNMENT - 1))
+
+
+@dataclass
+class Tunnel:
+    """What this node holds for one peer: where it is, how to reach it, and the outbound SA."""
+
+    peer: str
+    path: str = "udp"  # esp | udp | punch | tcp443 | relay (services/datastore/paths.py)
+    punch_until: float = 0.0
+    endpoint: str | None = None  # host from the netmap (the peer's reported address)
+    port: int | None = None
+    learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
+    outbound: OutboundSA | None = None
+    inbound_spis: set[int] = field(default_factory=set)
+    queue: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
+    last_sent: float = 0.0
+    last_received: float = 0.0
+    tx: int = 0
+    rx: int = 0
+
+    def address(self, path: str) -> tuple[str, int] | None:
+        if path in UDP_PATHS:
+            if self.learned is not None:
+                return self.learned
+            return (self.endpoint, self.port) if self.endpoint and self.port else None
+        host = self.learned[0] if self.learned is not None else self.endpoint
+        return (host, 0) if host else None
+
+
+class DataPlane:
+    """One agent's data plane; ``apply_view`` and ``install`` are its whole control interface."""
+
+    def __init__(
+        self,
+        wire: Wire,
+        tun: Tun | None = None,
+        *,
+        path: str = "auto",
+        exit_node: str | None = None,
+        exempt: list[str] | None = None,
+    ) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}")
+        if path == "esp" and wire.esp is None:
+            raise ValueError("the esp path needs the raw ESP socket")
+        self.wire = wire
+        self.tun = tun
+        self.forced_path = None if path == "auto" else path  # an operator's override on this node
+        self.nat_probe: NatProbe | None = None  # fed the reflector's answers (control datagrams)
+        self.exit_node = exit_node
+        self.exempt = exempt or []  # hosts never routed through an exit node: the control server
+        self.exit_via: str | None = None  # the source address of the exit route while it is installed
+        self.counters: Counter[str] = Counter()
+        self.peers = PeerTable(NodeView(node=""), exit_node=exit_node)
+        self.policy = Policy(NodeView(node=""))
+        self.flows = FlowTable()
+        self.tunnels: dict[str, Tunnel] = {}
+        self.spis: dict[int, tuple[InboundSA, str]] = {}
+        self.keepalive = 25.0
+        self.mtu = tunnel_mtu(1400, "udp")
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------------ control interface
+    def apply_view(self, view: NodeView) -> None:
+        """Take a new netmap: peers, routes, ACLs; peers that left lose their SAs at once."""
+        self.peers = PeerTable(view, exit_node=self.exit_node)
+        self.policy = Policy(view)
+        for name in [n for n in self.tunnels if n not in view.peers]:
+            self.remove_peer(name)
+        now = time.monotonic()
+        for name, peer in view.peers.items():
+            tunnel = self.tunnels.setdefault(name, Tunnel(name))
+            previous = tunnel.address(tunnel.path)
+            tunnel.endpoint, tunnel.port = _pick_endpoint([peer.endpoint] if peer.endpoint else peer.endpoints)
+            path = self.forced_path or peer.path or "udp"
+            if path == "esp" and self.wire.esp is None:
+                path = "udp"
+            if path == "punch" and (tunnel.path != "punch" or tunnel.address("punch") != previous):
+                tunnel.punch_until = now + PUNCH_SECONDS  # a new pair, or the peer's mapping moved: punch again
+            tunnel.path = path
+        if view.vpns:
+            self.keepalive = float(min(v.keepalive for v in view.vpns.values()))
+            self.mtu = tunnel_mtu(min(v.mtu for v in view.vpns.values()), "udp")  # the larger overhead
+        if self.tun is not None:
+            self._configure_tun(view)
+        self._wake()
+
+    def _configure_tun(self, view: NodeView) -> None:
+        assert self.tun is not None
+        self.tun.set_mtu(self.mtu)
+        addresses = []
+        routes = []
+        for vpn in view.vpns.values():
+            subnet = ipaddress.ip_network(vpn.subnet, strict=False)
+            addresses.append((vpn.vip, subnet.prefixlen))
+        for peer in view.peers.values():
+            for route in peer.routes:
+                if ipaddress.ip_network(route.cidr).prefixlen == 0:
+                    continue  # a default route goes in the exit table (below), never in main
+                mine = view.vpns.get(route.vpn)
+                if mine is not None:
+                    routes.append((route.cidr, mine.vip))
+        self.tun.set_addresses(addresses)
+        self.tun.set_routes(routes)
+        exit_via = None
+        exit_peer = view.peers.get(self.exit_node) if self.exit_node else None
+        if exit_peer is not None:
+            for route in exit_peer.routes:
+                if ipaddress.ip_network(route.cidr).prefixlen == 0 and route.vpn in view.vpns:
+                    exit_via = view.vpns[route.vpn].vip
+        if exit_via != self.exit_via:
+            self.tun.route_all_through(exit_via, EXIT_MARK, self.exempt)
+            self.exit_via = exit_via
+            log.info("exit node %s: %s", self.exit_node, "in use" if exit_via else "not offering 0.0.0.0/0 (yet)")
+
+    def install(self, peer: str, outbound: OutboundSA | None, inbound: list[InboundSA]) -> None:
+        """Make these the peer's SAs: *outbound* for sending, exactly *inbound* for receiving."""
+        tunnel = self.tunnels.get(peer)
+        if tunnel is None:
+            log.debug("keys for %s, which is not a peer (any more); ignored", peer)
+            return
+        wanted = {sa.spi for sa in inbound}
+        for sa in inbound:
+            owner = self.spis.get(sa.spi)
+            if owner is not None and owner[1] != peer:
+                self.counters["spi_collision"] += 1
+                log.warning("SPI %#010x of %s collides with %s's; not installed", sa.spi, peer, owner[1])
+                continue
+            if owner is None or owner[0] is not sa:
+                self.spis[sa.spi] = (sa, peer)
+        for spi in tunnel.inbound_spis - wanted:
+            self.spis.pop(spi, None)
+        tunnel.inbound_spis = wanted
+        tunnel.outbound = outbound
+        self._wake()
+
+    def remove_peer(self, peer: str) -> None:
+        tunnel = self.tunnels.pop(peer, None)
+        if tunnel is None:
+            return
+        for spi in tunnel.inbound_spis:
+            self.spis.pop(spi, None)
+        tunnel.outbound = None
+        log.info("peer %s removed: its SAs are gone", peer)
+
+    def endpoints(self) -> list[str]:
+        """This node's addresses with its UDP port, for the server (what peers will send to)."""
+        found = []
+        for address in _local_ipv4_addresses(skip=self.tun.name if self.tun else None):
+            found.append(f"{address}:{self.wire.port}")
+        return found
+
+    # ------------------------------------------------------------------ outbound
+    def outbound_batch(self, packets: list[bytes]) -> list[bytes]:
+        """Send what can be sent; returns the ICMP answers to write back to the TUN."""
+        answers: list[bytes] = []
+        peers, policy, flows, counters = self.peers, self.policy, self.flows, self.counters
+        now = time.monotonic()
+        largest_mss = {4: self.mtu - 40, 6: self.mtu - 60}  # MTU minus the IP and TCP headers
+        for packet in packets:
+            try:
+                summary = summarize(packet)
+            except PacketError:
+                counters["out_malformed"] += 1
+                continue
+            route = peers.outbound(summary.version, summary.dst)
+            if route is None:
+                counters["out_no_route"] += 1
+                answer = self._unreachable(packet, summary.version)
+                if answer is not None:
+                    answers.append(answer)
+                continue
+            if not peers.may_send_from(route.vpn, summary.version, summary.src):
+                counters["out_vpn_isolation"] += 1  # a packet of another VPN, forwarded here by the kernel
+                continue
+            if policy.restricted(route.vpn):
+                flows.note(flows.key_outbound(summary), now)
+            if summary.proto == 6:
+                mutable = bytearray(packet)
+                if clamp_mss(mutable, summary, largest_mss[summary.version]):
+                    counters["out_mss_clamped"] += 1
+                    packet = bytes(mutable)
+            tunnel = self.tunnels.get(route.peer)
+            if tunnel is None:
+                counters["out_no_route"] += 1
+                continue
+            if not self._send(tunnel, packet, now):
+                if len(tunnel.queue) == QUEUE_LIMIT:
+                    counters["out_queue_full"] += 1
+                tunnel.queue.append((now, packet))
+                counters["out_queued"] += 1
+        return answers
+
+    def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
+        sa = tunnel.outbound
+        path = tunnel.path
+        address = tunnel.address(path)
+        if sa is None or address is None:
+            return False
+        if path not in UDP_PATHS and path != "esp":
+            self.counters["out_path_unavailable"] += 1  # tcp443 and relay are not built yet: held, then ICMP
+            return False
+        try:
+            sealed = sa.seal(packet)
+        except RekeyRequired:
+            self.counters["out_rekey_wait"] += 1
+            return False
+        except EspParseError:
+            self.counters["out_malformed"] += 1
+            return True
+        if path in UDP_PATHS:
+            self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
+        else:
+            self.wire.send_esp(sealed, address[0])
+        tunnel.last_sent = now
+        tunnel.tx += 1
+        self.counters["out_packets"] += 1
+        return True
+
+    def _unreachable(self, packet: bytes, version: int) -> bytes | None:
+        """ICMP host unreachable from this node's own address: the sender's, else its first IPv4 one."""
+        if version != 4 or len(packet) < 20:
+            return None
+        own = [a for a in self.peers.local_address.values() if a < 1 << 32]
+        sender = int.from_bytes(packet[12:16], "big")
+        source = sender if sender in own else (own[0] if own else None)
+        return None if source is None else icmp_error(packet, source, ICMP_CODE_HOST_UNREACHABLE)
+
+    def flush_queues(self, now: float) -> list[bytes]:
+        """Send held packets whose peer became ready; answer those held too long with ICMP unreachable."""
+        answers = []
+        for tunnel in list(self.tunnels.values()):
+            while tunnel.queue:
+                held_since, packet = tunnel.queue[0]
+                if self._send(tunnel, packet, now):
+                    tunnel.queue.popleft()
+                    self.counters["out_queue_sent"] += 1
+                elif now - held_since > QUEUE_WAIT:
+                    tunnel.queue.popleft()
+                    self.counters["out_queue_expired"] += 1
+                    answer = self._unreachable(packet, packet[0] >> 4)
+                    if answer is not None:
+                        answers.append(answer)
+                else:
+                    break
+        return answers
+
+    # ------------------------------------------------------------------ inbound
+    def inbound_udp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> list[memoryview]:
+        delivered: list[memoryview] = []
+        for datagram, source in datagrams:
+            kind, start = classify_udp(datagram)
+            if kind is Kind.ESP:
+                self._open(memoryview(datagram)[start:], source, True, delivered)
+            elif kind is Kind.CONTROL and self.nat_probe is not None and self.nat_probe.on_answer(datagram):
+                self.counters["in_reflector"] += 1
+            else:
+                self.counters[f"in_{kind.value}"] += 1
+        return delivered
+
+    def inbound_esp(self, packets: list[tuple[bytes, tuple[str, int]]]) -> list[memoryview]:
+        delivered: list[memoryview] = []
+        for packet, source in packets:
+            esp = strip_ipv4_header(packet)
+            if esp is None:
+                self.counters["in_truncated"] += 1
+                continue
+            self._open(esp, source, False, delivered)
+        return delivered
+
+    def _open(self, esp: memoryview, source: tuple[str, int], udp: bool, delivered: list[memoryview]) -> None:
+        counters = self.counters
+        try:
+            spi, _ = parse_header(esp)
+        except EspParseError as error:
+            counters[f"in_{error.reason.value}"] += 1
+            return
+        entry = self.spis.get(spi)
+        if entry is None:
+            counters[f"in_{DropReason.UNKNOWN_SPI.value}"] += 1
+            return
+        sa, peer = entry
+        result = sa.open(esp)
+        if isinstance(result, DropReason):
+            counters[f"in_{result.value}"] += 1
+            return
+        tunnel = self.tunnels.get(peer)
+        if tunnel is None:
+            counters["in_unknown_peer"] += 1
+            return
+        # Authenticated: only now may the packet teach us where the peer is (roaming, PAT).
+        if udp and tunnel.learned != source:
+            if tunnel.learned is not None:
+                counters["endpoint_moved"] += 1
+                log.info("peer %s now at %s:%d (was %s:%d)", peer, *source, *tunnel.learned)
+            tunnel.learned = source
+        tunnel.last_received = time.monotonic()
+        tunnel.rx += 1
+        inner = result.inner
+        try:
+            summary = summarize(inner)
+        except PacketError:
+            counters["in_malformed_inner"] += 1
+            return
+        route = self.peers.sender_owns(peer, summary.version, summary.src)
+        if route is None:
+            counters["in_source_not_allowed"] += 1  # cryptokey routing: not this peer's address
+            return
+        if not self.peers.accepts(route.vpn, summary.version, summary.dst):
+            counters["in_vpn_isolation"] += 1
+            return
+        policy = self.policy
+        if policy.restricted(route.vpn):
+            flows = self.flows
+            if (
+                not flows.known(flows.key_inbound(summary))
+                and policy.allows_inbound(route.vpn, peer, summary) is None
+                and not flows.known(quoted_flow_key(inner, summary))  # an ICMP error about our own flow
+            ):
+                counters["in_acl_denied"] += 1
+                return
+        counters["in_packets"] += 1
+        delivered.append(inner)
+
+    # ------------------------------------------------------------------ housekeeping
+    def tick(self, now: float) -> None:
+        """Keepalives for UDP paths and flow expiry (the inbound thread's chores; it seals nothing)."""
+        for tunnel in list(self.tunnels.values()):
+            if tunnel.path not in UDP_PATHS:
+                continue
+            address = tunnel.address(tunnel.path)
+            if address is None:
+                continue
+            punching = now < tunnel.punch_until and tunnel.rx == 0
+            interval = PUNCH_INTERVAL if punching else self.keepalive
+            if (tunnel.outbound is not None or punching) and now - tunnel.last_sent >= interval:
+                low = punching and now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
+                self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
+                tunnel.last_sent = now
+                self.counters["out_punch" if punching else "out_keepalive"] += 1
+        self.flows.sweep(now)
+
+    # ------------------------------------------------------------------ threads
+    def start(self) -> None:
+        if self.tun is None:
+            raise RuntimeError("no TUN device")
+        for target, name in ((self._outbound_loop, "dataplane-out"), (self._inbound_loop, "dataplane-in")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        self._threads.clear()
+
+    def close(self) -> None:
+        self.stop()
+        self.wire.close()
+        if self.tun is not None:
+            self.tun.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _outbound_loop(self) -> None:
+        tun = self.tun
+        assert tun is not None
+        # Only this thread seals: an OutboundSA's counter is not shared between threads (no IV reuse).
+        while not self._stop.is_set():
+            ready, _, _ = select.select([tun.fd, self._wake_r], [], [], TICK_INTERVAL)
+            if self._wake_r in ready:
+                _drain(self._wake_r)
+            if any(t.queue for t in list(self.tunnels.values())):
+                tun.write_batch(self.flush_queues(time.monotonic()))
+            if tun.fd in ready:
+                answers = self.outbound_batch(tun.read_batch(BATCH))
+                if answers:
+                    tun.write_batch(answers)
+
+    def _inbound_loop(self) -> None:
+        tun = self.tun
+        assert tun is not None
+        sockets = self.wire.sockets()
+        next_tick = time.monotonic() + TICK_INTERVAL
+        while not self._stop.is_set():
+            ready, _, _ = select.select(sockets, [], [], TICK_INTERVAL)
+            for sock in ready:
+                batch = self.wire.recv_batch(sock, BATCH)
+                delivered = self.inbound_udp(batch) if sock is self.wire.udp else self.inbound_esp(batch)
+                if delivered:
+                    self.counters["tun_write_refused"] += tun.write_batch(delivered)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_INTERVAL
+                self.tick(now)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        peers = {}
+        for name, tunnel in sorted(self.tunnels.items()):
+            address = tunnel.address(tunnel.path)
+            peers[name] = {
+                "path": tunnel.path,
+                "endpoint": f"{address[0]}:{address[1]}" if address else None,
+                "spi_out": f"{tunnel.outbound.spi:#010x}" if tunnel.outbound else None,
+                "spis_in": sorted(f"{s:#010x}" for s in tunnel.inbound_spis),
+                "tx_packets": tunnel.tx,
+                "rx_packets": tunnel.rx,
+                "queued": len(tunnel.queue),
+            }
+        return {
+            "tun": self.tun.name if self.tun else None,
+            "mtu": self.mtu,
+            "udp_port": self.wire.port,
+            "path": self.forced_path or "auto",
+            "peers": peers,
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _pick_endpoint(endpoints: list[str]) -> tuple[str | None, int | None]:
+    """The first IPv4 host:port a peer reported (issue 6 replaces this with the server's path choice)."""
+    for text in endpoints:
+        host, _, port = text.rpartition(":")
+        try:
+            if ipaddress.ip_address(host).version == 4:
+                return host, int(port)
+        except ValueError:
+            continue
+    return None, None
+
+
+def _local_ipv4_addresses(skip: str | None) -> list[str]:
+    from pyroute2 import IPRoute
+
+    addresses = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for message in ipr.get_addr(family=2):
+            name = names.get(message["index"])
+            address = message.get_attr("IFA_ADDRESS")
+            if name in ("lo", skip) or address is None or address.startswith("127."):
+                continue
+            addresses.append(address)
+    return addresses

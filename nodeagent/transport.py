@@ -1,0 +1,137 @@
+"""The wire: raw ESP (IP protocol 50) and the UDP masquerade format, and telling datagrams apart.
+
+UDP masquerade is how ESP crosses a PAT: a UDP header, a 4-byte masquerade
+marker, then the ESP packet. The marker is the word 0x000000FE. As an SPI it
+lies in 1..255, which IANA reserves and no SA ever uses, so masqueraded ESP
+can never be mistaken for RFC 3948 ESP-in-UDP (whose first word is the SPI,
+256 or more), nor for RFC 3948's non-ESP marker (0x00000000) or its NAT
+keepalive (a single 0xFF byte). What cannot be told apart by its first word
+is settled by authentication: nothing changes state before the ICV checks.
+
+The demultiplexer is a pure function so it can be fuzzed (RELIABILITY.md D8).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import socket
+import struct
+
+from nodeagent.constants import ESP_MIN_PACKET_SIZE
+
+log = logging.getLogger(__name__)
+
+MASQUERADE_MARKER = b"\x00\x00\x00\xfe"
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+KEEPALIVE = b"\xff"
+IPPROTO_ESP = 50
+DEFAULT_UDP_PORT = 7871
+RECV_SIZE = 65536
+
+# Per-packet encapsulation overhead on each path, before ESP's own (IPv4 outer header).
+OUTER_IPV4 = 20
+UDP_HEADER = 8
+PATH_OVERHEAD = {"esp": OUTER_IPV4, "udp": OUTER_IPV4 + UDP_HEADER + len(MASQUERADE_MARKER)}
+
+
+class Kind(enum.Enum):
+    ESP = "esp"  # an ESP packet (masqueraded, RFC 3948, or raw)
+    KEEPALIVE = "keepalive"
+    CONTROL = "control"  # after the non-ESP marker; reserved for hole punching (issue 6)
+    GARBAGE = "garbage"
+
+
+def classify_udp(datagram: bytes | memoryview) -> tuple[Kind, int]:
+    """What a datagram on the agent's UDP port is, and where its payload starts; never raises."""
+    if len(datagram) == 1 and datagram[0] == 0xFF:
+        return Kind.KEEPALIVE, 1
+    if len(datagram) < 4:
+        return Kind.GARBAGE, 0
+    head = bytes(datagram[:4])
+    if head == MASQUERADE_MARKER:
+        if len(datagram) - 4 < ESP_MIN_PACKET_SIZE:
+            return Kind.GARBAGE, 0
+        return Kind.ESP, 4
+    if head == NON_ESP_MARKER:
+        return Kind.CONTROL, 4
+    if int.from_bytes(head, "big") < 256 or len(datagram) < ESP_MIN_PACKET_SIZE:
+        return Kind.GARBAGE, 0
+    return Kind.ESP, 0  # RFC 3948 ESP-in-UDP: the SPI comes first
+
+
+def strip_ipv4_header(packet: bytes) -> memoryview | None:
+    """A raw IPv4 socket hands over the IP header too; the ESP packet starts after it."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    start = (packet[0] & 0x0F) * 4
+    if start < 20:  # IHL below 5 is no IPv4 header: without this the header itself would be read as ESP
+        return None
+    return memoryview(packet)[start:] if len(packet) >= start + ESP_MIN_PACKET_SIZE else None
+
+
+class Wire:
+    """The agent's two sockets: one UDP port for masquerade and keepalives, one raw socket for ESP."""
+
+    def __init__(self, port: int = DEFAULT_UDP_PORT, *, raw_esp: bool = True, mark: int = 0) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.udp.bind(("0.0.0.0", port))
+        self.udp.setblocking(False)
+        self.port = self.udp.getsockname()[1]
+        self.esp: socket.socket | None = None
+        if raw_esp:
+            self.esp = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
+            self.esp.setblocking(False)
+        for sock in self.sockets():
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            if mark:  # policy routing keeps the agent's own encapsulated packets out of its tunnel
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        self.send_errors = 0
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.udp] + ([self.esp] if self.esp is not None else [])
+
+    def send_udp(self, payload: bytes, address: tuple[str, int], ttl: int | None = None) -> None:
+        """Send one datagram; *ttl* sets this datagram's IP TTL only (ancillary data, not the socket's)."""
+        if ttl is None:
+            self._send(self.udp, payload, address)
+            return
+        try:
+            self.udp.sendmsg([payload], [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack("i", ttl))], 0, address)
+        except OSError:
+            self.send_errors += 1
+
+    def send_esp(self, packet: bytes, host: str) -> None:
+        if self.esp is None:
+            raise RuntimeError("raw ESP is off on this agent")
+        self._send(self.esp, packet, (host, 0))
+
+    def _send(self, sock: socket.socket, payload: bytes, address: tuple[str, int]) -> None:
+        try:
+            sock.sendto(payload, address)
+        except BlockingIOError:
+            self.send_errors += 1  # the socket buffer is full: a drop, as a full link would make
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EPERM):
+                log.warning("send to %s failed: %s", address, exc)
+
+    def recv_batch(self, sock: socket.socket, limit: int) -> list[tuple[bytes, tuple[str, int]]]:
+        batch = []
+        recvfrom = sock.recvfrom
+        for _ in range(limit):
+            try:
+                batch.append(recvfrom(RECV_SIZE))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors surface as ECONNREFUSED on the next read
+                log.debug("receive: %s", exc)
+                continue
+        return batch
+
+    def close(self) -> None:
+        for sock in self.sockets():
+            sock.close()

@@ -1,0 +1,157 @@
+"""The TUN device: one per agent, carrying every VPN the node is in.
+
+The device is not persistent: the kernel removes it, with its addresses and
+routes, when the last descriptor closes, which is also what happens when the
+agent crashes. A persistent device of the same name left by something else is
+taken over and its addresses flushed, so a new run never inherits stale
+routes. Addresses, MTU and routes go through pyroute2 (netlink), not `ip`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import struct
+from collections.abc import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+READ_SIZE = 65536
+TUN_PATH = "/dev/net/tun"
+_FIB_RULE_INVERT = 0x2  # `ip rule add not fwmark ...`
+
+
+class TunError(Exception):
+    """The device cannot be made or configured; the message says what to do."""
+
+
+class Tun:
+    """An open TUN device; reads and writes whole IP packets, in batches."""
+
+    def __init__(self, name: str, mtu: int) -> None:
+        if len(name.encode()) > 15:
+            raise TunError(f"interface name {name!r} is longer than 15 bytes")
+        try:
+            self.fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TunError(
+                f"cannot open {TUN_PATH}: {exc.strerror} (the data plane needs root or CAP_NET_ADMIN)"
+            ) from None
+        try:
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        except OSError as exc:
+            os.close(self.fd)
+            if exc.errno == errno.EBUSY:
+                raise TunError(f"TUN device {name} is in use by another process (another agent?)") from None
+            raise TunError(f"cannot create TUN device {name}: {exc.strerror}") from None
+        self.name = name
+        self.mtu = mtu
+        self._ipr = IPRoute()
+        self.index = self._ipr.link_lookup(ifname=name)[0]
+        self._ipr.flush_addr(index=self.index)
+        self._ipr.link("set", index=self.index, mtu=mtu, state="up")
+        self._routes: set[tuple[str, str]] = set()  # (cidr, source address)
+        self._exit_rules: list[dict[str, object]] = []
+        log.info("TUN device %s up (index %d, MTU %d)", name, self.index, mtu)
+
+    # ------------------------------------------------------------------ configuration
+    def set_addresses(self, addresses: Iterable[tuple[str, int]]) -> None:
+        """Make the device's addresses exactly these (address, prefix length) pairs."""
+        wanted = {(str(ipaddress.ip_address(a)), p) for a, p in addresses}
+        present = {(dict(m["attrs"])["IFA_ADDRESS"], m["prefixlen"]) for m in self._ipr.get_addr(index=self.index)}
+        for address, prefix in present - wanted:
+            self._ipr.addr("del", index=self.index, address=address, prefixlen=prefix)
+        for address, prefix in wanted - present:
+            self._ipr.addr("add", index=self.index, address=address, prefixlen=prefix)
+
+    def set_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Make the extra routes through the device exactly these (cidr, preferred source) pairs."""
+        wanted = {(str(ipaddress.ip_network(c, strict=False)), s) for c, s in routes}
+        for cidr, source in self._routes - wanted:
+            self._route("del", cidr, source)
+        for cidr, source in wanted - self._routes:
+            self._route("replace", cidr, source)
+        self._routes = wanted
+
+    def _route(self, action: str, cidr: str, source: str) -> None:
+        try:
+            self._ipr.route(action, dst=cidr, oif=self.index, prefsrc=source)
+        except NetlinkError as exc:
+            if action == "del" and exc.code in (errno.ESRCH, errno.ENOENT):
+                return
+            raise TunError(f"cannot {action} route {cidr} via {self.name}: {exc}") from None
+
+    def route_all_through(self, source: str | None, mark: int, exempt: list[str]) -> None:
+        """Exit-node routing: everything not marked *mark* goes through the device, except *exempt* hosts.
+
+        The agent's own ESP sockets carry the mark, so their packets use the
+        main table and never enter the tunnel they implement (the loop
+        wg-quick avoids the same way); the server's addresses are exempt so
+        the control plane never depends on the data plane. *source* None
+        removes it all.
+        """
+        table = mark
+        for rule in self._exit_rules:
+            with contextlib.suppress(NetlinkError):
+                self._ipr.rule("del", **rule)
+        self._exit_rules = []
+        with contextlib.suppress(NetlinkError):
+            self._ipr.route("del", dst="0.0.0.0/0", table=table, oif=self.index)
+        if source is None:
+            return
+        self._ipr.route("replace", dst="0.0.0.0/0", table=table, oif=self.index, prefsrc=source)
+        rules = [dict(table=254, priority=table - 2, dst=host, dst_len=32) for host in exempt]
+        rules.append(dict(table=254, priority=table - 1, suppress_prefixlen=0))
+        rules.append(dict(table=table, priority=table, fwmark=mark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT))
+        for rule in rules:
+            self._ipr.rule("add", **rule)
+            self._exit_rules.append(rule)
+
+    def set_mtu(self, mtu: int) -> None:
+        if mtu != self.mtu:
+            self._ipr.link("set", index=self.index, mtu=mtu)
+            self.mtu = mtu
+
+    # ------------------------------------------------------------------ packets
+    def read_batch(self, limit: int) -> list[bytes]:
+        """Up to *limit* packets that are waiting now (none when the device is idle)."""
+        packets = []
+        read = os.read
+        for _ in range(limit):
+            try:
+                packets.append(read(self.fd, READ_SIZE))
+            except BlockingIOError:
+                break
+        return packets
+
+    def write_batch(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
+        """Write packets; returns how many the kernel refused (counted by the caller)."""
+        refused = 0
+        write = os.write
+        for packet in packets:
+            try:
+                write(self.fd, packet)
+            except BlockingIOError:
+                refused += 1
+            except OSError as exc:  # EINVAL for a packet the kernel will not take
+                log.debug("TUN write refused: %s", exc)
+                refused += 1
+        return refused
+
+    def close(self) -> None:
+        if self._exit_rules:  # rules are not tied to the device: the kernel would keep them
+            self.route_all_through(None, int(self._exit_rules[-1]["table"]), [])  # type: ignore[call-overload]
+        if self.fd >= 0:
+            os.close(self.fd)  # the kernel removes the device, its addresses and its routes
+            self.fd = -1
+        self._ipr.close()
