@@ -111,7 +111,7 @@ class Node:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
-    srv = CoterieServer(tmp_path_factory.mktemp("keydist"), presence_timeout=120.0).start()
+    srv = CoterieServer(tmp_path_factory.mktemp("keydist"), presence_timeout=120.0).start(timeout=90.0)
     yield srv
     srv.stop()
 
