@@ -27,7 +27,7 @@ from bus.client import Client
 from bus.errors import BusError, RemoteError
 from bus.messages import Message
 from bus.messages.auth import JoinString
-from bus.messages.datastore import MemberRemove, VpnCreate
+from bus.messages.datastore import MemberAdd, MemberRemove, VpnCreate
 from bus.messages.keys import FetchPeerKeys, KeyPublished, PeerKeys, PeerKeyUpdate, PublishKey, publication_payload
 from bus.messages.sync import Snapshot, SnapshotRequest
 from bus.signing import load_signing_key
@@ -181,6 +181,32 @@ def test_keys_never_reach_a_node_that_shares_no_vpn(nodes: dict[str, Node]) -> N
     assert [r.relayed for r in n3.replies if isinstance(r, KeyPublished)] == [0]
     reply = n1.client.request("keydist", FetchPeerKeys(peers=[n3.name]), expect=PeerKeys)
     assert isinstance(reply, PeerKeys) and reply.keys == []
+
+
+def test_in_a_hub_spoke_vpn_spokes_get_the_hub_keys_only(server: CoterieServer, tmp_path: Path) -> None:
+    """Trust is the netmap's peer relation: two spokes share a VPN but never see each other."""
+    server.mutate(VpnCreate, name="hs", subnet="10.200.0.0/24", topology="hub-spoke")
+    joins = {name: server.add_node(name, ["hs"]) for name in ("hs-s1", "hs-s2", "hs-hub")}
+    server.mutate(MemberRemove, node="hs-hub", vpn="hs")
+    server.mutate(MemberAdd, node="hs-hub", vpn="hs", role="hub")
+    context = shared()
+    made = {name: Node(tmp_path / name, join, context) for name, join in joins.items()}
+    try:
+        for node in made.values():
+            node.refresh_view()
+        s1, s2, hub = made["hs-s1"], made["hs-s2"], made["hs-hub"]
+        s1.exchange()
+        assert [r.relayed for r in s1.replies if isinstance(r, KeyPublished)] == [1]
+        assert [p.key.node for p in hub.take_pushes(5.0)] == [s1.name]
+        assert s2.take_pushes(1.0) == []
+        reply = s2.client.request("keydist", FetchPeerKeys(peers=[s1.name]), expect=PeerKeys)
+        assert isinstance(reply, PeerKeys) and reply.keys == []
+        hub.exchange()
+        assert [p.key.node for p in s2.take_pushes(5.0)] == [hub.name]
+    finally:
+        for node in made.values():
+            node.close()
+        context.term()
 
 
 def test_forged_stale_and_expired_keys_are_refused(nodes: dict[str, Node], server: CoterieServer) -> None:
