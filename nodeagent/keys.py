@@ -359,12 +359,14 @@ class _Fetch:
 class KeyRing:
     """All of a node's end-to-end keys: its own epochs, every peer's, and the inbound SPI table.
 
-    The agent makes one at start and calls: ``set_peers`` on every view
-    change; ``on_connect`` after each snapshot; ``tick`` about every 0.5 s
-    (send each message it returns to keydist, hand the answer or the BusError
-    to ``on_reply``); ``on_push`` for keydist's pushes; ``outbound(peer)``
-    per packet batch; ``spi_table`` and ``peer_of`` on the way in;
-    ``rekey`` when an OutboundSA raised RekeyRequired.
+    The agent makes one at start (new keys: a restart never reuses an SA)
+    and calls: ``set_peers`` on every view change; ``on_connect`` after each
+    snapshot; ``tick`` about every 0.5 s (send each message it returns to
+    keydist, hand the answer or the BusError to ``on_reply``); ``on_push``
+    for keydist's pushes; ``outbound(peer)`` per packet batch and
+    ``peers[peer].inbound`` for the SAs to open with (or ``spi_table`` and
+    ``peer_of``); ``rekey(peer)`` when an OutboundSA raised RekeyRequired.
+    All times are ``time.time()``.
     """
 
     def __init__(
