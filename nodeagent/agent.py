@@ -203,9 +203,18 @@ class Agent:
 
     def _heartbeat(self, client: Client) -> SyncStatus | None:
         """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
-        endpoints = self.tunnels.endpoints() if self.tunnels is not None else []
+        endpoints, mapped, filtering = [], "", ""
+        if self.tunnels is not None:
+            endpoints = self.tunnels.endpoints()
+            report = self.tunnels.nat_report()
+            mapped, filtering = report.mapped, report.filtering
         beat = SyncHeartbeat(
-            revision=self.replica.revision, digest=self.replica.digest, agent_version=VERSION, endpoints=endpoints
+            revision=self.replica.revision,
+            digest=self.replica.digest,
+            agent_version=VERSION,
+            endpoints=endpoints,
+            mapped=mapped,
+            filtering=filtering,
         )
         try:
             status = client.request("fanout", beat, expect=SyncStatus)
@@ -217,6 +226,7 @@ class Agent:
         self._missed = 0
         assert isinstance(status, SyncStatus)
         if self.tunnels is not None:
+            self.tunnels.set_reflector(status.reflector)
             self._status("connected")  # refreshes the data plane's counters in status.json
         return status
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import signal
@@ -9,13 +10,14 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 
 from bus.errors import KeyFileError
 from bus.messages.auth import JoinString
 from nodeagent.agent import Agent, EnrollmentError, enroll
-from nodeagent.dataplane import PATHS, DataPlane
+from nodeagent.dataplane import EXIT_MARK, PATHS, DataPlane
 from nodeagent.keys import REKEY_INTERVAL
 from nodeagent.login import change_password, login, server_key_from
 from nodeagent.state import StateDir, StateError, default_state_dir
@@ -59,9 +61,9 @@ def up(
     port: Annotated[int, typer.Option("--port", help="UDP port for ESP (0: any free port).", min=0, max=65535)] = (
         DEFAULT_UDP_PORT
     ),
-    path: Annotated[str, typer.Option("--path", help="How to send ESP to peers: udp (masquerade) or esp (raw).")] = (
-        "udp"
-    ),
+    path: Annotated[
+        str, typer.Option("--path", help="auto (the server's choice per peer), udp (masquerade) or esp (raw).")
+    ] = "auto",
     exit_node: Annotated[
         str | None, typer.Option("--exit-node", help="Send all traffic through this gateway (its 0.0.0.0/0 route).")
     ] = None,
@@ -96,7 +98,8 @@ def up(
     try:
         server = state.server()
         if not control_only:
-            tunnels = _start_tunnels(state, server.node, tun, port, path, exit_node, rekey_interval)
+            exempt = [urlsplit(e).hostname or "" for e in server.endpoints]
+            tunnels = _start_tunnels(state, server.node, tun, port, path, exit_node, rekey_interval, exempt)
         agent = Agent(state, heartbeat=heartbeat, tunnels=tunnels)
     except (StateError, TunError, OSError) as exc:
         if tunnels is not None:
@@ -114,16 +117,23 @@ def up(
 
 
 def _start_tunnels(
-    state: StateDir, node: str, tun: str, port: int, path: str, exit_node: str | None, rekey_interval: float
+    state: StateDir,
+    node: str,
+    tun: str,
+    port: int,
+    path: str,
+    exit_node: str | None,
+    rekey_interval: float,
+    exempt: list[str],
 ) -> Tunnels:
     from bus.signing import load_signing_key
 
     try:
-        wire = Wire(port, raw_esp=True)
+        wire = Wire(port, raw_esp=True, mark=EXIT_MARK)
     except OSError as exc:
         raise TunError(f"cannot open the data plane's sockets (UDP port {port}): {exc.strerror}") from None
     try:
-        plane = DataPlane(wire, Tun(tun, 1400), path=path, exit_node=exit_node)
+        plane = DataPlane(wire, Tun(tun, 1400), path=path, exit_node=exit_node, exempt=_ipv4_only(exempt))
     except TunError:
         wire.close()
         raise
@@ -232,3 +242,15 @@ def status_doc(state: StateDir) -> dict[str, Any]:
         "updated": running.get("at"),
         "dataplane": running.get("dataplane"),
     }
+
+
+def _ipv4_only(hosts: list[str]) -> list[str]:
+    """Server hosts given as IPv4 literals (a name would need resolving; exit-node users give addresses)."""
+    import ipaddress
+
+    found = []
+    for host in hosts:
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).version == 4:
+                found.append(host)
+    return found

@@ -9,6 +9,7 @@ routes. Addresses, MTU and routes go through pyroute2 (netlink), not `ip`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -27,6 +28,7 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 READ_SIZE = 65536
 TUN_PATH = "/dev/net/tun"
+_FIB_RULE_INVERT = 0x2  # `ip rule add not fwmark ...`
 
 
 class TunError(Exception):
@@ -59,6 +61,7 @@ class Tun:
         self._ipr.flush_addr(index=self.index)
         self._ipr.link("set", index=self.index, mtu=mtu, state="up")
         self._routes: set[tuple[str, str]] = set()  # (cidr, source address)
+        self._exit_rules: list[dict[str, object]] = []
         log.info("TUN device %s up (index %d, MTU %d)", name, self.index, mtu)
 
     # ------------------------------------------------------------------ configuration
@@ -87,6 +90,32 @@ class Tun:
             if action == "del" and exc.code in (errno.ESRCH, errno.ENOENT):
                 return
             raise TunError(f"cannot {action} route {cidr} via {self.name}: {exc}") from None
+
+    def route_all_through(self, source: str | None, mark: int, exempt: list[str]) -> None:
+        """Exit-node routing: everything not marked *mark* goes through the device, except *exempt* hosts.
+
+        The agent's own ESP sockets carry the mark, so their packets use the
+        main table and never enter the tunnel they implement (the loop
+        wg-quick avoids the same way); the server's addresses are exempt so
+        the control plane never depends on the data plane. *source* None
+        removes it all.
+        """
+        table = mark
+        for rule in self._exit_rules:
+            with contextlib.suppress(NetlinkError):
+                self._ipr.rule("del", **rule)
+        self._exit_rules = []
+        with contextlib.suppress(NetlinkError):
+            self._ipr.route("del", dst="0.0.0.0/0", table=table, oif=self.index)
+        if source is None:
+            return
+        self._ipr.route("replace", dst="0.0.0.0/0", table=table, oif=self.index, prefsrc=source)
+        rules = [dict(table=254, priority=table - 2, dst=host, dst_len=32) for host in exempt]
+        rules.append(dict(table=254, priority=table - 1, suppress_prefixlen=0))
+        rules.append(dict(table=table, priority=table, fwmark=mark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT))
+        for rule in rules:
+            self._ipr.rule("add", **rule)
+            self._exit_rules.append(rule)
 
     def set_mtu(self, mtu: int) -> None:
         if mtu != self.mtu:
@@ -120,6 +149,8 @@ class Tun:
         return refused
 
     def close(self) -> None:
+        if self._exit_rules:  # rules are not tied to the device: the kernel would keep them
+            self.route_all_through(None, int(self._exit_rules[-1]["table"]), [])  # type: ignore[call-overload]
         if self.fd >= 0:
             os.close(self.fd)  # the kernel removes the device, its addresses and its routes
             self.fd = -1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from bus.broker import Broker
 from bus.keys import load_keypair, load_public_key
@@ -25,6 +26,8 @@ from services.datastore.service import DatastoreService
 from services.fanout.service import FanoutService
 from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
+
+REFLECTOR_PORT_OFFSET = 2  # the reflector answers on port + 2 and port + 3
 
 SERVICES: dict[str, type[Worker]] = {
     "auth": AuthService,
@@ -55,7 +58,14 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
     extra: dict[str, dict[str, Any]] = {
         "datastore": {"database_url": url, "join_endpoints": config.join_endpoints, "sign_key": sign_public},
         "auth": {"database_url": url, "sign_key": sign_public, "join_endpoints": config.join_endpoints, **cfg},
-        "fanout": {"database_url": url, "signing_key": signing_key, "presence_timeout": config.presence_timeout},
+        "fanout": {
+            "database_url": url,
+            "signing_key": signing_key,
+            "presence_timeout": config.presence_timeout,
+            # The UDP reflector for NAT discovery: two ports above the bus, advertised with the join host.
+            "reflector": (config.listen, config.port + REFLECTOR_PORT_OFFSET),
+            "reflector_advertise": urlsplit(config.join_endpoints[0]).hostname or "",
+        },
         "keydist": {"database_url": url},
     }
     return SERVICES[name](endpoint, keypair, server_key, **extra[name])
