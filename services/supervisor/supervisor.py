@@ -20,6 +20,7 @@ from types import FrameType
 
 from services.config import ServerConfig
 from services.processes import PROCESS_NAMES
+from services.supervisor.errors import PortInUseError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,6 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 10.0  # seconds up after which a child's backoff resets
 STOP_GRACE = 5.0
 POLL_INTERVAL = 0.2
-
-
-class PortInUseError(Exception):
-    """The broker's port is taken (most likely another server on this directory)."""
 
 
 @dataclass

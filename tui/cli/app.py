@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 from bus.errors import BusError
 from nodeagent.cli import agent_app
 from services.config import ConfigError
-from services.supervisor.supervisor import PortInUseError
+from services.supervisor.errors import PortInUseError
 from tui.cli import audit, manage, server, setup, status, tokens, tui_cmd, users
 
 app = typer.Typer(
