@@ -142,7 +142,7 @@ class StreamClient:
         self.last_error = ""
         self._opened_at: float | None = None
         loop.add_ticker(self._tick)
-        loop.call_soon(self._dial)
+        self._dial()  # Loop.connect may be called from any thread; the stream takes messages at once
 
     def send(self, message: bytes | memoryview) -> bool:
         """Queue one message (also while connecting); False when there is no stream or its buffer is full."""

@@ -376,6 +376,7 @@ class Loop:
         self.selector.register(sock, selectors.EVENT_READ, ("listener", context, handler_for))
 
     def connect(self, address: tuple[str, int], context: ssl.SSLContext, handler: Handler, *, mark: int = 0) -> Stream:
+        """A stream to *address*, usable (``enqueue``) at once; it is dialled on the loop thread (any thread)."""
         sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -384,12 +385,17 @@ class Loop:
         stream = Stream(self, sock, handler, initiator=True, address=address)
         stream.context = context
         self.streams[stream.id] = stream
-        code = sock.connect_ex(address)
+        self.call_soon(lambda: self._dial(stream))
+        return stream
+
+    def _dial(self, stream: Stream) -> None:
+        if stream.state == "closed":
+            return
+        code = stream.sock.connect_ex(stream.address)
         if code not in (0, errno.EINPROGRESS):
             self.close_stream(stream, f"connect: {os.strerror(code)}")
-            return stream
-        self.selector.register(sock, selectors.EVENT_WRITE, stream)
-        return stream
+            return
+        self.selector.register(stream.sock, selectors.EVENT_WRITE, stream)
 
     def close_stream(self, stream: Stream, reason: str) -> None:
         if stream.state == "closed":
