@@ -25,12 +25,14 @@ from services.datastore.service import DatastoreService
 from services.fanout.service import FanoutService
 from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
+from services.relay.service import RelayService
 
 SERVICES: dict[str, type[Worker]] = {
     "auth": AuthService,
     "datastore": DatastoreService,
     "keydist": KeydistService,
     "fanout": FanoutService,
+    "relay": RelayService,
 }
 PROCESS_NAMES = ("broker", *SERVICE_NAMES)
 assert set(SERVICES) == set(SERVICE_NAMES)
@@ -56,6 +58,13 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
         "auth": {"database_url": url, "sign_key": sign_public},
         "fanout": {"database_url": url, "signing_key": signing_key, "presence_timeout": config.presence_timeout},
         "keydist": {"database_url": url},
+        "relay": {
+            "database_url": url,
+            "host": config.relay_host,
+            "port": config.relay_port,
+            "cert": config.relay_cert_path,
+            "key": config.relay_key_path,
+        },
     }
     return SERVICES[name](endpoint, keypair, server_key, **extra[name])
 

@@ -51,6 +51,8 @@ class CoterieServer:
         config = tomllib.loads(config_path.read_text())
         config["sync"]["presence_timeout"] = presence_timeout
         config["database"]["url"] = database
+        self.relay_port = free_port()  # never the real 443
+        config["relay"]["port"] = self.relay_port
         config_path.write_text(tomli_w.dumps(config))
         self.database_url = database or f"sqlite:///{self.home / 'coterie.db'}"
         self.process: subprocess.Popen[bytes] | None = None
