@@ -422,12 +422,27 @@ class Loop:
             while not self._stop.is_set():
                 timeout = 0.0 if self._again or self._calls else max(0.0, next_tick - time.monotonic())
                 for key, events in self.selector.select(timeout):
-                    self._dispatch(key, events)
+                    try:
+                        self._dispatch(key, events)
+                    except Exception:  # a bug for one stream must not stop every other stream
+                        self.counters["internal_errors"] += 1
+                        log.exception("%s: stream event failed", self.name)
+                        if isinstance(key.data, Stream):
+                            self.close_stream(key.data, "internal error")
                 for stream in list(self._again):
                     self._again.discard(stream)
-                    self._read(stream)
+                    try:
+                        self._read(stream)
+                    except Exception:
+                        self.counters["internal_errors"] += 1
+                        log.exception("%s: read failed", self.name)
+                        self.close_stream(stream, "internal error")
                 while self._calls:
-                    self._calls.popleft()()
+                    try:
+                        self._calls.popleft()()
+                    except Exception:
+                        self.counters["internal_errors"] += 1
+                        log.exception("%s: call failed", self.name)
                 self._flush_dirty()
                 now = time.monotonic()
                 if now >= next_tick:
