@@ -25,7 +25,7 @@ from bus.messages.datastore import MemberRemove, VpnCreate
 from bus.signing import load_signing_key
 from nodeagent.agent import enroll
 from nodeagent.state import StateDir
-from nodeagent.tcp443 import RelayClient, RelaySettings
+from nodeagent.tcp443 import RelayClient, RelaySettings, Route, TcpPaths
 from nodeagent.tlsstream import (
     AUTH,
     CHALLENGE,
@@ -47,7 +47,7 @@ from tests.helpers.server import CoterieServer
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
     tmp = tmp_path_factory.mktemp("relay")
-    srv = CoterieServer(tmp).start()
+    srv = CoterieServer(tmp).start(timeout=120)  # a loaded shared machine starts six processes slowly
     try:
         srv.mutate(VpnCreate, name="v", subnet="10.61.0.0/24")
         srv.mutate(VpnCreate, name="w", subnet="10.62.0.0/24")
@@ -258,3 +258,30 @@ def test_a_stalled_receiver_does_not_hold_up_another_pair(
         assert received == expected
     finally:
         stalled.close()
+
+
+def test_tcp_paths_send_through_the_relay_and_answer_on_it(server: CoterieServer, tmp_path: Path) -> None:
+    """The data plane's view: Route(relay=True) to send; bind() to the relay stream to answer."""
+    a_key, b_key = enrolled(server, tmp_path, "pa", ["v"]), enrolled(server, tmp_path, "pb", ["v"])
+    a, b = TcpPaths(node="pa"), TcpPaths(node="pb")
+    try:
+        a.set_relay(RelaySettings("127.0.0.1", server.relay_port, "pa", a_key))
+        b.set_relay(RelaySettings("127.0.0.1", server.relay_port, "pb", b_key))
+        a.set_routes({"pb": Route(relay=True)})
+        b.set_routes({"pa": Route()})  # b has no route of its own to pa: it answers where pa's packets came from
+        assert wait_until(lambda: a.status()["relay"]["authenticated"] and b.status()["relay"]["authenticated"], 15.0)
+        assert not b.send("pa", esp(0)), "nothing bound yet"
+        first = esp(1)
+        got: list[tuple[bytes, int]] = []
+        assert wait_until(lambda: a.send("pb", first) and bool(got.extend(b.recv_batch(64)) or got), 10.0)
+        packet, stream_id = got[0]
+        assert packet == first and b.relay is not None and stream_id == b.relay.stream_id
+        b.bind(stream_id, "pa")
+        answer = esp(2, 1300)
+        assert b.send("pa", answer)
+        back: list[tuple[bytes, int]] = []
+        assert wait_until(lambda: bool(back.extend(a.recv_batch(64)) or back), 10.0)
+        assert back[0][0] == answer
+    finally:
+        a.close()
+        b.close()
