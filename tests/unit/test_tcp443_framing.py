@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -128,3 +129,33 @@ def test_inbound_queue_is_bounded_and_stays_readable_while_it_holds_packets() ->
         assert select.select([queue], [], [], 0)[0] == []
     finally:
         queue.close()
+
+
+def test_relay_configuration_defaults_round_trip_and_bad_port(tmp_path: Path) -> None:
+    from services.config import ConfigError, ServerConfig, load_config
+
+    config = ServerConfig(directory=tmp_path, listen="*")
+    assert (config.relay_port, config.relay_host) == (443, "0.0.0.0"), "default: port 443 where the broker listens"
+    assert config.relay_cert_path == tmp_path / "keys" / "relay-tls.crt"
+    custom = ServerConfig(directory=tmp_path, relay_listen="192.0.2.1", relay_port=8443, relay_cert="/etc/c.pem")
+    (tmp_path / "config.toml").write_text(custom.to_toml())
+    loaded = load_config(tmp_path)
+    assert loaded == custom and loaded.relay_host == "192.0.2.1"
+    (tmp_path / "config.toml").write_text("[relay]\nport = 0\n")
+    with pytest.raises(ConfigError, match=r"relay\.port"):
+        load_config(tmp_path)
+
+
+def test_self_signed_certificate_is_made_once(tmp_path: Path) -> None:
+    import ssl
+    import stat
+
+    from nodeagent.tlsstream import ensure_certificate, server_context
+
+    cert, key = tmp_path / "keys" / "relay-tls.crt", tmp_path / "keys" / "relay-tls.key"
+    ensure_certificate(cert, key)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    first = cert.read_bytes()
+    ensure_certificate(cert, key)
+    assert cert.read_bytes() == first, "an existing certificate is kept"
+    assert isinstance(server_context(cert, key), ssl.SSLContext)
