@@ -94,6 +94,7 @@ class StreamServer:
         port: int = DEFAULT_PORT,
         cert: Path | None = None,
         key: Path | None = None,
+        mark: int = 0,
     ) -> None:
         if cert is None or key is None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +112,9 @@ class StreamServer:
             self.sock.close()
             raise
         self.port = int(self.sock.getsockname()[1])
-        loop.call_soon(lambda: loop.listen(self.sock, context, handler_for))
+        if mark:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        loop.call_soon(lambda: loop.listen(self.sock, context, handler_for, mark=mark))
 
 
 class StreamClient:
@@ -321,7 +324,8 @@ class TcpPaths:
         self.relay: RelayClient | None = None
         self.server: StreamServer | None = None
         if listen is not None:
-            self.server = StreamServer(self.loop, lambda: self, host=listen[0], port=listen[1], cert=cert, key=key)
+            host, port = listen
+            self.server = StreamServer(self.loop, lambda: self, host=host, port=port, cert=cert, key=key, mark=mark)
         self.loop.start()
 
     @property

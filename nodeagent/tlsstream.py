@@ -370,10 +370,15 @@ class Loop:
             os.write(self._wake_w, b"\0")
 
     # -- loop thread
-    def listen(self, sock: socket.socket, context: ssl.SSLContext, handler_for: Callable[[], Handler]) -> None:
-        """Accept TLS streams on *sock* (bound, listening); each gets the handler *handler_for* returns."""
+    def listen(
+        self, sock: socket.socket, context: ssl.SSLContext, handler_for: Callable[[], Handler], *, mark: int = 0
+    ) -> None:
+        """Accept TLS streams on *sock* (bound, listening); each gets the handler *handler_for* returns.
+
+        *mark* is set on every accepted socket, so that answers leave outside the tunnel (policy routing).
+        """
         sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ, ("listener", context, handler_for))
+        self.selector.register(sock, selectors.EVENT_READ, ("listener", context, handler_for, mark))
 
     def connect(self, address: tuple[str, int], context: ssl.SSLContext, handler: Handler, *, mark: int = 0) -> Stream:
         """A stream to *address*, usable (``enqueue``) at once; it is dialled on the loop thread (any thread)."""
@@ -468,7 +473,7 @@ class Loop:
                     pass
             return
         if isinstance(data, tuple):
-            self._accept(key.fileobj, data[1], data[2])  # type: ignore[arg-type]
+            self._accept(key.fileobj, data[1], data[2], data[3])  # type: ignore[arg-type]
             return
         stream: Stream = data
         if stream.state == "connecting":
@@ -481,7 +486,9 @@ class Loop:
             if events & selectors.EVENT_READ and stream.state == "open":
                 self._read(stream)
 
-    def _accept(self, listener: socket.socket, context: ssl.SSLContext, handler_for: Callable[[], Handler]) -> None:
+    def _accept(
+        self, listener: socket.socket, context: ssl.SSLContext, handler_for: Callable[[], Handler], mark: int
+    ) -> None:
         for _ in range(64):
             try:
                 sock, address = listener.accept()
@@ -492,6 +499,8 @@ class Loop:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             stream = Stream(self, tls, handler_for(), initiator=False, address=address)
             self.streams[stream.id] = stream

@@ -211,3 +211,23 @@ def test_client_redials_with_backoff_after_the_server_restarts(paths: list[TcpPa
         return bool(a2.recv_batch(64)) or bool(receive(a2, 1, timeout=0.3))
 
     assert wait_until(delivered, 20.0, interval=0.2), "the client never redialled"
+
+
+def test_keepalives_hold_a_quiet_stream_and_a_silent_one_is_closed(paths: list[TcpPaths]) -> None:
+    a = listening(paths)
+    a.loop.idle_timeout = 1.5  # nothing received for this long: the peer is gone
+    b = TcpPaths(node="b")
+    paths.append(b)
+    b.loop.keepalive_interval = 0.3
+    b.set_routes({"a": Route(address=("127.0.0.1", a.port or 0))})
+    assert b.send("a", esp(1)) and len(receive(a, 1)) == 1
+    silent = RawClient(a.port or 0)  # says nothing after the prefix
+    try:
+        assert wait_until(lambda: len(a.loop.streams) == 2, 10.0)
+        assert wait_until(lambda: len(a.loop.streams) == 1, 10.0), "the silent stream was not closed"
+        time.sleep(2.0)  # > idle_timeout: only keepalives flow on b's stream
+        [survivor] = a.status()["streams"]
+        assert survivor["hello"] == "b" and survivor["state"] == "open"
+        assert survivor["messages_in"] >= 4, "hello, one ESP packet and keepalives"
+    finally:
+        silent.close()
