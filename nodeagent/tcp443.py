@@ -221,8 +221,11 @@ class RelayClient:
     ) -> None:
         self.settings = settings
         self._own_loop = loop is None
-        self.loop = loop or Loop("relay-client").start()
+        self.loop = loop or Loop("relay-client")
         self.queue = InboundQueue() if on_packet is None else None
+        if self._own_loop:
+            self.loop.hold = self.queue.behind if self.queue is not None else None
+            self.loop.start()
         self.on_packet = on_packet or self._enqueue
         self.counters: Counter[str] = Counter()
         self.authenticated = False
@@ -317,6 +320,7 @@ class TcpPaths:
         self.verify, self.cafile, self.mark = verify, cafile, mark
         self.loop = Loop("tcp443")
         self.inbound = InboundQueue()
+        self.loop.hold = self.inbound.behind
         self.counters: Counter[str] = Counter()
         self.routes: dict[str, Route] = {}
         self._clients: dict[tuple[str, int], StreamClient] = {}  # one outbound stream per peer address

@@ -252,7 +252,8 @@ class Stream:
         self._queue: deque[bytes] = deque()
         self._queued = 0  # bytes in _queue and _chunk
         self._chunk = memoryview(b"")
-        self._writing = False  # registered for EVENT_WRITE
+        self._writing = False  # wants EVENT_WRITE: the socket was full
+        self.paused = False  # reads held back while the consumer is behind (Loop.hold)
         self.limit = SEND_LIMIT
         self.context: ssl.SSLContext | None = None  # the client context, until the handshake starts
 
@@ -329,6 +330,10 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
         self._again: set[Stream] = set()
+        self._paused: set[Stream] = set()
+        #: True while whoever consumes received messages is behind: streams stop being read, so TCP
+        #: flow control slows the sender instead of this side dropping what TLS already carried.
+        self.hold: Callable[[], bool] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -410,6 +415,7 @@ class Loop:
         self.streams.pop(stream.id, None)
         self._dirty.discard(stream)
         self._again.discard(stream)
+        self._paused.discard(stream)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(stream.sock)
         with contextlib.suppress(OSError):
@@ -426,6 +432,11 @@ class Loop:
         try:
             while not self._stop.is_set():
                 timeout = 0.0 if self._again or self._calls else max(0.0, next_tick - time.monotonic())
+                if self._paused:
+                    if self.hold is None or not self.hold():
+                        self._resume_all()
+                    else:
+                        timeout = min(timeout, 0.002)
                 for key, events in self.selector.select(timeout):
                     try:
                         self._dispatch(key, events)
@@ -539,8 +550,8 @@ class Loop:
             return
         stream.state = "open"
         stream.last_rx = time.monotonic()
-        self.selector.modify(sock, selectors.EVENT_READ, stream)
         stream._writing = False
+        self._interest(stream)
         if stream.initiator:
             with stream._lock:
                 stream._queue.appendleft(PREFIX)
@@ -554,8 +565,15 @@ class Loop:
 
     def _read(self, stream: Stream) -> None:
         sock: ssl.SSLSocket = stream.sock  # type: ignore[assignment]
+        hold = self.hold
         for _ in range(READS_PER_EVENT):
             if stream.state != "open":
+                return
+            if hold is not None and hold():
+                stream.paused = True
+                self._paused.add(stream)
+                self.counters["reads_paused"] += 1
+                self._interest(stream)
                 return
             try:
                 data = sock.recv(65536)
@@ -603,8 +621,8 @@ class Loop:
                 count = sock.send(chunk)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 if not stream._writing:
-                    self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
                     stream._writing = True
+                    self._interest(stream)
                 return
             except (ssl.SSLError, OSError) as exc:
                 self.close_stream(stream, f"write: {exc}")
@@ -612,10 +630,29 @@ class Loop:
             stream._sent(count)
             stream.last_tx = time.monotonic()
         if stream._writing:
-            self.selector.modify(sock, selectors.EVENT_READ, stream)
             stream._writing = False
+            self._interest(stream)
         if stream.close_after_flush:
             self.close_stream(stream, "closed after flush")
+
+    def _interest(self, stream: Stream) -> None:
+        """Register an open stream for what it waits on now: reads unless paused, writes while the socket is full."""
+        events = (0 if stream.paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if stream._writing else 0)
+        registered = stream.sock in self.selector.get_map()
+        if events and registered:
+            self.selector.modify(stream.sock, events, stream)
+        elif events:
+            self.selector.register(stream.sock, events, stream)
+        elif registered:
+            self.selector.unregister(stream.sock)
+
+    def _resume_all(self) -> None:
+        paused, self._paused = self._paused, set()
+        for stream in paused:
+            stream.paused = False
+            if stream.state == "open":
+                self._interest(stream)
+                self._again.add(stream)  # TLS may hold decrypted data the selector cannot see
 
     def _tick(self, now: float) -> None:
         for stream in list(self.streams.values()):
@@ -650,6 +687,13 @@ class InboundQueue:
 
     def fileno(self) -> int:
         return self._r
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def behind(self) -> bool:
+        """Three quarters full: the producer should stop reading its sockets for a moment."""
+        return len(self._items) >= self.limit * 3 // 4
 
     def put(self, item: tuple) -> bool:
         if len(self._items) >= self.limit:

@@ -231,3 +231,28 @@ def test_keepalives_hold_a_quiet_stream_and_a_silent_one_is_closed(paths: list[T
         assert survivor["messages_in"] >= 4, "hello, one ESP packet and keepalives"
     finally:
         silent.close()
+
+
+def test_a_slow_consumer_pauses_reading_instead_of_dropping(paths: list[TcpPaths]) -> None:
+    """TLS already carried these bytes: when the data plane falls behind, stop reading and let TCP push back."""
+    a = listening(paths)
+    b = TcpPaths()
+    paths.append(b)
+    b.set_routes({"a": Route(address=("127.0.0.1", a.port or 0))})
+    count = a.inbound.limit * 2
+    sent = [esp(i, 1000) for i in range(count)]
+
+    def produce() -> None:
+        deadline = time.monotonic() + 60
+        for packet in sent:
+            while not b.send("a", packet) and time.monotonic() < deadline:
+                time.sleep(0.001)  # b's buffer is full because a stopped reading: wait, as a data plane queue does
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert wait_until(lambda: a.loop.counters["reads_paused"] > 0, 20.0), "the consumer never fell behind"
+    time.sleep(1.0)  # the consumer stays away a while longer
+    got = receive(a, count, timeout=60.0)
+    producer.join(timeout=10)
+    assert [p for p, _ in got] == sent
+    assert a.inbound.dropped == 0
