@@ -326,7 +326,7 @@ class Loop:
         self.counters: Counter[str] = Counter()
         self._tickers: list[Callable[[float], None]] = []
         self._calls: deque[Callable[[], None]] = deque()
-        self._dirty: set[Stream] = set()
+        self._dirty: deque[Stream] = deque()  # appended by any thread (atomic); drained by the loop
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
         self._again: set[Stream] = set()
@@ -359,7 +359,7 @@ class Loop:
         self._wake()
 
     def want_flush(self, stream: Stream) -> None:
-        self._dirty.add(stream)
+        self._dirty.append(stream)
         if not self._woken:
             self._woken = True
             self._wake()
@@ -413,7 +413,6 @@ class Loop:
         was = stream.state
         stream._discard()
         self.streams.pop(stream.id, None)
-        self._dirty.discard(stream)
         self._again.discard(stream)
         self._paused.discard(stream)
         with contextlib.suppress(KeyError, ValueError):
@@ -602,11 +601,12 @@ class Loop:
             self._again.add(stream)  # more may be waiting, inside TLS or in the socket: come back after the others
 
     def _flush_dirty(self) -> None:
-        if not self._dirty:
-            return
-        dirty, self._dirty = self._dirty, set()
-        for stream in dirty:
-            if stream.state == "open":
+        dirty = self._dirty
+        seen: set[int] = set()
+        for _ in range(len(dirty)):  # what is there now; later arrivals wait for the next turn
+            stream = dirty.popleft()
+            if stream.id not in seen and stream.state == "open":
+                seen.add(stream.id)
                 self._flush(stream)
 
     def _flush(self, stream: Stream) -> None:
