@@ -391,12 +391,11 @@ class TcpPaths:
             return False
         if route.address is not None:
             client = self._clients.get(route.address)
-            if client is not None:
-                return self._count(client.send(esp))
-        if route.relay and relay is not None:
+            if client is not None and client.send(esp):
+                return self._count(True)
+        if route.relay and relay is not None:  # also the fallback while a direct stream is down
             return self._count(relay.send_to(peer, esp))
-        self.counters["out_no_stream"] += 1
-        return False
+        return self._count(False)
 
     def _count(self, sent: bool) -> bool:
         self.counters["out_packets" if sent else "out_dropped"] += 1
