@@ -707,13 +707,15 @@ class InboundQueue:
         return True
 
     def pop(self, limit: int) -> list[tuple]:
-        self._signalled = False
+        # Order matters: drain, then clear the flag, then take. A producer appends before it looks at
+        # the flag, so an item is either taken here or its producer sees the flag clear and signals again.
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._r, 4096):
                 pass
+        self._signalled = False
         items = self._items
         batch = [items.popleft() for _ in range(min(limit, len(items)))]
-        if items and not self._signalled:  # more than one batch: stay readable
+        if items:  # more than one batch: stay readable
             self._signalled = True
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._w, b"\0")
