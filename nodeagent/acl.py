@@ -44,8 +44,12 @@ class CompiledRule:
         return not self.ports or any(low <= port <= high for low, high in self.ports)
 
 
+_NO_PROTOCOL = -1  # a protocol name this agent does not know matches no packet: fail closed, never "any"
+
+
 def compile_rule(rule: AclView) -> CompiledRule:
-    return CompiledRule(rule.id, rule.src, rule.dst, _PROTOCOLS.get(rule.proto), parse_ports(rule.ports))
+    proto = _PROTOCOLS.get(rule.proto, _NO_PROTOCOL)
+    return CompiledRule(rule.id, rule.src, rule.dst, proto, parse_ports(rule.ports))
 
 
 class Policy:
@@ -120,7 +124,9 @@ class FlowTable:
             return
         self._flows[key] = (time.monotonic() if now is None else now) + self.idle
 
-    def known(self, key: FlowKey, now: float | None = None) -> bool:
+    def known(self, key: FlowKey | None, now: float | None = None) -> bool:
+        if key is None:
+            return False
         deadline = self._flows.get(key)
         return deadline is not None and deadline >= (time.monotonic() if now is None else now)
 
@@ -135,3 +141,44 @@ class FlowTable:
 
     def __len__(self) -> int:
         return len(self._flows)
+
+
+_ICMP_ERRORS = {4: {3, 4, 5, 11, 12}, 6: {1, 2, 3, 4}}  # destination unreachable, too big, time exceeded, ...
+
+
+def quoted_flow_key(packet: bytes | memoryview, summary: Summary) -> FlowKey | None:
+    """For an ICMP error, the outbound flow key of the packet it quotes (the one this node sent), else None.
+
+    Errors such as "fragmentation needed" answer the node's own flows; keying
+    them by the quoted header lets them through restricted VPNs, where PMTUD
+    depends on them. The quote may be cut short (RFC 792 keeps 8 bytes of the
+    payload), so it is read leniently: the header and the first four bytes.
+    """
+    if summary.proto not in (PROTO_ICMP, PROTO_ICMPV6) or summary.dport not in _ICMP_ERRORS[summary.version]:
+        return None
+    quote = memoryview(packet)[summary.header_length + 8 :]
+    if summary.version == 4:
+        if len(quote) < 20 or quote[0] >> 4 != 4:
+            return None
+        header, proto = (quote[0] & 0x0F) * 4, quote[9]
+        src, dst = int.from_bytes(quote[12:16], "big"), int.from_bytes(quote[16:20], "big")
+    else:
+        if len(quote) < 40 or quote[0] >> 4 != 6:
+            return None
+        header, proto = 40, quote[6]
+        src, dst = int.from_bytes(quote[8:24], "big"), int.from_bytes(quote[24:40], "big")
+    if len(quote) < header + 4:
+        return None
+    first, second = (
+        int.from_bytes(quote[header : header + 2], "big"),
+        int.from_bytes(quote[header + 2 : header + 4], "big"),
+    )
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        return (
+            PROTO_ICMP,
+            src,
+            int.from_bytes(quote[header + 4 : header + 6], "big") if len(quote) >= header + 6 else 0,
+            dst,
+            0,
+        )
+    return (proto, src, first, dst, second)

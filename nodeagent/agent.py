@@ -43,17 +43,30 @@ class EnrollmentError(Exception):
     """The server refused the join string (the message says why)."""
 
 
-def enroll(state: StateDir, join: JoinString, timeout: float = 5.0, context: Context | None = None) -> ServerInfo:
-    """Trade the join secret for enrollment; the node's own keys are made here and never leave."""
+def enroll(
+    state: StateDir, join: JoinString, timeout: float = 5.0, context: Context | None = None, node_name: str = ""
+) -> ServerInfo:
+    """Trade the join secret for enrollment; the node's own keys are made here and never leave.
+
+    *node_name* names the node when the secret is an enrollment token (default: the hostname).
+    """
+    import socket
+
+    hostname = socket.gethostname().split(".")[0][:63]
     keypair = state.keypair()
     server_key = validate_public_key(join.server_key)
     last: Exception | None = None
     for endpoint in join.endpoints:
         with Client(endpoint, keypair, server_key, timeout=timeout, retries=1, context=context) as client:
             try:
-                reply = client.request(
-                    "auth", Enroll(secret=join.secret, sign_key=state.identity_public(), agent_version=VERSION)
+                enrollment = Enroll(
+                    secret=join.secret,
+                    sign_key=state.identity_public(),
+                    agent_version=VERSION,
+                    node_name=node_name,
+                    hostname=hostname,
                 )
+                reply = client.request("auth", enrollment)
             except RemoteError as exc:
                 raise EnrollmentError(exc.message) from None
             except BusError as exc:
@@ -190,9 +203,18 @@ class Agent:
 
     def _heartbeat(self, client: Client) -> SyncStatus | None:
         """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
-        endpoints = self.tunnels.endpoints() if self.tunnels is not None else []
+        endpoints, mapped, filtering = [], "", ""
+        if self.tunnels is not None:
+            endpoints = self.tunnels.endpoints()
+            report = self.tunnels.nat_report()
+            mapped, filtering = report.mapped, report.filtering
         beat = SyncHeartbeat(
-            revision=self.replica.revision, digest=self.replica.digest, agent_version=VERSION, endpoints=endpoints
+            revision=self.replica.revision,
+            digest=self.replica.digest,
+            agent_version=VERSION,
+            endpoints=endpoints,
+            mapped=mapped,
+            filtering=filtering,
         )
         try:
             status = client.request("fanout", beat, expect=SyncStatus)
@@ -204,6 +226,7 @@ class Agent:
         self._missed = 0
         assert isinstance(status, SyncStatus)
         if self.tunnels is not None:
+            self.tunnels.set_reflector(status.reflector)
             self._status("connected")  # refreshes the data plane's counters in status.json
         return status
 

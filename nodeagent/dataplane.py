@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus.messages.sync import NodeView
-from nodeagent.acl import FlowTable, Policy
+from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired, parse_header
+from nodeagent.natprobe import NatProbe
 from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     PacketError,
@@ -59,7 +60,14 @@ QUEUE_LIMIT = 64  # packets held per peer while its keys or endpoint are not rea
 QUEUE_WAIT = 3.0  # seconds a held packet waits before it is answered with ICMP unreachable
 UNDERLAY_MTU = 1500
 TICK_INTERVAL = 0.25
-PATHS = ("udp", "esp")
+PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
+UDP_PATHS = ("udp", "punch")
+PUNCH_SECONDS = 10.0  # hole punching: keepalives every PUNCH_INTERVAL for this long, or until the peer answers
+PUNCH_INTERVAL = 0.5
+# The first punches leave with a small TTL: they open this node's own NAT but expire before the peer's,
+# so the peer's NAT holds no entry for them that would make it pick another port for its own punches.
+PUNCH_LOW_TTL = 2
+PUNCH_LOW_TTL_SECONDS = 2.0
 EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
 
 
@@ -75,6 +83,8 @@ class Tunnel:
     """What this node holds for one peer: where it is, how to reach it, and the outbound SA."""
 
     peer: str
+    path: str = "udp"  # esp | udp | punch | tcp443 | relay (services/datastore/paths.py)
+    punch_until: float = 0.0
     endpoint: str | None = None  # host from the netmap (the peer's reported address)
     port: int | None = None
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
@@ -87,7 +97,7 @@ class Tunnel:
     rx: int = 0
 
     def address(self, path: str) -> tuple[str, int] | None:
-        if path == "udp":
+        if path in UDP_PATHS:
             if self.learned is not None:
                 return self.learned
             return (self.endpoint, self.port) if self.endpoint and self.port else None
@@ -103,7 +113,7 @@ class DataPlane:
         wire: Wire,
         tun: Tun | None = None,
         *,
-        path: str = "udp",
+        path: str = "auto",
         exit_node: str | None = None,
         exempt: list[str] | None = None,
     ) -> None:
@@ -113,7 +123,8 @@ class DataPlane:
             raise ValueError("the esp path needs the raw ESP socket")
         self.wire = wire
         self.tun = tun
-        self.path = path
+        self.forced_path = None if path == "auto" else path  # an operator's override on this node
+        self.nat_probe: NatProbe | None = None  # fed the reflector's answers (control datagrams)
         self.exit_node = exit_node
         self.exempt = exempt or []  # hosts never routed through an exit node: the control server
         self.exit_via: str | None = None  # the source address of the exit route while it is installed
@@ -124,7 +135,7 @@ class DataPlane:
         self.tunnels: dict[str, Tunnel] = {}
         self.spis: dict[int, tuple[InboundSA, str]] = {}
         self.keepalive = 25.0
-        self.mtu = tunnel_mtu(1400, path)
+        self.mtu = tunnel_mtu(1400, "udp")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -136,12 +147,20 @@ class DataPlane:
         self.policy = Policy(view)
         for name in [n for n in self.tunnels if n not in view.peers]:
             self.remove_peer(name)
+        now = time.monotonic()
         for name, peer in view.peers.items():
             tunnel = self.tunnels.setdefault(name, Tunnel(name))
-            tunnel.endpoint, tunnel.port = _pick_endpoint(peer.endpoints)
+            previous = tunnel.address(tunnel.path)
+            tunnel.endpoint, tunnel.port = _pick_endpoint([peer.endpoint] if peer.endpoint else peer.endpoints)
+            path = self.forced_path or peer.path or "udp"
+            if path == "esp" and self.wire.esp is None:
+                path = "udp"
+            if path == "punch" and (tunnel.path != "punch" or tunnel.address("punch") != previous):
+                tunnel.punch_until = now + PUNCH_SECONDS  # a new pair, or the peer's mapping moved: punch again
+            tunnel.path = path
         if view.vpns:
             self.keepalive = float(min(v.keepalive for v in view.vpns.values()))
-            self.mtu = tunnel_mtu(min(v.mtu for v in view.vpns.values()), self.path)
+            self.mtu = tunnel_mtu(min(v.mtu for v in view.vpns.values()), "udp")  # the larger overhead
         if self.tun is not None:
             self._configure_tun(view)
         self._wake()
@@ -217,7 +236,7 @@ class DataPlane:
         answers: list[bytes] = []
         peers, policy, flows, counters = self.peers, self.policy, self.flows, self.counters
         now = time.monotonic()
-        largest_mss = self.mtu - 40
+        largest_mss = {4: self.mtu - 40, 6: self.mtu - 60}  # MTU minus the IP and TCP headers
         for packet in packets:
             try:
                 summary = summarize(packet)
@@ -236,9 +255,9 @@ class DataPlane:
                 continue
             if policy.restricted(route.vpn):
                 flows.note(flows.key_outbound(summary), now)
-            if summary.proto == 6 and summary.version == 4:
+            if summary.proto == 6:
                 mutable = bytearray(packet)
-                if clamp_mss(mutable, summary, largest_mss):
+                if clamp_mss(mutable, summary, largest_mss[summary.version]):
                     counters["out_mss_clamped"] += 1
                     packet = bytes(mutable)
             tunnel = self.tunnels.get(route.peer)
@@ -254,8 +273,12 @@ class DataPlane:
 
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         sa = tunnel.outbound
-        address = tunnel.address(self.path)
+        path = tunnel.path
+        address = tunnel.address(path)
         if sa is None or address is None:
+            return False
+        if path not in UDP_PATHS and path != "esp":
+            self.counters["out_path_unavailable"] += 1  # tcp443 and relay are not built yet: held, then ICMP
             return False
         try:
             sealed = sa.seal(packet)
@@ -265,7 +288,7 @@ class DataPlane:
         except EspParseError:
             self.counters["out_malformed"] += 1
             return True
-        if self.path == "udp":
+        if path in UDP_PATHS:
             self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
         else:
             self.wire.send_esp(sealed, address[0])
@@ -275,10 +298,13 @@ class DataPlane:
         return True
 
     def _unreachable(self, packet: bytes, version: int) -> bytes | None:
-        if version != 4 or not self.peers.local_address:
+        """ICMP host unreachable from this node's own address: the sender's, else its first IPv4 one."""
+        if version != 4 or len(packet) < 20:
             return None
-        source = next(iter(self.peers.local_address.values()))
-        return icmp_error(packet, source, ICMP_CODE_HOST_UNREACHABLE)
+        own = [a for a in self.peers.local_address.values() if a < 1 << 32]
+        sender = int.from_bytes(packet[12:16], "big")
+        source = sender if sender in own else (own[0] if own else None)
+        return None if source is None else icmp_error(packet, source, ICMP_CODE_HOST_UNREACHABLE)
 
     def flush_queues(self, now: float) -> list[bytes]:
         """Send held packets whose peer became ready; answer those held too long with ICMP unreachable."""
@@ -306,6 +332,8 @@ class DataPlane:
             kind, start = classify_udp(datagram)
             if kind is Kind.ESP:
                 self._open(memoryview(datagram)[start:], source, True, delivered)
+            elif kind is Kind.CONTROL and self.nat_probe is not None and self.nat_probe.on_answer(datagram):
+                self.counters["in_reflector"] += 1
             else:
                 self.counters[f"in_{kind.value}"] += 1
         return delivered
@@ -364,7 +392,11 @@ class DataPlane:
         policy = self.policy
         if policy.restricted(route.vpn):
             flows = self.flows
-            if not flows.known(flows.key_inbound(summary)) and policy.allows_inbound(route.vpn, peer, summary) is None:
+            if (
+                not flows.known(flows.key_inbound(summary))
+                and policy.allows_inbound(route.vpn, peer, summary) is None
+                and not flows.known(quoted_flow_key(inner, summary))  # an ICMP error about our own flow
+            ):
                 counters["in_acl_denied"] += 1
                 return
         counters["in_packets"] += 1
@@ -373,13 +405,19 @@ class DataPlane:
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
         """Keepalives for UDP paths and flow expiry (the inbound thread's chores; it seals nothing)."""
-        if self.path == "udp":
-            for tunnel in list(self.tunnels.values()):
-                address = tunnel.address("udp")
-                if address is not None and tunnel.outbound is not None and now - tunnel.last_sent >= self.keepalive:
-                    self.wire.send_udp(KEEPALIVE, address)
-                    tunnel.last_sent = now
-                    self.counters["out_keepalive"] += 1
+        for tunnel in list(self.tunnels.values()):
+            if tunnel.path not in UDP_PATHS:
+                continue
+            address = tunnel.address(tunnel.path)
+            if address is None:
+                continue
+            punching = now < tunnel.punch_until and tunnel.rx == 0
+            interval = PUNCH_INTERVAL if punching else self.keepalive
+            if (tunnel.outbound is not None or punching) and now - tunnel.last_sent >= interval:
+                low = punching and now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
+                self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
+                tunnel.last_sent = now
+                self.counters["out_punch" if punching else "out_keepalive"] += 1
         self.flows.sweep(now)
 
     # ------------------------------------------------------------------ threads
@@ -446,9 +484,9 @@ class DataPlane:
     def status(self) -> dict[str, Any]:
         peers = {}
         for name, tunnel in sorted(self.tunnels.items()):
-            address = tunnel.address(self.path)
+            address = tunnel.address(tunnel.path)
             peers[name] = {
-                "path": self.path,
+                "path": tunnel.path,
                 "endpoint": f"{address[0]}:{address[1]}" if address else None,
                 "spi_out": f"{tunnel.outbound.spi:#010x}" if tunnel.outbound else None,
                 "spis_in": sorted(f"{s:#010x}" for s in tunnel.inbound_spis),
@@ -460,7 +498,7 @@ class DataPlane:
             "tun": self.tun.name if self.tun else None,
             "mtu": self.mtu,
             "udp_port": self.wire.port,
-            "path": self.path,
+            "path": self.forced_path or "auto",
             "peers": peers,
             "counters": dict(sorted(self.counters.items())),
         }

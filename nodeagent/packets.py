@@ -128,8 +128,11 @@ def icmp_error(original: bytes | bytearray | memoryview, source: int, code: int,
         return None
     if summary.version != 4 or not summary.first_fragment or summary.src == 0:
         return None
-    if summary.proto == PROTO_ICMP and summary.dport not in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY):
-        return None
+    if summary.proto == PROTO_ICMP:
+        # Read the type here, not from summary.dport, which is 0 (echo reply) when the ICMP header is cut short.
+        at = summary.header_length
+        if len(original) <= at or original[at] not in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY):
+            return None
     quoted = bytes(original[: summary.header_length + 8])
     rest = mtu.to_bytes(4, "big") if code == ICMP_CODE_FRAG_NEEDED else b"\0\0\0\0"
     body = bytearray(bytes([ICMP_UNREACHABLE, code, 0, 0]) + rest + quoted)
@@ -181,10 +184,19 @@ def clamp_mss(packet: bytearray, summary: Summary, largest: int) -> bool:
             if old <= largest:
                 return False
             packet[option + 2 : option + 4] = largest.to_bytes(2, "big")
-            _adjust_checksum(packet, at + 16, old, largest)
+            if (option + 2 - at) % 2:
+                # After a NOP or a 3-byte option the field straddles two checksum words (RFC 1071 byte order
+                # independence): its bytes count swapped in the sum, so the update must use them swapped.
+                _adjust_checksum(packet, at + 16, _swap16(old), _swap16(largest))
+            else:
+                _adjust_checksum(packet, at + 16, old, largest)
             return True
         option += length
     return False
+
+
+def _swap16(value: int) -> int:
+    return ((value & 0xFF) << 8) | (value >> 8)
 
 
 def _adjust_checksum(packet: bytearray, where: int, old: int, new: int) -> None:

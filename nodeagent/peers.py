@@ -69,17 +69,21 @@ class PeerTable:
         self.conflicts: list[str] = []
         # VPN -> this node's address there, and the subnets this node routes there (gateway role).
         self.local_address: dict[str, int] = {}
-        self._accepts: dict[str, list[tuple[int, int, int]]] = {}  # VPN -> (version, network, mask)
+        self._accepts: dict[str, list[tuple[int, int, int, int]]] = {}  # VPN -> (version, network, mask, length)
         self.exit_node = exit_node
         for name, vpn in view.vpns.items():
             self.local_address[name] = int(ipaddress.ip_address(vpn.vip))
             networks = [_network(vpn.vip)] + [_network(cidr) for cidr in vpn.routes]
-            self._accepts[name] = [(n.version, int(n.network_address), int(n.netmask)) for n in networks]
+            self._accepts[name] = [(n.version, int(n.network_address), int(n.netmask), n.prefixlen) for n in networks]
         for peer in view.peers.values():
             for vpn, vip in peer.vips.items():
                 self._add(_network(vip), Route(peer.name, vpn, 32 if ":" not in vip else 128))
             for route in peer.routes:
                 network = _network(route.cidr)
+                if network.prefixlen == 0 and peer.name != exit_node:
+                    # A default route not chosen is not a route at all: kept, the first of several exit
+                    # nodes would shadow the chosen one, and an unchosen one could speak for any source.
+                    continue
                 self._add(network, Route(peer.name, route.vpn, network.prefixlen))
 
     def _add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, route: Route) -> None:
@@ -105,7 +109,26 @@ class PeerTable:
 
     def accepts(self, vpn: str, version: int, destination: int) -> bool:
         """Whether this node takes a packet for *destination* from VPN *vpn*: no VPN-to-VPN forwarding."""
-        return any(v == version and destination & mask == net for v, net, mask in self._accepts.get(vpn, ()))
+        best = -1
+        for v, net, mask, length in self._accepts.get(vpn, ()):
+            if v == version and destination & mask == net:
+                if length == (32 if version == 4 else 128):
+                    return True  # this node's own address there (or a host route): the common case, no lookup
+                best = max(best, length)
+        return best >= 0 and not self._elsewhere(vpn, version, destination, best)
+
+    def _elsewhere(self, vpn: str, version: int, address: int, than: int) -> bool:
+        """Whether an address of a subnet this node routes into *vpn* is more specifically another VPN's.
+
+        A gateway whose routes cover another VPN (an exit node's 0.0.0.0/0 in two VPNs) would otherwise
+        take a packet from one VPN for a member of the other, and the kernel would forward it there.
+        """
+        for other, entries in self._accepts.items():
+            own_version, own, _, _ = entries[0]
+            if other != vpn and own_version == version and own == address:
+                return True
+        route = self.lookup(version, address)
+        return route is not None and route.vpn != vpn and route.prefix_length > than
 
     def may_send_from(self, vpn: str, version: int, source: int) -> bool:
         """Whether *source* may enter VPN *vpn* through this node: its own address or a subnet it routes."""

@@ -17,6 +17,7 @@ import enum
 import errno
 import logging
 import socket
+import struct
 
 from nodeagent.constants import ESP_MIN_PACKET_SIZE
 
@@ -65,6 +66,8 @@ def strip_ipv4_header(packet: bytes) -> memoryview | None:
     if len(packet) < 20 or packet[0] >> 4 != 4:
         return None
     start = (packet[0] & 0x0F) * 4
+    if start < 20:  # IHL below 5 is no IPv4 header: without this the header itself would be read as ESP
+        return None
     return memoryview(packet)[start:] if len(packet) >= start + ESP_MIN_PACKET_SIZE else None
 
 
@@ -91,8 +94,15 @@ class Wire:
     def sockets(self) -> list[socket.socket]:
         return [self.udp] + ([self.esp] if self.esp is not None else [])
 
-    def send_udp(self, payload: bytes, address: tuple[str, int]) -> None:
-        self._send(self.udp, payload, address)
+    def send_udp(self, payload: bytes, address: tuple[str, int], ttl: int | None = None) -> None:
+        """Send one datagram; *ttl* sets this datagram's IP TTL only (ancillary data, not the socket's)."""
+        if ttl is None:
+            self._send(self.udp, payload, address)
+            return
+        try:
+            self.udp.sendmsg([payload], [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack("i", ttl))], 0, address)
+        except OSError:
+            self.send_errors += 1
 
     def send_esp(self, packet: bytes, host: str) -> None:
         if self.esp is None:

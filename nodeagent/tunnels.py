@@ -20,6 +20,7 @@ from bus.messages import Message
 from bus.messages.sync import NodeView
 from nodeagent.dataplane import DataPlane
 from nodeagent.keys import REKEY_GRACE, REKEY_LEAD, KeyRing, Timing
+from nodeagent.natprobe import NatProbe, NatReport
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Tunnels:
         self._next_tick = 0.0
         self._endpoints: list[str] = []
         self._endpoints_at = float("-inf")
+        self.dataplane.nat_probe = self.nat_probe = NatProbe()
+        self.reflector: tuple[str, int] | None = None
 
     @classmethod
     def create(cls, dataplane: DataPlane, node: str, identity: Any, timing: Timing | None = None) -> Tunnels:
@@ -70,12 +73,38 @@ class Tunnels:
         if self.keyring.on_push(message, time.time()):
             self._install()
 
+    def set_reflector(self, address: str) -> None:
+        """The server's UDP reflector ("host:port", from its heartbeat answers); probing starts once known."""
+        host, _, port = address.rpartition(":")
+        new = (host, int(port)) if host and port.isdigit() else None
+        if new != self.reflector:
+            self.reflector = new
+            self.nat_probe = self.dataplane.nat_probe = NatProbe()  # a new server: probe afresh
+
+    def nat_report(self) -> NatReport:
+        return self.nat_probe.report
+
+    def _probe(self, now: float) -> None:
+        if self.reflector is None:
+            return
+        for tunnel in list(self.dataplane.tunnels.values()):
+            if tunnel.path == "punch" and tunnel.rx == 0 and 0 < tunnel.punch_until < now:
+                tunnel.punch_until = -1.0  # once per punch: the next view change starts another
+                log.info("hole punching to %s got no answer; probing our mapping again", tunnel.peer)
+                self.nat_probe.soon()
+        if self.nat_probe.conclude(now):
+            report = self.nat_probe.report
+            log.info("NAT discovery: mapped %s, filtering %s", report.mapped or "-", report.filtering)
+        if self.nat_probe.due(now):
+            self.dataplane.wire.send_udp(self.nat_probe.start(now), self.reflector)
+
     def tick(self, client: Client) -> None:
         """Run the key ring's schedule: publish, fetch, switch SAs; at most every KEY_TICK seconds."""
         now = time.monotonic()
         if now < self._next_tick:
             return
         self._next_tick = now + KEY_TICK
+        self._probe(now)
         for request in self.keyring.tick(time.time()):
             reply: Message | BusError
             try:
@@ -106,4 +135,5 @@ class Tunnels:
         for name, peer in doc["peers"].items():
             peer["keys"] = keys.get(name, {})
         doc["key_counters"] = dict(self.keyring.counters)
+        doc["nat"] = {"mapped": self.nat_probe.report.mapped, "filtering": self.nat_probe.report.filtering}
         return doc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from bus.broker import Broker
 from bus.keys import load_keypair, load_public_key
@@ -26,6 +27,8 @@ from services.fanout.service import FanoutService
 from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
 from services.relay.service import RelayService
+
+REFLECTOR_PORT_OFFSET = 2  # the reflector answers on port + 2 and port + 3
 
 SERVICES: dict[str, type[Worker]] = {
     "auth": AuthService,
@@ -52,11 +55,19 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
     signing_key = load_signing_key(config.signing_key_path)
     sign_public = signing_key.verify_key.encode().hex()
     url = config.database_url
+    cfg = {"config": config}  # auth loads its proxy realms from it
     # What each service needs beyond its connection to the broker.
     extra: dict[str, dict[str, Any]] = {
         "datastore": {"database_url": url, "join_endpoints": config.join_endpoints, "sign_key": sign_public},
-        "auth": {"database_url": url, "sign_key": sign_public},
-        "fanout": {"database_url": url, "signing_key": signing_key, "presence_timeout": config.presence_timeout},
+        "auth": {"database_url": url, "sign_key": sign_public, "join_endpoints": config.join_endpoints, **cfg},
+        "fanout": {
+            "database_url": url,
+            "signing_key": signing_key,
+            "presence_timeout": config.presence_timeout,
+            # The UDP reflector for NAT discovery: two ports above the bus, advertised with the join host.
+            "reflector": (config.listen, config.port + REFLECTOR_PORT_OFFSET),
+            "reflector_advertise": urlsplit(config.join_endpoints[0]).hostname or "",
+        },
         "keydist": {"database_url": url},
         "relay": {
             "database_url": url,

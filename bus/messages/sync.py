@@ -65,6 +65,8 @@ class PeerView(_Part):
     online: bool = False
     sign_key: str | None = None
     tags: list[str] = Field(default_factory=list)  # for ACL selectors `tag:TAG`, checked by the receiving agent
+    path: str = ""  # the server's choice for this pair (services/datastore/paths.py); "" = not decided
+    endpoint: str | None = None  # where this viewer sends to the peer ("host:port"), chosen by the server
 
     @cached_property
     def fingerprint(self) -> bytes:
@@ -209,6 +211,8 @@ class SyncHeartbeat(Message):
     digest: str
     agent_version: str = ""
     endpoints: list[str] = Field(default_factory=list)
+    mapped: str = ""  # "ip:port" the server's UDP reflector saw (nodeagent/natprobe.py)
+    filtering: str = ""  # open | restricted | blocked: what got through from the reflector
 
 
 @register
@@ -227,3 +231,4 @@ class SyncStatus(Message):
     KIND = "sync.status"
     in_sync: bool
     revision: int
+    reflector: str = ""  # "host:port" of the server's UDP reflector, for NAT discovery

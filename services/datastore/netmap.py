@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 
 from bus.messages.sync import AclView, NodeView, PeerView, RouteView, VpnView
 from services.datastore.models import AclRule, Change, GatewayRoute, Membership, Node, Vpn
+from services.datastore.paths import choose_path, pick_endpoint
 
 
 @dataclass
@@ -84,12 +85,14 @@ class World:
                 if other.node_id != node_id and self._visible(vpn, mine, other, rules):
                     peer_parts[other.node_id][vpn.name] = (other.vip, other.role)
         peers = {}
+        # The path and endpoint depend on the viewer only through its class, pin and public address.
+        viewer = (me.nat_class, _path_pin(me), _public_host(me))
         for peer_id, parts in peer_parts.items():
             # Most viewers see a peer the same way: build each distinct entry once per World.
-            key = (peer_id, tuple(sorted(parts.items())))
+            key = (peer_id, tuple(sorted(parts.items())), viewer)
             entry = self._peers.get(key)
             if entry is None:
-                entry = self._peers[key] = self._peer_view(self.nodes[peer_id], parts)
+                entry = self._peers[key] = self._peer_view(me, self.nodes[peer_id], parts)
             peers[entry.name] = entry
         return NodeView(
             node=me.name,
@@ -107,7 +110,7 @@ class World:
         me, peer = self.nodes[mine.node_id], self.nodes[other.node_id]
         return any(_allows(r, me, peer) or _allows(r, peer, me) for r in rules)
 
-    def _peer_view(self, peer: Node, parts: dict[str, tuple[str, str]]) -> PeerView:
+    def _peer_view(self, me: Node, peer: Node, parts: dict[str, tuple[str, str]]) -> PeerView:
         name_to_id = {self.vpns[m.vpn_id].name: m.vpn_id for m in self.by_node.get(peer.id or 0, [])}
         routes = [
             RouteView(vpn=vpn, cidr=cidr)
@@ -125,6 +128,8 @@ class World:
             online=peer.online,
             sign_key=peer.sign_key,
             tags=sorted(peer.tags),
+            path=choose_path(me.nat_class, _path_pin(me), peer.nat_class, _path_pin(peer)),
+            endpoint=pick_endpoint(me.public_endpoint, peer.public_endpoint, list(peer.endpoints)),
         )
 
     def affected(self, change: Change) -> set[int]:
@@ -136,6 +141,14 @@ class World:
         for vpn_id in vpn_ids:
             nodes |= {m.node_id for m in self.members.get(vpn_id, [])}
         return nodes
+
+
+def _path_pin(node: Node) -> str | None:
+    return getattr(node, "path_pin", None)
+
+
+def _public_host(node: Node) -> str | None:
+    return node.public_endpoint.rpartition(":")[0] if node.public_endpoint else None
 
 
 def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str]) -> VpnView:

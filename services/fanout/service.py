@@ -15,6 +15,10 @@ heartbeat: a node whose digest disagrees with its stream (it missed the
 tail, or the fanout restarted and lost its streams) is told to take a new
 snapshot. Nodes that stop heartbeating are marked offline, which is itself
 a change, so their co-members hear of it.
+
+Operators may watch too: a WatchRequest leases a push of every batch of
+changes (as one ChangeNotice) to the operator's key, so a dashboard updates
+live without polling; a lease not renewed lapses and costs nothing more.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bus import errors
 from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
+from bus.messages.events import ChangeEvent, ChangeNotice, WatchLease, WatchRequest
 from bus.messages.sync import (
     Applied,
     NodeView,
@@ -49,6 +54,8 @@ from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import Change, Delivery, Node, utcnow
 from services.datastore.netmap import World
+from services.datastore.paths import classify
+from services.fanout.reflector import Reflector
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +96,18 @@ class FanoutService(Worker):
         database_url: str,
         signing_key: SigningKey,
         presence_timeout: float,
+        reflector: tuple[str, int] | None = None,
+        reflector_advertise: str = "",
     ) -> None:
         super().__init__(endpoint, keypair, server_key)
+        self.reflector: Reflector | None = None
+        self.reflector_address = ""
+        if reflector is not None:
+            try:
+                self.reflector = Reflector(*reflector).start()
+                self.reflector_address = f"{reflector_advertise or reflector[0]}:{self.reflector.port}"
+            except OSError as exc:  # NAT discovery is lost, not the fanout: nodes get class "unknown"
+                log.error("no UDP reflector on %s:%d: %s", reflector[0], reflector[1], exc.strerror)
         self.engine = make_engine(database_url)
         migrate(self.engine)
         self.signing_key = signing_key
@@ -99,13 +116,14 @@ class FanoutService(Worker):
         self.by_key: dict[str, int] = {}  # CURVE key -> node id, for the streams
         self.last_seen: dict[int, float] = {}
         self._written: dict[int, float] = {}  # node id -> when last_seen was last written
-        self._reported: dict[int, tuple[tuple[str, ...], str]] = {}  # node id -> (endpoints, agent version)
+        self._reported: dict[int, tuple[tuple[str, ...], str, str, str]] = {}  # node id -> what it last reported
         self.processed = -1  # revision up to which changes have been fanned out
         self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
         self._next_batch = 0.0
         self._acks: dict[int, int] = {}  # node id -> newest revision acknowledged, not yet written
         self._next_ack_flush = 0.0
+        self.watchers: dict[str, float] = {}  # operator CURVE key -> monotonic time its lease ends
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -113,6 +131,7 @@ class FanoutService(Worker):
             SnapshotRequest: self.on_snapshot,
             SyncHeartbeat: self.on_heartbeat,
             Applied: self.on_applied,
+            WatchRequest: self.on_watch,
         }
 
     # ------------------------------------------------------------------ periodic work
@@ -141,6 +160,7 @@ class FanoutService(Worker):
                 return
             changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
             receipts = self._push_changes(self.world, changes, head)
+            self._notify_watchers(changes, head)
         self.processed = head
         if receipts:
             self._record_receipts(receipts)
@@ -189,6 +209,38 @@ class FanoutService(Worker):
             receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
         return receipts
 
+    # ------------------------------------------------------------------ operators watching
+    def on_watch(self, request: WatchRequest, caller: Identity) -> WatchLease:
+        if caller.role not in (Role.OPERATOR, Role.SERVICE):
+            raise RemoteError(errors.FORBIDDEN, "only operators may watch the change log")
+        if request.stop:
+            self.watchers.pop(caller.key, None)
+            return WatchLease(lease=0.0, head=max(self.processed, 0))
+        self.watchers[caller.key] = time.monotonic() + request.lease
+        self.counters["watch_renewals"] += 1
+        return WatchLease(lease=request.lease, head=max(self.processed, 0))
+
+    def _notify_watchers(self, changes: list[Change], head: int) -> None:
+        """Push one notice of this batch to every operator whose lease holds; forget lapsed leases."""
+        if not self.watchers:
+            return
+        now = time.monotonic()
+        for key in [k for k, until in self.watchers.items() if until <= now]:
+            del self.watchers[key]
+        if not self.watchers:
+            return
+        notice = ChangeNotice(
+            prev_revision=self.processed,
+            revision=head,
+            changes=[
+                ChangeEvent(revision=c.revision, at=c.at, kind=c.kind, summary=c.summary, actor=c.actor)
+                for c in changes
+            ],
+        )
+        for key in self.watchers:
+            self.push(key, notice)
+            self.counters["notices"] += 1
+
     # ------------------------------------------------------------------ requests from nodes
     def _node(self, caller: Identity) -> None:
         if caller.role is not Role.NODE:
@@ -222,10 +274,11 @@ class FanoutService(Worker):
         if stream is None:
             node_id = self._node_id(caller)
             self._seen(node_id, caller, request)
-            return SyncStatus(in_sync=False, revision=request.revision)
+            return SyncStatus(in_sync=False, revision=request.revision, reflector=self.reflector_address)
         self._seen(stream.node_id, caller, request)
         self._acknowledge(stream, request.revision)
-        return SyncStatus(in_sync=self._in_sync(stream, request.revision, request.digest), revision=stream.revision)
+        in_sync = self._in_sync(stream, request.revision, request.digest)
+        return SyncStatus(in_sync=in_sync, revision=stream.revision, reflector=self.reflector_address)
 
     def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
         self._node(caller)
@@ -277,7 +330,9 @@ class FanoutService(Worker):
     def _seen(self, node_id: int, caller: Identity, heartbeat: SyncHeartbeat | None = None) -> None:
         """Note a sign of life; write to the datastore only when something an operator sees changes."""
         now = time.monotonic()
-        reported = (tuple(heartbeat.endpoints), heartbeat.agent_version) if heartbeat else None
+        reported = None
+        if heartbeat is not None:
+            reported = (tuple(heartbeat.endpoints), heartbeat.agent_version, heartbeat.mapped, heartbeat.filtering)
         fresh = now - self._written.get(node_id, float("-inf")) < LAST_SEEN_WRITE
         unchanged = reported is None or self._reported.get(node_id) == reported
         known = node_id in self.last_seen
@@ -288,9 +343,11 @@ class FanoutService(Worker):
             node = session.get(Node, node_id)
             if node is None:
                 return
-            moved = heartbeat is not None and list(heartbeat.endpoints) != node.endpoints
+            before = (node.endpoints, node.nat_class, node.public_endpoint)
             if heartbeat is not None:
                 node.endpoints = list(heartbeat.endpoints)
+                node.nat_class = classify(node.endpoints, heartbeat.mapped, heartbeat.filtering)
+                node.public_endpoint = heartbeat.mapped or None
                 node.agent_version = heartbeat.agent_version or node.agent_version
                 self._reported[node_id] = reported  # type: ignore[assignment]
             node.last_seen = utcnow()
@@ -298,8 +355,10 @@ class FanoutService(Worker):
             if not node.online:
                 node.online = True
                 repo.record(session, "node.online", f"node {node.name} is online", "service:fanout", [], [node_id])
-            elif moved:
-                summary = f"node {node.name} reports endpoints {', '.join(node.endpoints) or 'none'}"
+            elif heartbeat is not None and (node.endpoints, node.nat_class, node.public_endpoint) != before:
+                seen = f", seen as {node.public_endpoint}" if node.public_endpoint else ""
+                endpoints = ", ".join(node.endpoints) or "none"
+                summary = f"node {node.name} reports endpoints {endpoints}{seen}: {node.nat_class}"
                 repo.record(session, "node.endpoints", summary, "service:fanout", [], [node_id])
 
     def _adopt_online_nodes(self, session) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ import pytest
 
 from compose.netns import Lab
 from compose.topologies import two_hosts
+from tests.conftest import wait_until
 from tests.helpers.traffic import read_result, tcp_send, tcp_sink
 from tests.network.overlay import start_overlay
 
@@ -39,11 +40,11 @@ def test_ping_and_50mb_tcp_transfer(lab: Lab, path: str) -> None:
     assert received["sha256"] == sent["sha256"]
 
     # It went through the tunnel on the chosen path: ESP packets counted at both ends, nothing dropped.
-    status_a = overlay.dataplane("a")
-    assert status_a["peers"]["b"]["path"] == path
-    assert status_a["counters"]["out_packets"] > 50 * MB // 1500
+    # (status.json is rewritten at each heartbeat: wait for the one after the transfer)
+    assert wait_until(lambda: overlay.counters("a").get("out_packets", 0) > 50 * MB // 1500, 10)
+    assert wait_until(lambda: overlay.counters("b").get("in_packets", 0) >= 50 * MB // 1500, 10)
+    assert overlay.dataplane("a")["peers"]["b"]["path"] == path
     counters_b = overlay.counters("b")
-    assert counters_b["in_packets"] >= 50 * MB // 1500
     assert not {k: v for k, v in counters_b.items() if k.startswith("in_replay") or k == "in_auth_failed"}
     # and not in the clear: the underlay device of A carried no packet to B's overlay address
     route = t.a.run(["ip", "route", "get", vip_b]).stdout

@@ -1,0 +1,74 @@
+"""Central NAT knowledge: a node's class from what it reported, and the path for each pair.
+
+The agent reports its local addresses (host:port of its data-plane socket)
+and what the server's reflector saw (nodeagent/natprobe.py). From these the
+server classes the node and picks, for every pair, the path both ends use:
+there is no in-band detection step, and both ends always agree because they
+read the same decision from their views.
+
+Classes: ``public`` (the reflector saw a local address: nothing translates),
+``nat`` (translated, but unsolicited packets get in: a 1:1 NAT), ``pat``
+(translated and only answers get in: port translation), ``firewalled`` (no
+UDP gets out), ``unknown`` (not probed yet).
+
+Paths: ``esp`` (raw IP protocol 50) when neither end is behind PAT or a
+firewall; ``udp`` (masquerade) when one end is behind PAT: that end sends
+first and its keepalives hold the mapping, the other end answers to where
+the first authenticated packet came from; ``punch`` (udp after coordinated
+hole punching: both ends learn each other's mapped address from the same view
+update and send at once) when both are behind PAT; ``tcp443`` when one end is
+firewalled and the other is reachable; ``relay`` (through the server, which
+forwards sealed ESP it cannot read) when neither of a firewalled pair can be
+reached. An operator's pin (``node set NODE --path P``) wins for any pair
+with that node.
+"""
+
+from __future__ import annotations
+
+PUBLIC, NAT, PAT, FIREWALLED, UNKNOWN = "public", "nat", "pat", "firewalled", "unknown"
+CLASSES = (PUBLIC, NAT, PAT, FIREWALLED, UNKNOWN)
+PATHS = ("esp", "udp", "punch", "tcp443", "relay")
+PINNABLE = ("esp", "udp", "tcp443", "relay")
+REACHABLE = (PUBLIC, NAT)
+
+
+def classify(endpoints: list[str], mapped: str, filtering: str) -> str:
+    """The class of a node from its report (see the module docstring)."""
+    if filtering == "blocked":
+        return FIREWALLED
+    if not mapped or filtering not in ("open", "restricted"):
+        return UNKNOWN
+    if mapped in endpoints:
+        return PUBLIC
+    return NAT if filtering == "open" else PAT
+
+
+def choose_path(mine: str, my_pin: str | None, theirs: str, their_pin: str | None) -> str:
+    """The path between two nodes of these classes and pins; symmetric in its two ends."""
+    pins = {p for p in (my_pin, their_pin) if p}
+    if "relay" in pins:
+        return "relay"
+    if "tcp443" in pins:
+        return "tcp443" if mine in REACHABLE or theirs in REACHABLE else "relay"
+    if FIREWALLED in (mine, theirs):
+        other = theirs if mine == FIREWALLED else mine
+        return "tcp443" if other in REACHABLE else "relay"
+    if "udp" in pins:
+        return "udp"
+    if mine == PAT and theirs == PAT:
+        return "punch"
+    if PAT in (mine, theirs) or UNKNOWN in (mine, theirs):
+        return "udp"  # also before classification: masquerade works wherever raw ESP does, and more
+    return "esp"
+
+
+def pick_endpoint(viewer_public: str | None, peer_public: str | None, peer_endpoints: list[str]) -> str | None:
+    """Where the viewer sends to the peer: its local address when both sit behind the same public address
+    (the same LAN: hairpinning through the NAT may not work), else its public mapping, else what it reported."""
+    same_site = viewer_public and peer_public and viewer_public.rpartition(":")[0] == peer_public.rpartition(":")[0]
+    if peer_public and not same_site:
+        return peer_public
+    for endpoint in peer_endpoints:
+        if ":" in endpoint and "." in endpoint.rpartition(":")[0]:
+            return endpoint
+    return peer_public
