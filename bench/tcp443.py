@@ -88,12 +88,13 @@ def relayed(count: int, size: int, tmp: str) -> tuple[float, int]:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     loop.call_soon(lambda: loop.listen(listener, server_context(Path(cert), Path(key)), lambda: relay))
+    began = time.monotonic()
     a = RelayClient(RelaySettings("127.0.0.1", port, "a", keys["a"]))
     b = RelayClient(RelaySettings("127.0.0.1", port, "b", keys["b"]))
     try:
-        deadline = time.monotonic() + 10
-        while not (a.authenticated and b.authenticated) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not (a.authenticated and b.authenticated) and time.monotonic() < began + 10:
+            time.sleep(0.001)
+        print(f"relay: connect + TLS + challenge/signature for two nodes in {(time.monotonic() - began) * 1000:.0f} ms")
 
         def poll() -> int:
             return len(b.receive(256)) if select.select([b], [], [], 0.05)[0] else 0
