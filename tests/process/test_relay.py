@@ -285,3 +285,30 @@ def test_tcp_paths_send_through_the_relay_and_answer_on_it(server: CoterieServer
     finally:
         a.close()
         b.close()
+
+
+def test_a_stream_that_never_authenticates_is_closed(server: CoterieServer) -> None:
+    raw = RawNode(server.relay_port)
+    try:
+        assert parse_control(raw.next() or b"")[0] == CHALLENGE
+        began = time.monotonic()
+        assert raw.next(timeout=30.0) is None, "the relay must close a silent unauthenticated stream"
+        assert time.monotonic() - began < 25.0
+    finally:
+        raw.close()
+    assert relay_counters(server).get("auth_timeout", 0) >= 1
+
+
+def test_a_newer_stream_of_the_same_node_replaces_the_older(
+    server: CoterieServer, tmp_path: Path, clients: list[RelayClient]
+) -> None:
+    key = enrolled(server, tmp_path, "ri", ["v"])
+    sender = relay_client(server, clients, "rj", enrolled(server, tmp_path, "rj", ["v"]))
+    old = relay_client(server, clients, "ri", key)
+    assert wait_until(lambda: old.authenticated and sender.authenticated, 15.0)
+    new = relay_client(server, clients, "ri", key)  # the agent restarted, or roamed
+    assert wait_until(lambda: new.authenticated, 15.0)
+    assert wait_until(lambda: old.client.last_error != "", 10.0), "the relay closes the older stream"
+    old.close()  # a dead agent does not redial; this one would take the name back
+    assert wait_until(lambda: sender.send_to("ri", esp(1)) and bool(drain(new, 1, 0.3)), 15.0)
+    assert drain(old, 1, 0.3) == []
