@@ -53,6 +53,7 @@ from services.relay.trust import Trust
 log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0  # seconds from TLS handshake to a valid AUTH
+MAX_PENDING = 1024  # streams not yet authenticated; more are refused "busy" (a connection flood costs little)
 
 
 @dataclass
@@ -61,14 +62,17 @@ class Session:
     name: str | None = None  # set once authenticated
     sign_key: str = ""
     refused: bool = False
+    counted: bool = False  # in RelayServer.pending
 
 
 class RelayServer:
     """Authenticates node streams and forwards sealed ESP between peers."""
 
-    def __init__(self, loop: Loop, *, auth_timeout: float = AUTH_TIMEOUT) -> None:
+    def __init__(self, loop: Loop, *, auth_timeout: float = AUTH_TIMEOUT, max_pending: int = MAX_PENDING) -> None:
         self.loop = loop
         self.auth_timeout = auth_timeout
+        self.max_pending = max_pending
+        self.pending = 0  # open streams that have not authenticated
         self.trust = Trust.empty()  # replaced whole by the service thread
         self.counters: Counter[str] = Counter()
         self.by_name: dict[str, Stream] = {}
@@ -79,10 +83,19 @@ class RelayServer:
     def on_open(self, stream: Stream) -> None:
         session = Session(challenge=os.urandom(CHALLENGE_SIZE))
         stream.tag = session
+        if self.pending >= self.max_pending:
+            self.counters["refused_busy"] += 1
+            self._refuse(stream, session, "busy")
+            return
+        self.pending += 1
+        session.counted = True
         stream.enqueue(control(CHALLENGE, session.challenge))
 
     def on_close(self, stream: Stream, reason: str) -> None:
         session: Session | None = stream.tag  # type: ignore[assignment]
+        if session is not None and session.counted:
+            session.counted = False
+            self.pending -= 1
         if session is not None and session.name is not None and self.by_name.get(session.name) is stream:
             del self.by_name[session.name]
             log.info("node %s left the relay (%s)", session.name, reason)
@@ -141,6 +154,9 @@ class RelayServer:
         if old is not None:
             self.loop.close_stream(old, "replaced by a newer stream")
         session.name, session.sign_key = name, key
+        if session.counted:
+            session.counted = False
+            self.pending -= 1
         self.by_name[name] = stream
         stream.enqueue(control(WELCOME))
         self.counters["authenticated"] += 1

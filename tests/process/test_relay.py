@@ -34,12 +34,16 @@ from nodeagent.tlsstream import (
     RELAY,
     WELCOME,
     Framer,
+    Loop,
     auth_payload,
     control,
+    ensure_certificate,
     frame,
     pack_named,
     parse_control,
+    server_context,
 )
+from services.relay.relay import RelayServer
 from tests.conftest import wait_until
 from tests.helpers.server import CoterieServer
 
@@ -312,3 +316,31 @@ def test_a_newer_stream_of_the_same_node_replaces_the_older(
     old.close()  # a dead agent does not redial; this one would take the name back
     assert wait_until(lambda: sender.send_to("ri", esp(1)) and bool(drain(new, 1, 0.3)), 15.0)
     assert drain(old, 1, 0.3) == []
+
+
+def test_unauthenticated_streams_are_capped(tmp_path: Path) -> None:
+    """A connection flood fills at most max_pending slots; the rest are refused "busy" (relay logic alone)."""
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    ensure_certificate(cert, key)
+    loop = Loop("relay-test").start()
+    relay = RelayServer(loop, max_pending=2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    loop.call_soon(lambda: loop.listen(listener, server_context(cert, key), lambda: relay))
+    port = listener.getsockname()[1]
+    waiting = [RawNode(port), RawNode(port)]
+    try:
+        for node in waiting:
+            assert parse_control(node.next() or b"")[0] == CHALLENGE
+        third = RawNode(port)
+        waiting.append(third)
+        assert parse_control(third.next() or b"") == (REFUSED, b"busy")
+        waiting.pop(0).close()  # a slot frees when a pending stream goes
+        assert wait_until(lambda: relay.pending == 1, 10.0)
+        fourth = RawNode(port)
+        waiting.append(fourth)
+        assert parse_control(fourth.next() or b"")[0] == CHALLENGE
+        assert relay.counters["refused_busy"] == 1
+    finally:
+        for node in waiting:
+            node.close()
+        loop.stop()
