@@ -8,6 +8,7 @@ Layout of DIR (``coterie init`` writes it)::
     keys/server.key      the broker's CURVE key pair (0600); server.pub is public
     keys/admin.key       the first operator's key pair
     keys/<service>.key   one key pair per service, so that each authenticates
+    keys/relay-tls.crt   the relay's self-signed TLS certificate and key (made at its first start)
 
 Every process of the server (and every operator command) reads the same
 directory, so a service run alone on another machine needs a copy of its own
@@ -29,6 +30,7 @@ from bus.errors import KeyFileError
 
 DEFAULT_PORT = 7870
 DEFAULT_LISTEN = "127.0.0.1"
+DEFAULT_RELAY_PORT = 443
 
 
 class ConfigError(Exception):
@@ -49,6 +51,10 @@ class ServerConfig:
     allow_anonymous: bool = True
     advertise: tuple[str, ...] = ()  # endpoints written into join strings; default: connect_endpoint
     presence_timeout: float = 15.0  # seconds without a heartbeat before a node is marked offline
+    relay_listen: str = ""  # the relay's TLS listener; empty: the broker's listen address
+    relay_port: int = DEFAULT_RELAY_PORT
+    relay_cert: str = ""  # PEM files; empty: keys/relay-tls.crt and .key, made self-signed if absent
+    relay_key: str = ""
     realms: tuple[RealmConfig, ...] = ()  # proxy authentication realms, in file order
 
     @property
@@ -78,6 +84,19 @@ class ServerConfig:
         return self.keys_dir / "server-sign.key"
 
     @property
+    def relay_host(self) -> str:
+        host = self.relay_listen or self.listen
+        return "0.0.0.0" if host == "*" else host
+
+    @property
+    def relay_cert_path(self) -> Path:
+        return Path(self.relay_cert) if self.relay_cert else self.keys_dir / "relay-tls.crt"
+
+    @property
+    def relay_key_path(self) -> Path:
+        return Path(self.relay_key) if self.relay_key else self.keys_dir / "relay-tls.key"
+
+    @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.directory / 'coterie.db'}"
 
@@ -105,6 +124,12 @@ class ServerConfig:
             },
             "database": {"url": self.database},
             "sync": {"presence_timeout": self.presence_timeout},
+            "relay": {
+                "listen": self.relay_listen,
+                "port": self.relay_port,
+                "cert": self.relay_cert,
+                "key": self.relay_key,
+            },
         }
         if self.realms:
             doc["realms"] = {realm.name: realm.to_table() for realm in self.realms}
@@ -120,6 +145,7 @@ def load_config(directory: Path) -> ServerConfig:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     server = doc.get("server", {})
+    relay = doc.get("relay", {})
     try:
         config = ServerConfig(
             directory=directory,
@@ -129,6 +155,10 @@ def load_config(directory: Path) -> ServerConfig:
             allow_anonymous=bool(server.get("allow_anonymous", True)),
             advertise=tuple(str(e) for e in server.get("advertise", [])),
             presence_timeout=float(doc.get("sync", {}).get("presence_timeout", 15.0)),
+            relay_listen=str(relay.get("listen", "")),
+            relay_port=_port(relay.get("port", DEFAULT_RELAY_PORT), "relay.port"),
+            relay_cert=str(relay.get("cert", "")),
+            relay_key=str(relay.get("key", "")),
             realms=parse_realms(doc.get("realms", {})),
         )
     except (TypeError, ValueError) as exc:
@@ -306,9 +336,9 @@ def _check_radius(where: str, realm: RadiusRealmConfig) -> None:
         raise ValueError(f"{where}.nas_identifier must not be empty (RFC 2865 wants NAS-Identifier or NAS-IP)")
 
 
-def _port(value: object) -> int:
+def _port(value: object, name: str = "server.port") -> int:
     if not isinstance(value, int) or not 0 < value < 65536:
-        raise ValueError(f"server.port must be an integer 1..65535, got {value!r}")
+        raise ValueError(f"{name} must be an integer 1..65535, got {value!r}")
     return value
 
 

@@ -26,6 +26,7 @@ from services.datastore.service import DatastoreService
 from services.fanout.service import FanoutService
 from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
+from services.relay.service import RelayService
 
 REFLECTOR_PORT_OFFSET = 2  # the reflector answers on port + 2 and port + 3
 
@@ -34,6 +35,7 @@ SERVICES: dict[str, type[Worker]] = {
     "datastore": DatastoreService,
     "keydist": KeydistService,
     "fanout": FanoutService,
+    "relay": RelayService,
 }
 PROCESS_NAMES = ("broker", *SERVICE_NAMES)
 assert set(SERVICES) == set(SERVICE_NAMES)
@@ -67,6 +69,13 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
             "reflector_advertise": urlsplit(config.join_endpoints[0]).hostname or "",
         },
         "keydist": {"database_url": url},
+        "relay": {
+            "database_url": url,
+            "host": config.relay_host,
+            "port": config.relay_port,
+            "cert": config.relay_cert_path,
+            "key": config.relay_key_path,
+        },
     }
     return SERVICES[name](endpoint, keypair, server_key, **extra[name])
 

@@ -1,4 +1,4 @@
-"""Runs the broker and the four services as child processes and keeps them running.
+"""Runs the broker and the services as child processes and keeps them running.
 
 A child that dies is restarted after a delay that doubles with each quick
 death (0.5 s up to 30 s) and resets once the child has stayed up for a while,

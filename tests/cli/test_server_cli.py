@@ -85,6 +85,8 @@ def test_status_without_config_says_to_init(tmp_path: Path) -> None:
 def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     home = tmp_path / "srv"
     assert coterie("init", "--dir", str(home), "--port", str(free_port())).returncode == 0
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace("port = 443", f"port = {free_port()}"))  # never the real 443
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "tui.cli", "server", "up", "--dir", str(home)], cwd=ROOT, stdout=log, stderr=log
@@ -114,13 +116,13 @@ def all_up(home: Path) -> dict[str, dict] | None:
     return rows if rows and all(rows[name]["up"] for name in PROCESSES) else None
 
 
-def test_server_up_runs_five_processes_and_restarts_a_killed_one(server: tuple[Path, subprocess.Popen[bytes]]) -> None:
+def test_server_up_runs_every_process_and_restarts_a_killed_one(server: tuple[Path, subprocess.Popen[bytes]]) -> None:
     home, supervisor = server
     assert wait_until(lambda: all_up(home), timeout=30, interval=0.5), status_json(home)
     rows = all_up(home)
     assert rows is not None and sorted(rows) == sorted(PROCESSES)
     pids = {name: rows[name]["pid"] for name in PROCESSES}
-    assert len(set(pids.values())) == 5 and supervisor.pid not in pids.values()
+    assert len(set(pids.values())) == len(PROCESSES) and supervisor.pid not in pids.values()
 
     # A request through the broker to each service and back, as the operator.
     with connect(resolve_address(home)) as client:

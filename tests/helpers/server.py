@@ -1,8 +1,8 @@
 """A real Coterie server for tests (`coterie server up` in a subprocess) and in-process agents.
 
-The server is the real supervisor with its five real processes, on a free
-loopback port, SQLite in a temporary directory unless a database URL is
-given. Agents are the real nodeagent.Agent in threads, sharing one ZeroMQ
+The server is the real supervisor with all its real processes, on a free
+loopback port (the relay on another, never 443), SQLite in a temporary
+directory unless a database URL is given. Agents are the real nodeagent.Agent in threads, sharing one ZeroMQ
 context so that hundreds fit in one test process; each has its own CURVE
 key and connection, as on a real node.
 """
@@ -51,6 +51,8 @@ class CoterieServer:
         config = tomllib.loads(config_path.read_text())
         config["sync"]["presence_timeout"] = presence_timeout
         config["database"]["url"] = database
+        self.relay_port = free_port()  # never the real 443
+        config["relay"]["port"] = self.relay_port
         config_path.write_text(tomli_w.dumps(config))
         self.database_url = database or f"sqlite:///{self.home / 'coterie.db'}"
         self.process: subprocess.Popen[bytes] | None = None
