@@ -552,7 +552,27 @@ class DataPlane:
             "path": self.forced_path or "auto",
             "peers": peers,
             "counters": dict(sorted(self.counters.items())),
+            "batching": self._batching(),
         }
+
+    def _batching(self) -> dict[str, int]:
+        """System calls against packets, both ways: how much the offloads save (docs/performance.md)."""
+        wire, tun = self.wire, self.tun
+        found = {
+            "udp_sends": wire.udp_sends,
+            "udp_datagrams_sent": wire.udp_datagrams_sent,
+            "udp_reads": wire.udp_reads,
+            "udp_datagrams_read": wire.udp_datagrams_read,
+        }
+        if tun is not None:
+            found.update(
+                tun_reads=tun.reads,
+                tun_packets_read=tun.packets_read,
+                tun_writes=tun.writes,
+                tun_packets_written=tun.packets_written,
+                tun_read_errors=tun.read_errors,
+            )
+        return found
 
 
 def _is_syn(packet: bytes, header_length: int) -> bool:

@@ -103,6 +103,7 @@ class Wire:
         self.gso = True  # off after the kernel refused a GSO send: then datagrams go one by one
         self.gro = _enable(self.udp, UDP_GRO)
         self._buffers: list[bytearray] = []  # receive buffers, reused by every recv_batch
+        self.udp_sends = self.udp_datagrams_sent = self.udp_reads = self.udp_datagrams_read = 0
 
     def sockets(self) -> list[socket.socket]:
         return [self.udp] + ([self.esp] if self.esp is not None else [])
@@ -153,7 +154,9 @@ class Wire:
             if end < limit and sizes[end] < size:
                 end += 1
             self._send_run(parts[2 * start : 2 * end], size, end - start, address)
+            self.udp_sends += 1
             start = end
+        self.udp_datagrams_sent += count
 
     def _send_run(self, parts: list[bytes], size: int, count: int, address: tuple[str, int]) -> None:
         if count == 1:
@@ -191,6 +194,7 @@ class Wire:
         buffers = self._buffers
         recvmsg_into = self.udp.recvmsg_into
         space = socket.CMSG_SPACE(_GRO_SIZE.size)
+        reads = 0
         for index in range(limit):
             if index == len(buffers):
                 buffers.append(bytearray(RECV_SIZE))
@@ -202,6 +206,7 @@ class Wire:
             except OSError as exc:  # ICMP errors surface as ECONNREFUSED on the next read
                 log.debug("receive: %s", exc)
                 continue
+            reads += 1
             view = memoryview(buffer)
             size = length
             for level, kind, data in ancillary:
@@ -212,6 +217,8 @@ class Wire:
                 continue
             for start in range(0, length, size):
                 batch.append((view[start : min(start + size, length)], source))
+        self.udp_reads += reads
+        self.udp_datagrams_read += len(batch)
         return batch
 
     def _recv_plain(self, sock: socket.socket, limit: int) -> list[tuple[Any, tuple[str, int]]]:

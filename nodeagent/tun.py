@@ -76,6 +76,7 @@ class Tun:
         self.offload = offload
         self.complete_checksums = False
         self.read_errors = 0  # super-packets whose headers did not add up
+        self.reads = self.packets_read = self.writes = self.packets_written = 0  # how well batching works
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         if offload:
@@ -166,6 +167,8 @@ class Tun:
                 packets += unpack(view[:length], complete=complete)
             except (segments.OffloadError, struct.error):
                 self.read_errors += 1
+            self.reads += 1
+        self.packets_read += len(packets)
         return packets
 
     def _read_plain(self, limit: int) -> list[bytes]:
@@ -182,7 +185,11 @@ class Tun:
         """Write packets; returns how many writes the kernel refused (counted by the caller)."""
         if not self.offload:
             return self._write_all(os.write, packets)
-        return self._write_all(os.writev, segments.coalesce(list(packets)))
+        packets = list(packets)
+        writes = segments.coalesce(packets)
+        self.packets_written += len(packets)
+        self.writes += len(writes)
+        return self._write_all(os.writev, writes)
 
     def _write_all(self, write: Callable[[int, Any], int], items: Iterable[Any]) -> int:
         refused = 0
