@@ -34,6 +34,7 @@ from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired, parse_header
 from nodeagent.natprobe import NatProbe
+from nodeagent.offload import SuperPacket
 from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     TCP_FLAG_SYN,
@@ -283,43 +284,47 @@ class DataPlane:
     def _send_batch(self, batch: list[tuple[Tunnel, bytes]], now: float) -> list[tuple[Tunnel, bytes]]:
         """Seal and send a batch; returns what could not be sent yet (to hold), in order.
 
-        UDP paths gather each peer address's sealed packets and send them with
-        as few system calls as UDP GSO allows; other paths go through ``_send``
+        A TSO super-packet is split here, into one ESP packet per segment. UDP
+        paths gather each peer address's sealed packets and send them with as
+        few system calls as UDP GSO allows; other paths go through ``_send``
         one packet at a time. Only the outbound thread calls this.
         """
         unsent: list[tuple[Tunnel, bytes]] = []
         groups: dict[tuple[str, int], list[bytes]] = {}
+        counters = self.counters
         sent = 0
         for tunnel, packet in batch:
+            pieces = packet.segments() if type(packet) is SuperPacket else (packet,)
             path = tunnel.path
             if path not in UDP_PATHS:
-                if not self._send(tunnel, packet, now):
-                    unsent.append((tunnel, packet))
+                unsent += [(tunnel, piece) for piece in pieces if not self._send(tunnel, piece, now)]
                 continue
             sa, address = tunnel.outbound, tunnel.address(path)
             if sa is None or address is None:
-                unsent.append((tunnel, packet))
-                continue
-            try:
-                sealed = sa.seal(packet)
-            except RekeyRequired:
-                self.counters["out_rekey_wait"] += 1
-                unsent.append((tunnel, packet))
-                continue
-            except EspParseError:
-                self.counters["out_malformed"] += 1
+                unsent += [(tunnel, piece) for piece in pieces]
                 continue
             group = groups.get(address)
             if group is None:
                 group = groups[address] = []
-            group += (MASQUERADE_MARKER, sealed)
-            tunnel.last_sent = now
-            tunnel.tx += 1
-            sent += 1
+            sealed_before = len(group)
+            for piece in pieces:
+                try:
+                    group += (MASQUERADE_MARKER, sa.seal(piece))
+                except RekeyRequired:
+                    counters["out_rekey_wait"] += 1
+                    unsent.append((tunnel, piece))
+                except EspParseError:
+                    counters["out_malformed"] += 1
+            count = (len(group) - sealed_before) // 2
+            if count:
+                tunnel.last_sent = now
+                tunnel.tx += count
+                sent += count
         for address, parts in groups.items():
-            self.wire.send_udp_batch(parts, address)
+            if parts:
+                self.wire.send_udp_batch(parts, address)
         if sent:
-            self.counters["out_packets"] += sent
+            counters["out_packets"] += sent
         return unsent
 
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
@@ -567,7 +572,6 @@ class DataPlane:
         if tun is not None:
             found.update(
                 tun_reads=tun.reads,
-                tun_packets_read=tun.packets_read,
                 tun_writes=tun.writes,
                 tun_packets_written=tun.packets_written,
                 tun_read_errors=tun.read_errors,

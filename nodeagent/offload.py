@@ -114,7 +114,8 @@ def split(packet: Buffer, gso_type: int, gso_size: int, csum_start: int, *, comp
     Each segment gets its own IP length (and, for IPv4, id and header checksum)
     and TCP sequence number; FIN and PSH stay on the last segment, CWR on the
     first. The TCP checksum is the segment's pseudo-header sum (partial), or
-    complete with *complete*.
+    complete with *complete*. The sums that do not change between segments
+    are taken once: per segment only lengths, ids and numbers are added.
     """
     view = memoryview(packet)
     version = view[0] >> 4
@@ -130,55 +131,118 @@ def split(packet: Buffer, gso_type: int, gso_size: int, csum_start: int, *, comp
     template = bytearray(view[:header_length])
     seq = _L.unpack_from(template, l4 + 4)[0]
     flags = template[l4 + 13]
-    ip_id = _H.unpack_from(template, 4)[0] if version == 4 else 0
+    if version == 4:
+        ip_id = _H.unpack_from(template, 4)[0]
+        template[2:6] = b"\0\0\0\0"  # length and id: added per segment, as is the checksum
+        template[10:12] = b"\0\0"
+        ip_base = ones_sum(memoryview(template)[:l4])
+        addresses = int.from_bytes(template[12:20], "big")
+        length_at = 2
+        length_base = header_length
+    else:
+        ip_id = ip_base = 0
+        addresses = int.from_bytes(template[8:40], "big")
+        length_at = 4
+        length_base = header_length - 40
+    pseudo_base = addresses % 0xFFFF + PROTO_TCP + header_length - l4
+    csum_at = l4 + TCP_CSUM_OFFSET
     count = -(-len(payload) // gso_size)
+    last = count - 1
     segments = []
+    join = b"".join
     for index in range(count):
         chunk = payload[index * gso_size : (index + 1) * gso_size]
+        size = len(chunk)
         header = bytearray(template)
-        l4_length = header_length - l4 + len(chunk)
+        _H.pack_into(header, length_at, length_base + size)
         if version == 4:
-            _H.pack_into(header, 2, header_length + len(chunk))
-            _H.pack_into(header, 4, (ip_id + index) & 0xFFFF)
-            ipv4_header_checksum(header)
-        else:
-            _H.pack_into(header, 4, header_length - 40 + len(chunk))
+            ident = (ip_id + index) & 0xFFFF
+            _H.pack_into(header, 4, ident)
+            _H.pack_into(header, 10, ~fold(ip_base + header_length + size + ident) & 0xFFFF)
         _L.pack_into(header, l4 + 4, (seq + index * gso_size) & 0xFFFFFFFF)
-        segment_flags = flags
-        if index != count - 1:
-            segment_flags &= ~(TCP_FIN | TCP_PSH)
-        if index:
-            segment_flags &= ~TCP_CWR
-        header[l4 + 13] = segment_flags
-        _H.pack_into(header, l4 + TCP_CSUM_OFFSET, pseudo_sum(header, l4_length, PROTO_TCP))
-        header += chunk
+        if index != last:
+            header[l4 + 13] = flags & ~(TCP_FIN | TCP_PSH | (TCP_CWR if index else 0))
+        elif index:
+            header[l4 + 13] = flags & ~TCP_CWR
+        _H.pack_into(header, csum_at, fold(pseudo_base + size))
         if complete:
+            header += chunk
             complete_checksum(header, l4, TCP_CSUM_OFFSET, PROTO_TCP)
-        segments.append(bytes(header))
+            segments.append(bytes(header))
+        else:
+            segments.append(join((header, chunk)))
     return segments
 
 
-def unpack_read(buffer: Buffer, *, complete: bool) -> list[bytes]:
-    """One TUN read (virtio_net_hdr + packet) as the IP packets to send, checksums as *complete* says."""
+class SuperPacket(bytes):
+    """A TSO super-packet read from the TUN: routed and filtered once as one IP packet, split when sealed.
+
+    Its IP header is that of every segment but for lengths, ids and
+    numbers, so the data plane's decisions hold for all of them. *gso* is
+    (gso_type, gso_size, csum_start, complete) for ``segments``.
+    """
+
+    gso: tuple[int, int, int, bool]
+
+    def segments(self) -> list[bytes]:
+        gso_type, gso_size, csum_start, complete = self.gso
+        return split(self, gso_type, gso_size, csum_start, complete=complete)
+
+
+def unpack_read(buffer: Buffer, *, complete: bool) -> bytes:
+    """One TUN read (virtio_net_hdr + packet) as the IP packet to send, checksums as *complete* says.
+
+    A TSO read comes back as a SuperPacket.
+    """
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET.unpack_from(buffer)
     packet = memoryview(buffer)[VNET_SIZE:]
     if gso_type != GSO_NONE:
-        return split(packet, gso_type, gso_size, csum_start, complete=complete)
+        if len(packet) < 40 or packet[0] >> 4 != (4 if gso_type & ~GSO_ECN == GSO_TCPV4 else 6):
+            raise OffloadError(f"gso_type {gso_type} for a packet that is not TCP of that IP version")
+        found = SuperPacket(packet)
+        found.gso = (gso_type, gso_size, csum_start, complete)
+        return found
     if flags & NEEDS_CSUM and complete and len(packet) >= csum_start + csum_offset + 2:
         mutable = bytearray(packet)
         complete_checksum(mutable, csum_start, csum_offset, mutable[9] if mutable[0] >> 4 == 4 else mutable[6])
-        return [bytes(mutable)]
-    return [bytes(packet)]
+        return bytes(mutable)
+    return bytes(packet)
+
+
+def expand(packets: Sequence[bytes]) -> list[bytes]:
+    """The packets with every SuperPacket replaced by its segments, in order."""
+    if not any(type(p) is SuperPacket for p in packets):
+        return list(packets)
+    out: list[bytes] = []
+    for packet in packets:
+        if type(packet) is SuperPacket:
+            out += packet.segments()
+        else:
+            out.append(packet)
+    return out
 
 
 # ---------------------------------------------------------------------------- writing (inbound)
-def _tcp_run_key(packet: Buffer, l4: int, header_length: int) -> bytes:
-    """What must be equal for two segments to join: the IP header bar length/id/checksum, ports, ack, options."""
-    if packet[0] >> 4 == 4:
-        ip = bytes(packet[0:2]) + bytes(packet[6:10]) + bytes(packet[12:l4])
-    else:
-        ip = bytes(packet[0:4]) + bytes(packet[6:40])
-    return ip + bytes(packet[l4 : l4 + 4]) + bytes(packet[l4 + 8 : l4 + 12]) + bytes(packet[l4 + 20 : header_length])
+_RUN_KEYS: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _tcp_run_key(packet: Buffer, l4: int, header_length: int) -> tuple[bytes, ...]:
+    """What must be equal for two segments to join: the IP header bar length/id/checksum, ports, ack, options.
+
+    One precompiled unpack per header shape reads exactly those fields (pad
+    bytes skip the rest): cheaper than slicing them out one by one.
+    """
+    version = packet[0] >> 4
+    shape = (version, l4, header_length)
+    key = _RUN_KEYS.get(shape)
+    if key is None:
+        options = header_length - l4 - 20
+        # IPv4: version, tos | length, id | flags, ttl, proto | checksum | addresses, options;
+        # IPv6: version, class, flow | payload length | next header, hops, addresses.
+        ip = f"2s4x4s2x{l4 - 12}s" if version == 4 else "4s2x34s"
+        # ports | seq | ack | offset, flags, window, checksum, urgent | options
+        key = _RUN_KEYS[shape] = struct.Struct(f"!{ip}4s4x4s8x{options}s")
+    return key.unpack_from(packet)
 
 
 def _partial_header(packet: Buffer, l4: int, header_length: int, proto: int, l4_length: int) -> bytearray:

@@ -38,6 +38,8 @@ UDP_GRO = 104  # UDP GRO: one recvmsg, many datagrams of the size in the cmsg
 GSO_MAX_PAYLOAD = 65507  # what one GSO sendmsg may carry in all (EMSGSIZE above)
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer ones
 _GSO_SIZE = struct.Struct("=H")
+_WORD = struct.Struct("!L")
+_MASQUERADE_WORD = int.from_bytes(MASQUERADE_MARKER, "big")
 _GRO_SIZE = struct.Struct("=i")
 
 # Per-packet encapsulation overhead on each path, before ESP's own (IPv4 outer header).
@@ -55,18 +57,17 @@ class Kind(enum.Enum):
 
 def classify_udp(datagram: bytes | memoryview) -> tuple[Kind, int]:
     """What a datagram on the agent's UDP port is, and where its payload starts; never raises."""
-    if len(datagram) == 1 and datagram[0] == 0xFF:
-        return Kind.KEEPALIVE, 1
-    if len(datagram) < 4:
-        return Kind.GARBAGE, 0
-    head = bytes(datagram[:4])
-    if head == MASQUERADE_MARKER:
-        if len(datagram) - 4 < ESP_MIN_PACKET_SIZE:
+    length = len(datagram)
+    if length < 4:
+        return (Kind.KEEPALIVE, 1) if length == 1 and datagram[0] == 0xFF else (Kind.GARBAGE, 0)
+    head = _WORD.unpack_from(datagram)[0]
+    if head == _MASQUERADE_WORD:
+        if length - 4 < ESP_MIN_PACKET_SIZE:
             return Kind.GARBAGE, 0
         return Kind.ESP, 4
-    if head == NON_ESP_MARKER:
+    if head == 0:  # the non-ESP marker
         return Kind.CONTROL, 4
-    if int.from_bytes(head, "big") < 256 or len(datagram) < ESP_MIN_PACKET_SIZE:
+    if head < 256 or length < ESP_MIN_PACKET_SIZE:
         return Kind.GARBAGE, 0
     return Kind.ESP, 0  # RFC 3948 ESP-in-UDP: the SPI comes first
 

@@ -76,7 +76,7 @@ class Tun:
         self.offload = offload
         self.complete_checksums = False
         self.read_errors = 0  # super-packets whose headers did not add up
-        self.reads = self.packets_read = self.writes = self.packets_written = 0  # how well batching works
+        self.reads = self.writes = self.packets_written = 0  # how well batching works
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         if offload:
@@ -152,7 +152,11 @@ class Tun:
 
     # ------------------------------------------------------------------ packets
     def read_batch(self, limit: int) -> list[bytes]:
-        """The packets of up to *limit* reads that are waiting now (none when the device is idle)."""
+        """The packets of up to *limit* reads that are waiting now (none when the device is idle).
+
+        With offloads a packet may be an offload.SuperPacket: one IP packet that stands for many
+        segments, split when sealed (``offload.expand``).
+        """
         if not self.offload:
             return self._read_plain(limit)
         packets: list[bytes] = []
@@ -164,11 +168,10 @@ class Tun:
             except BlockingIOError:
                 break
             try:
-                packets += unpack(view[:length], complete=complete)
+                packets.append(unpack(view[:length], complete=complete))
             except (segments.OffloadError, struct.error):
                 self.read_errors += 1
-            self.reads += 1
-        self.packets_read += len(packets)
+        self.reads += len(packets)
         return packets
 
     def _read_plain(self, limit: int) -> list[bytes]:

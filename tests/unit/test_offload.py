@@ -97,10 +97,21 @@ def test_split_gives_mss_segments_with_right_headers(build, gso_type: int, compl
 def test_unpack_read_completes_a_single_partial_packet_when_asked() -> None:
     raw = as_partial(tcp4(b"hello"))
     read = VNET.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16) + raw
-    assert unpack_read(read, complete=False) == [raw]
-    [completed] = unpack_read(read, complete=True)
+    assert unpack_read(read, complete=False) == raw
+    completed = unpack_read(read, complete=True)
     assert completed != raw and checksum_ok(completed)
-    assert unpack_read(PLAIN + bytes(IP(dst="1.2.3.4") / ICMP()), complete=True) == [bytes(IP(dst="1.2.3.4") / ICMP())]
+    assert unpack_read(PLAIN + bytes(IP(dst="1.2.3.4") / ICMP()), complete=True) == bytes(IP(dst="1.2.3.4") / ICMP())
+
+
+def test_a_tso_read_is_one_super_packet_that_splits_when_asked() -> None:
+    raw = as_partial(tcp4())
+    read = unpack_read(VNET.pack(NEEDS_CSUM, GSO_TCPV4, 52, MSS, 20, 16) + raw, complete=True)
+    assert isinstance(read, offload.SuperPacket) and read == raw  # routed as one IP packet
+    assert read.segments() == split(raw, GSO_TCPV4, MSS, 20, complete=True)
+    plain = bytes(tcp4(b"x"))
+    assert offload.expand([plain, read, plain]) == [plain, *read.segments(), plain]
+    with pytest.raises(offload.OffloadError):
+        unpack_read(VNET.pack(NEEDS_CSUM, GSO_TCPV6, 52, MSS, 20, 16) + raw, complete=True)
 
 
 def test_split_refuses_a_super_packet_of_the_wrong_family() -> None:
