@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 
@@ -62,6 +62,7 @@ class PendingRequest:
     caller: Identity
     body: bytes
     deadline: float
+    address: str = ""  # the client's IP address (Peer-Address), passed on for rate limits and the audit
 
 
 @dataclass
@@ -141,10 +142,12 @@ class Broker:
             except zmq.Again:
                 return
             key = frames[-1].get("User-Id")
-            self._on_message(frames[0].bytes, key, [f.bytes for f in frames[1:]])
+            self._on_message(frames[0].bytes, key, [f.bytes for f in frames[1:]], _peer_address(frames[-1]))
 
-    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes]) -> None:
+    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], address: str = "") -> None:
         identity = self.registry.lookup(key) or Identity.anonymous(key)
+        if address:
+            identity = replace(identity, address=address)
         self._learn_client(key, routing_id)
         if frames == [b""]:
             return  # connection probe
@@ -187,7 +190,7 @@ class Broker:
             self._refuse(rid, who, service_raw, request_id)
             return
         deadline = time.monotonic() + c.SERVICE_WAIT
-        record.requests.append(PendingRequest(rid, request_id, who, body, deadline))
+        record.requests.append(PendingRequest(rid, request_id, who, body, deadline, who.address))
         self._dispatch(record)
 
     def _refuse(self, rid: bytes, who: Identity, service: bytes, request_id: bytes) -> None:
@@ -325,6 +328,7 @@ class Broker:
                 request.request_id,
                 request.caller.wire.encode(),
                 request.body,
+                request.address.encode(),
             ]
             if self._send(frames):
                 worker.busy = request
@@ -404,3 +408,11 @@ class Broker:
     def _reply_error(self, rid: bytes, service: bytes, request_id: bytes, code: str, text: str) -> None:
         body = codec.encode(Error(code=code, message=text))
         self._send([rid, c.CLIENT, c.REPLY, service, request_id, body])
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address (libzmq's Peer-Address property; empty for transports without one)."""
+    try:
+        return str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return ""

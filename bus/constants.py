@@ -19,12 +19,13 @@ Worker <-> broker (a DEALER connected to the same ROUTER)::
     worker -> broker  PUSH       [WORKER, PUSH, target_key_z85, body]
     worker -> broker  HEARTBEAT  [WORKER, HEARTBEAT]
     worker -> broker  DISCONNECT [WORKER, DISCONNECT]
-    broker -> worker  REQUEST    [WORKER, REQUEST, client_id, request_id, caller, body]
+    broker -> worker  REQUEST    [WORKER, REQUEST, client_id, request_id, caller, body, address]
     broker -> worker  HEARTBEAT  [WORKER, HEARTBEAT]
     broker -> worker  DISCONNECT [WORKER, DISCONNECT]
 
 ``body`` is one message encoded by :mod:`bus.codec`; ``caller`` is the
-authenticated identity of the client as ``role;key;name``. An empty single-frame
+authenticated identity of the client as ``role;key;name``; ``address``
+the client's IP address as the broker's socket saw it (may be empty). An empty single-frame
 message is a connection probe (ZMQ_PROBE_ROUTER) and is never an error.
 """
 

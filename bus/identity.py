@@ -9,7 +9,7 @@ revoked key lose its rights on a live connection.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Role(enum.StrEnum):
@@ -26,6 +26,9 @@ class Identity:
     role: Role
     name: str
     key: str = ""
+    #: The peer's IP address as the broker saw it (ZeroMQ's Peer-Address), for rate limits and
+    #: the audit; not part of who the caller is, and empty where unknown.
+    address: str = field(default="", compare=False)
 
     @property
     def caller(self) -> str:
@@ -41,9 +44,9 @@ class Identity:
         return f"{self.role};{self.key};{self.name}"
 
     @classmethod
-    def from_wire(cls, text: str) -> Identity:
+    def from_wire(cls, text: str, address: str = "") -> Identity:
         role, key, name = text.split(";", 2)
-        return cls(role=Role(role), name=name, key=key)
+        return cls(role=Role(role), name=name, key=key, address=address)
 
     @classmethod
     def anonymous(cls, key: str) -> Identity:

@@ -13,6 +13,7 @@ with ``internal``; nothing a caller sends stops the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -89,6 +90,16 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def keepalive(self) -> None:
+        """Heartbeat now, from a handler that blocks for long (a password hash on a loaded machine).
+
+        The broker drops a worker silent for HEARTBEAT_LIVENESS intervals, even one busy with a request.
+        Call it from the worker's own thread (the one running the handler), as the socket is not thread-safe.
+        """
+        if self._socket is not None:
+            with contextlib.suppress(zmq.ZMQError):  # the loop notices a lost broker by itself
+                self._socket.send_multipart([c.WORKER, c.HEARTBEAT], zmq.NOBLOCK)
+
     def push(self, target_key: str, message: Message) -> None:
         """Send *message* to the client whose CURVE key is *target_key*, through the broker."""
         if self._socket is None:
@@ -155,9 +166,11 @@ class Worker:
             return True
         if command == c.DISCONNECT:
             return False
-        if command == c.REQUEST and len(frames) == 6:
-            _, _, client, request_id, caller, body = frames
-            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(self._serve(caller, body))])
+        if command == c.REQUEST and len(frames) in (6, 7):
+            client, request_id, caller, body = frames[2:6]
+            address = frames[6].decode("ascii", "replace") if len(frames) == 7 else ""
+            reply = self._serve(caller, body, address)
+            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(reply)])
             return True
         self.counters["malformed"] += 1
         log.warning("%s: unexpected %s from broker dropped", self.service, c.COMMAND_NAMES.get(command, command))
@@ -170,10 +183,10 @@ class Worker:
             log.exception("%s: reply %s could not be encoded", self.service, reply.KIND)
             return codec.encode(self._error(errors.INTERNAL, f"{self.service} failed to encode its reply"))
 
-    def _serve(self, caller_text: bytes, body: bytes) -> Message:
+    def _serve(self, caller_text: bytes, body: bytes, address: str = "") -> Message:
         self.counters["requests"] += 1
         try:
-            caller = Identity.from_wire(caller_text.decode())
+            caller = Identity.from_wire(caller_text.decode(), address)
             request = codec.decode(body)
         except DecodeError as exc:
             return self._error(exc.code, exc.message)

@@ -10,7 +10,6 @@ commands run in the server's namespace, where that address is local.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,16 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compose.netns import Host, LabError, LabProcess
+from compose.netns import ROOT, Host, LabError, LabProcess, checkout_env
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 7870
-
-
-def coterie_env() -> dict[str, str]:
-    """The environment for CLI calls: this checkout first on the import path, unbuffered logs."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+coterie_env = checkout_env
 
 
 def coterie_argv(*args: str) -> list[str]:
@@ -91,7 +84,7 @@ class LabServer:
 
 
 def start_server(
-    host: Host, workdir: Path, listen: str | None = None, port: int = DEFAULT_PORT, timeout: float = 60
+    host: Host, workdir: Path, listen: str | None = None, port: int = DEFAULT_PORT, timeout: float = 120
 ) -> LabServer:
     """``coterie init`` + ``coterie server up`` in *host*, listening on *listen* (default: its first address).
 
@@ -137,7 +130,7 @@ def agent_status(host: Host, state_dir: Path) -> dict[str, Any] | None:
 
 
 def wait_agent(
-    host: Host, state_dir: Path, peers: Sequence[str] = (), timeout: float = 60, agent: LabProcess | None = None
+    host: Host, state_dir: Path, peers: Sequence[str] = (), timeout: float = 120, agent: LabProcess | None = None
 ) -> dict[str, Any]:
     """Wait until the agent is connected and sees each of *peers* online; returns its last status.
 

@@ -7,8 +7,8 @@ promises, and getting them right once is cheaper than in every test:
    several helpers' test runs) share one machine without colliding.
 2. Everything the Lab creates it records, and on exit it removes exactly
    that: its processes by PID (TERM, then KILL after a bounded wait), then
-   whatever still runs inside its namespaces, then the namespaces. It never
-   touches anything it did not create.
+   whatever still runs inside its namespaces (started there by its users),
+   then the namespaces. It never touches anything outside what it created.
 3. Every wait is bounded in time.
 
 Links are created inside the namespaces (``ip -n NS link add ... peer ...
@@ -34,9 +34,15 @@ from pathlib import Path
 from types import TracebackType
 
 PREFIX = "cot"
-OWNER_DIR = Path("/run/coterie-lab")  # <tag>.owner holds the PID of the process that owns a lab
+OWNER_DIR = Path("/run/coterie-lab")  # <tag>.owner: the owner's PID; <tag>.json: a published lab (publish())
 TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
-_TAG_RE = re.compile(r"^[0-9a-f]{6}$")
+ROOT = Path(__file__).resolve().parent.parent  # this checkout: what processes in a lab import
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for Python processes in a lab: this checkout first on the import path, unbuffered."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 class LabError(RuntimeError):
@@ -55,14 +61,14 @@ def _sh(
     return proc
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if *pid* runs (a zombie counts as ended: it only waits to be reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # a zombie is dead for our purposes
     with contextlib.suppress(OSError):
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False
@@ -76,10 +82,10 @@ def kill_pids(pids: Sequence[int], grace: float = TERM_GRACE) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
     for pid in pids:
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -306,6 +312,26 @@ class Lab:
         if self._owner_file is not None:
             with contextlib.suppress(OSError):
                 self._owner_file.unlink()
+            with contextlib.suppress(OSError):
+                self._owner_file.with_suffix(".json").unlink()
+
+    def publish(self, **extra: object) -> Path:
+        """Describe this running lab in ``/run/coterie-lab/<tag>.json`` so other commands can find it.
+
+        What ``python3 -m compose down|exec|list`` read: owner PID, work
+        directory, {host: namespace}, and whatever *extra* the launcher adds.
+        """
+        path = OWNER_DIR / f"{self.tag}.json"
+        doc = {
+            "tag": self.tag,
+            "pid": os.getpid(),
+            "workdir": str(self.workdir),
+            "hosts": {name: host.ns for name, host in self.hosts.items()},
+            **extra,
+        }
+        OWNER_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
+        return path
 
     def remove_workdir(self) -> None:
         """Delete the work directory (logs) if the Lab made it; call after a passing test."""
@@ -334,8 +360,9 @@ def cleanup_stale(prefix: str = PREFIX, force: bool = False) -> list[str]:
         _sh(["ip", "netns", "del", ns], check=False)
         removed.append(ns)
     for tag in {pattern.match(ns).group(1) for ns in removed}:  # type: ignore[union-attr]
-        with contextlib.suppress(OSError):
-            (OWNER_DIR / f"{tag}.owner").unlink()
+        for suffix in (".owner", ".json"):
+            with contextlib.suppress(OSError):
+                (OWNER_DIR / f"{tag}{suffix}").unlink()
     return removed
 
 
@@ -344,4 +371,4 @@ def _owner_alive(tag: str) -> bool:
         pid = int((OWNER_DIR / f"{tag}.owner").read_text().strip())
     except (OSError, ValueError):
         return False
-    return _alive(pid)
+    return pid_alive(pid)

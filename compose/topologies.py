@@ -24,14 +24,18 @@ The boxes are nftables rulesets in the box's namespace:
   of established connections come back; everything else is dropped. It also masquerades by default,
   as the firewalls of real networks do.
 - ``add_loss``: random loss on whatever a box or router forwards (nftables numgen).
+- ``add_delay``: delay on what a router forwards, through a small relay over a TUN (no tc netem here).
+- ``restart_box`` (a NAT box reboots: its port mappings are forgotten) and ``readdress`` (a node roams).
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from compose.netns import Host, Lab
+from compose.netns import ROOT, Host, Lab, LabError, LabProcess, checkout_env
 
 UNDER_A, UNDER_RA = "10.201.1.2", "10.201.1.1"
 UNDER_B, UNDER_RB = "10.201.2.2", "10.201.2.1"
@@ -119,6 +123,55 @@ def add_loss(host: Host, percent: int) -> None:
     )
 
 
+def add_delay(host: Host, ms: float, devs: Sequence[str], tun: str = "dly0") -> LabProcess:
+    """Delay by *ms* every packet *host* forwards that arrives on one of *devs* (see compose/delay.py).
+
+    Give both directions' devices for a round trip of 2 x *ms*. The relay is
+    a lab process: it stops with the lab, and its routes vanish with its TUN.
+    """
+    relay = host.spawn(
+        [sys.executable, "-m", "compose.delay", "--tun", tun, "--ms", str(ms)],
+        f"delay-{tun}",
+        env=checkout_env(),
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 15
+    while host.run(["ip", "link", "show", tun], check=False).returncode != 0:
+        if relay.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"delay relay in {host.name} did not create {tun}: {relay.log_tail()}")
+        time.sleep(0.05)
+    host.run(["ip", "link", "set", tun, "up"])
+    for conf in ("all", tun, *devs):
+        host.sysctl(f"net.ipv4.conf.{conf}.rp_filter", 0)
+    host.run(["ip", "route", "add", "default", "dev", tun, "table", "77"])
+    host.run(["ip", "rule", "add", "iif", tun, "lookup", "main", "priority", "100"])
+    for dev in devs:
+        host.run(["ip", "rule", "add", "iif", dev, "lookup", "77", "priority", "200"])
+    return relay
+
+
+def restart_box(site: Site) -> None:
+    """What a NAT box reboot does to its mappings: every translation is forgotten.
+
+    Taking the wan link down drops the masquerade entries of conntrack (the
+    kernel flushes them when the address goes away); static 1:1 NAT keeps
+    its rules, as a real box would after a reboot. The default route comes back.
+    """
+    if site.box is None:
+        raise ValueError(f"site {site.index} ({site.kind}) has no box")
+    site.box.run(["ip", "link", "set", "wan", "down"])
+    site.box.run(["ip", "link", "set", "wan", "up"])
+    site.box.run(["ip", "route", "replace", "default", "via", f"198.18.{site.index}.1"])
+
+
+def readdress(host: Host, dev: str, old: str, new: str, gateway: str) -> None:
+    """Move *host* to another address (CIDRs) on *dev*, as a roaming node does; its default route follows."""
+    # old first: deleting a primary address also deletes the secondaries of its subnet
+    host.run(["ip", "addr", "del", old, "dev", dev])
+    host.run(["ip", "addr", "add", new, "dev", dev])
+    host.run(["ip", "route", "replace", "default", "via", gateway])
+
+
 # ------------------------------------------------------------------- sites
 @dataclass
 class Site:
@@ -189,7 +242,7 @@ def _site(lab: Lab, r: Host, i: int, kind: str, count: int, firewall_ports: Sequ
         hosts.append(host)
         addrs.append(addr)
     if kind == "nat":
-        public = [wan_addr] + [f"198.18.{i}.{3 + j}" for j in range(1, count)]
+        public = [wan_addr] + [f"198.18.{i}.{2 + j}" for j in range(1, count)]
         mappings = dict(zip(addrs, public, strict=True))
         # the first host takes over the box's own wan address: all that arrives for it goes to that host
         nat_box(box, "wan", mappings)

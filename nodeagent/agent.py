@@ -43,17 +43,30 @@ class EnrollmentError(Exception):
     """The server refused the join string (the message says why)."""
 
 
-def enroll(state: StateDir, join: JoinString, timeout: float = 5.0, context: Context | None = None) -> ServerInfo:
-    """Trade the join secret for enrollment; the node's own keys are made here and never leave."""
+def enroll(
+    state: StateDir, join: JoinString, timeout: float = 5.0, context: Context | None = None, node_name: str = ""
+) -> ServerInfo:
+    """Trade the join secret for enrollment; the node's own keys are made here and never leave.
+
+    *node_name* names the node when the secret is an enrollment token (default: the hostname).
+    """
+    import socket
+
+    hostname = socket.gethostname().split(".")[0][:63]
     keypair = state.keypair()
     server_key = validate_public_key(join.server_key)
     last: Exception | None = None
     for endpoint in join.endpoints:
         with Client(endpoint, keypair, server_key, timeout=timeout, retries=1, context=context) as client:
             try:
-                reply = client.request(
-                    "auth", Enroll(secret=join.secret, sign_key=state.identity_public(), agent_version=VERSION)
+                enrollment = Enroll(
+                    secret=join.secret,
+                    sign_key=state.identity_public(),
+                    agent_version=VERSION,
+                    node_name=node_name,
+                    hostname=hostname,
                 )
+                reply = client.request("auth", enrollment)
             except RemoteError as exc:
                 raise EnrollmentError(exc.message) from None
             except BusError as exc:

@@ -1,10 +1,12 @@
-"""``coterie agent up`` and ``coterie agent status``: the node agent's commands."""
+"""``coterie agent up``, ``agent passwd`` and ``agent status``: the node agent's commands."""
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,10 +14,12 @@ from urllib.parse import urlsplit
 
 import typer
 
+from bus.errors import KeyFileError
 from bus.messages.auth import JoinString
 from nodeagent.agent import Agent, EnrollmentError, enroll
 from nodeagent.dataplane import EXIT_MARK, PATHS, DataPlane
 from nodeagent.keys import REKEY_INTERVAL
+from nodeagent.login import change_password, login, server_key_from
 from nodeagent.state import StateDir, StateError, default_state_dir
 from nodeagent.transport import DEFAULT_UDP_PORT, Wire
 from nodeagent.tun import Tun, TunError
@@ -38,6 +42,19 @@ def _fail(message: str, code: int = 1) -> None:
 @agent_app.command("up")
 def up(
     join: Annotated[str | None, typer.Option("--join", help="The join string from `coterie node add`.")] = None,
+    server_endpoint: Annotated[
+        str | None, typer.Option("--server", help="With --user: the server, tcp://HOST:PORT.")
+    ] = None,
+    server_key: Annotated[
+        str | None, typer.Option("--server-key", help="With --user: the server's public key (Z85) or .pub file.")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Log in with this user's password (first run).")] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+    ] = False,
+    node_name: Annotated[
+        str | None, typer.Option("--node-name", help="Name of this node [default: USER-HOSTNAME, or the hostname].")
+    ] = None,
     state_dir: StateDirOption = None,
     heartbeat: Annotated[float, typer.Option(help="Seconds between heartbeats.", min=0.2)] = 2.0,
     tun: Annotated[str, typer.Option("--tun", help="Name of the TUN device the agent creates.")] = "cot0",
@@ -57,22 +74,26 @@ def up(
         bool, typer.Option("--control-only", help="Keep the view current but move no traffic (no TUN, no root).")
     ] = False,
 ) -> None:
-    """Enroll with a join string (first run), then keep this node's view current and carry its traffic."""
+    """Enroll (join string or token) or log in (user and password) on first run, then keep the view current
+    and carry this node's traffic."""
     if path not in PATHS:
         _fail(f"--path must be one of: {', '.join(PATHS)}", code=2)
     setup_logging("agent")
     state = StateDir(state_dir or default_state_dir())
-    if join is not None:
-        if state.enrolled:
-            typer.echo(f"already enrolled as {state.server().node}; ignoring --join", err=True)
-        else:
-            try:
-                info = enroll(state, JoinString.decode(join))
-            except ValueError as exc:
-                _fail(str(exc))
-            except EnrollmentError as exc:
-                _fail(f"enrollment refused: {exc}")
-            typer.echo(f"enrolled as node {info.node}")
+    if join is not None and user is not None:
+        _fail("give either --join or --user, not both", code=2)
+    if (join is not None or user is not None) and state.enrolled:
+        typer.echo(f"already enrolled as {state.server().node}; ignoring --join/--user", err=True)
+    elif join is not None:
+        try:
+            info = enroll(state, JoinString.decode(join), node_name=node_name or "")
+        except ValueError as exc:
+            _fail(str(exc))
+        except EnrollmentError as exc:
+            _fail(f"enrollment refused: {exc}")
+        typer.echo(f"enrolled as node {info.node}")
+    elif user is not None:
+        _login(state, server_endpoint, server_key, user, password_stdin, node_name or "")
     tunnels = None
     try:
         server = state.server()
@@ -117,6 +138,59 @@ def _start_tunnels(
         wire.close()
         raise
     return Tunnels.create(plane, node, load_signing_key(state.path / "identity.key"), timing_for(rekey_interval))
+
+
+def _login(
+    state: StateDir, server: str | None, server_key: str | None, user: str, from_stdin: bool, node_name: str
+) -> None:
+    if not server or not server_key:
+        _fail("--user needs --server and --server-key")
+    try:
+        key = server_key_from(server_key)
+    except KeyFileError as exc:
+        _fail(f"--server-key: {exc}")
+    password = _read_secret("password", from_stdin)
+    try:
+        info = login(state, server, key, user, password, node_name=node_name)
+    except EnrollmentError as exc:
+        _fail(str(exc))
+    typer.echo(f"logged in as {user}: node {info.node}")
+
+
+def _read_secret(what: str, from_stdin: bool, *, twice: bool = False) -> str:
+    """One secret from stdin's next line (--password-stdin) or a prompt on a TTY; never from argv."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            _fail(f"no {what} on stdin")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        _fail(f"no TTY to ask for the {what}: use --password-stdin")
+    secret = getpass.getpass(f"{what}: ")
+    if twice and getpass.getpass(f"{what} again: ") != secret:
+        _fail(f"the two {what}s differ")
+    return secret
+
+
+@agent_app.command("passwd")
+def passwd(
+    user: Annotated[
+        str | None, typer.Option("--user", help="The user [default: the one that logged this node in].")
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the old, then the new password from stdin's first lines.")
+    ] = False,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Change the VPN password of this node's user: the server checks the old one, applies, confirms."""
+    state = StateDir(state_dir or default_state_dir())
+    old = _read_secret("old password", password_stdin)
+    new = _read_secret("new password", password_stdin, twice=True)
+    try:
+        changed = change_password(state, old, new, user=user or "")
+    except (StateError, EnrollmentError) as exc:
+        _fail(f"password not changed: {exc}")
+    typer.echo(f"password of {changed.user} changed (confirmed by the server, change #{changed.change_id})")
 
 
 @agent_app.command("status")

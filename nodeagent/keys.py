@@ -265,7 +265,10 @@ class PeerKeyState:
     outbound_sa: OutboundSA | None = None
     outbound_pair: tuple[int, int] | None = None  # (my epoch, peer epoch) of outbound_sa
     inbound: dict[tuple[int, int], InboundSA] = field(default_factory=dict)
-    spent: set[tuple[int, int]] = field(default_factory=set)  # outbound pairs ever made: never again
+    # (direction, my epoch, peer epoch) of every SA ever made for this peer name, kept by the KeyRing
+    # across a removal and re-adding of the peer: an SA is never made twice, so no counter (GCM nonce)
+    # and no replay window restarts for the same key.
+    made: set[tuple[str, int, int]] = field(default_factory=set)
 
     def learn(self, key: PeerKey, now: float) -> str | None:
         """Take a relayed key; None if kept, else why not (never trusts keydist: checks the signature)."""
@@ -313,10 +316,10 @@ class PeerKeyState:
         pair = (mine.epoch, theirs.key.epoch)
         if pair == self.outbound_pair:
             return self.outbound_sa
-        if pair in self.spent:  # an older pair again (cannot happen by the rules above): never reuse a counter
+        if ("out", *pair) in self.made:  # made before (the peer was removed and re-added): never again
             return None
         keys = derive_pair(self.me, mine.private, mine.epoch, self.name, theirs.key.public_key, theirs.key.epoch)
-        self.spent.add(pair)
+        self.made.add(("out", *pair))
         self.outbound_pair = pair
         self.outbound_sa = OutboundSA(keys.outbound.spi, keys.outbound.key, keys.outbound.salt, limit=self.packet_limit)
         return self.outbound_sa
@@ -329,6 +332,9 @@ class PeerKeyState:
                 pair = (mine.epoch, theirs.key.epoch)
                 sa = self.inbound.get(pair)
                 if sa is None:
+                    if ("in", *pair) in self.made:
+                        continue  # its replay window is gone with the old SA: a new one would accept replays
+                    self.made.add(("in", *pair))
                     k = derive_pair(self.me, mine.private, mine.epoch, self.name, theirs.key.public_key, pair[1])
                     sa = InboundSA(k.inbound.spi, k.inbound.key, k.inbound.salt)
                 wanted[pair] = sa
@@ -353,12 +359,14 @@ class _Fetch:
 class KeyRing:
     """All of a node's end-to-end keys: its own epochs, every peer's, and the inbound SPI table.
 
-    The agent makes one at start and calls: ``set_peers`` on every view
-    change; ``on_connect`` after each snapshot; ``tick`` about every 0.5 s
-    (send each message it returns to keydist, hand the answer or the BusError
-    to ``on_reply``); ``on_push`` for keydist's pushes; ``outbound(peer)``
-    per packet batch; ``spi_table`` and ``peer_of`` on the way in;
-    ``rekey`` when an OutboundSA raised RekeyRequired.
+    The agent makes one at start (new keys: a restart never reuses an SA)
+    and calls: ``set_peers`` on every view change; ``on_connect`` after each
+    snapshot; ``tick`` about every 0.5 s (send each message it returns to
+    keydist, hand the answer or the BusError to ``on_reply``); ``on_push``
+    for keydist's pushes; ``outbound(peer)`` per packet batch and
+    ``peers[peer].inbound`` for the SAs to open with (or ``spi_table`` and
+    ``peer_of``); ``rekey(peer)`` when an OutboundSA raised RekeyRequired.
+    All times are ``time.time()``.
     """
 
     def __init__(
@@ -383,6 +391,7 @@ class KeyRing:
         self._installed: dict[int, tuple[str, tuple[int, int]]] = {}  # SPI -> (peer, pair)
         self._fetch: dict[str, _Fetch] = {}
         self._collided: set[tuple[str, tuple[int, int]]] = set()
+        self._made: dict[str, set[tuple[str, int, int]]] = {}  # peer -> PeerKeyState.made, outliving the state
         self._fetch_all_at: float | None = now
         self._next_republish = now
 
@@ -395,7 +404,10 @@ class KeyRing:
             self._fetch.pop(name, None)
         for name, sign_key in sign_keys.items():
             if name not in self.peers and name != self.node:
-                self.peers[name] = PeerKeyState(self.node, name, sign_key, self.timing, self.packet_limit)
+                made = self._made.setdefault(name, set())
+                if made:  # a peer back after a removal: its old pairs are spent, so make new ones soon
+                    self._request_rekey(self.own.newest.epoch, "rekey_peer_back")
+                self.peers[name] = PeerKeyState(self.node, name, sign_key, self.timing, self.packet_limit, made=made)
         self.sync(now)
         return [n for n in dropped if n not in sign_keys]
 
@@ -417,7 +429,7 @@ class KeyRing:
         elif isinstance(request, FetchPeerKeys):
             if isinstance(reply, PeerKeys):
                 for key in reply.keys:
-                    self._learn(key, now)
+                    self._learn(key, now, sync=False)  # one sync below for the whole batch
             elif request.peers is None:
                 self._fetch_all_at = now + FETCH_BACKOFF_MIN
         self.sync(now)
@@ -502,6 +514,8 @@ class KeyRing:
     def sync(self, now: float) -> None:
         """Make the SPI table hold exactly the inbound SAs each peer may be using now."""
         own = self.own.live(now)
+        for made in self._made.values():  # my epochs never recur: pairs of retired ones need no memory
+            made -= {m for m in made if m[1] not in self.own.keys}
         for state in self.peers.values():
             state.inbound = state.wanted_inbound(own, now)
         for spi, (name, pair) in list(self._installed.items()):
@@ -527,7 +541,7 @@ class KeyRing:
         self._installed[sa.spi] = (name, pair)
 
     # -------------------------------------------------------------- helpers
-    def _learn(self, key: PeerKey, now: float) -> bool:
+    def _learn(self, key: PeerKey, now: float, *, sync: bool = True) -> bool:
         state = self.peers.get(key.node)
         if state is None:
             self.counters["key_not_a_peer"] += 1
@@ -537,7 +551,8 @@ class KeyRing:
             self.counters[f"key_{problem}"] += 1
             return False
         self._fetch[key.node] = _Fetch(now + FETCH_BACKOFF_MIN)
-        self.sync(now)
+        if sync:
+            self.sync(now)
         return True
 
     def _on_published(self, request: PublishKey, reply: Message | BusError, now: float) -> None:

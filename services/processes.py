@@ -53,10 +53,11 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
     signing_key = load_signing_key(config.signing_key_path)
     sign_public = signing_key.verify_key.encode().hex()
     url = config.database_url
+    cfg = {"config": config}  # auth loads its proxy realms from it
     # What each service needs beyond its connection to the broker.
     extra: dict[str, dict[str, Any]] = {
         "datastore": {"database_url": url, "join_endpoints": config.join_endpoints, "sign_key": sign_public},
-        "auth": {"database_url": url, "sign_key": sign_public},
+        "auth": {"database_url": url, "sign_key": sign_public, "join_endpoints": config.join_endpoints, **cfg},
         "fanout": {
             "database_url": url,
             "signing_key": signing_key,

@@ -27,14 +27,14 @@ from bus.worker import Worker
 from tests.helpers.workers import worker_class
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("unit", "process", "network", "external", "cli")  # cli tests run real processes
+LAYERS = ("unit", "process", "network", "external", "cli", "tui")  # cli and tui tests run real processes
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(item.fspath).relative_to(ROOT / "tests").parts
         if parts and parts[0] in LAYERS:
-            item.add_marker(getattr(pytest.mark, "process" if parts[0] == "cli" else parts[0]))
+            item.add_marker(getattr(pytest.mark, "process" if parts[0] in ("cli", "tui") else parts[0]))
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:

@@ -41,6 +41,7 @@ def register(cls: M) -> M:
 from bus.messages import auth as auth  # noqa: E402
 from bus.messages import common as common  # noqa: E402
 from bus.messages import datastore as datastore  # noqa: E402
+from bus.messages import events as events  # noqa: E402
 from bus.messages import keys as keys  # noqa: E402
 from bus.messages import services as services  # noqa: E402
 from bus.messages import sync as sync  # noqa: E402

@@ -118,3 +118,64 @@ class Delivery(SQLModel, table=True):
     node_id: int = Field(primary_key=True, foreign_key="node.id", ondelete="CASCADE")
     pushed_at: datetime = Field(default_factory=utcnow)
     applied_at: datetime | None = None
+
+
+# ---------------------------------------------------------------------- authentication (migration 0002)
+class User(SQLModel, table=True):
+    """A person whose nodes log in with a password: local (an argon2id hash here) or of a proxy realm.
+
+    A realm user (``alice@corp``) has no hash: the directory owns the password; the row exists so
+    that an operator can allow the user into VPNs and lock it.
+    """
+
+    __tablename__ = "appuser"  # "user" is a reserved word in PostgreSQL
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    password_hash: str | None = Field(default=None, max_length=200)
+    locked: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+    password_changed_at: datetime | None = None
+
+
+class UserVpn(SQLModel, table=True):
+    """An operator's decision: nodes of this user join this VPN when they log in."""
+
+    user_id: int = Field(primary_key=True, foreign_key="appuser.id", ondelete="CASCADE")
+    vpn_id: int = Field(primary_key=True, foreign_key="vpn.id", ondelete="CASCADE")
+
+
+class NodeOwner(SQLModel, table=True):
+    """Which user's password logged a node in (for `agent passwd` and the audit)."""
+
+    node_id: int = Field(primary_key=True, foreign_key="node.id", ondelete="CASCADE")
+    user_name: str = Field(index=True, max_length=128)
+
+
+class EnrollToken(SQLModel, table=True):
+    """A pre-auth token for one VPN: reusable or not, limited in uses and time; only its hash is stored."""
+
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    secret_hash: str = Field(index=True, unique=True, max_length=64)
+    vpn_id: int = Field(foreign_key="vpn.id", index=True, ondelete="CASCADE")
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    max_uses: int | None = None  # None: unlimited (a reusable token without --uses)
+    uses: int = 0
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="", max_length=120)
+
+
+class AuditEntry(SQLModel, table=True):
+    """The append-only audit log: logins, failures, lockouts, token uses, password changes, operator actions."""
+
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    event: str = Field(max_length=32)  # e.g. login.ok, login.fail, lockout, token.use, password.change, operator
+    identity: str = Field(max_length=160)  # the user, node or operator concerned
+    source: str = Field(default="", max_length=80)  # peer address as the broker saw it
+    ok: bool = True
+    detail: str = Field(default="", max_length=300)

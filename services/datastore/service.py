@@ -51,6 +51,7 @@ from bus.messages.datastore import (
 )
 from bus.messages.sync import NodeView, ViewDelta
 from bus.worker import Handler, Worker
+from services.auth import audit
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import AclRule, Change, Delivery, Membership, Node, Vpn
@@ -150,6 +151,8 @@ class DatastoreService(Worker):
                     reached = sorted(d.node for d in diffs)
                     preview = Mutated(revision=0, summary=outcome.summary, dry_run=True, reached=reached, preview=diffs)
                     raise _DryRun(preview)
+                detail = f"r{change.revision} {outcome.summary}"
+                audit.add(session, audit.OPERATOR, caller.caller, caller.address, True, detail)
         except _DryRun as dry:
             return dry.reply
         log.info("r%d %s by %s", change.revision, outcome.summary, caller.caller)

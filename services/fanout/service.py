@@ -15,6 +15,10 @@ heartbeat: a node whose digest disagrees with its stream (it missed the
 tail, or the fanout restarted and lost its streams) is told to take a new
 snapshot. Nodes that stop heartbeating are marked offline, which is itself
 a change, so their co-members hear of it.
+
+Operators may watch too: a WatchRequest leases a push of every batch of
+changes (as one ChangeNotice) to the operator's key, so a dashboard updates
+live without polling; a lease not renewed lapses and costs nothing more.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bus import errors
 from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
+from bus.messages.events import ChangeEvent, ChangeNotice, WatchLease, WatchRequest
 from bus.messages.sync import (
     Applied,
     NodeView,
@@ -118,6 +123,7 @@ class FanoutService(Worker):
         self._next_batch = 0.0
         self._acks: dict[int, int] = {}  # node id -> newest revision acknowledged, not yet written
         self._next_ack_flush = 0.0
+        self.watchers: dict[str, float] = {}  # operator CURVE key -> monotonic time its lease ends
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -125,6 +131,7 @@ class FanoutService(Worker):
             SnapshotRequest: self.on_snapshot,
             SyncHeartbeat: self.on_heartbeat,
             Applied: self.on_applied,
+            WatchRequest: self.on_watch,
         }
 
     # ------------------------------------------------------------------ periodic work
@@ -153,6 +160,7 @@ class FanoutService(Worker):
                 return
             changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
             receipts = self._push_changes(self.world, changes, head)
+            self._notify_watchers(changes, head)
         self.processed = head
         if receipts:
             self._record_receipts(receipts)
@@ -200,6 +208,38 @@ class FanoutService(Worker):
             pushed_at = utcnow()
             receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
         return receipts
+
+    # ------------------------------------------------------------------ operators watching
+    def on_watch(self, request: WatchRequest, caller: Identity) -> WatchLease:
+        if caller.role not in (Role.OPERATOR, Role.SERVICE):
+            raise RemoteError(errors.FORBIDDEN, "only operators may watch the change log")
+        if request.stop:
+            self.watchers.pop(caller.key, None)
+            return WatchLease(lease=0.0, head=max(self.processed, 0))
+        self.watchers[caller.key] = time.monotonic() + request.lease
+        self.counters["watch_renewals"] += 1
+        return WatchLease(lease=request.lease, head=max(self.processed, 0))
+
+    def _notify_watchers(self, changes: list[Change], head: int) -> None:
+        """Push one notice of this batch to every operator whose lease holds; forget lapsed leases."""
+        if not self.watchers:
+            return
+        now = time.monotonic()
+        for key in [k for k, until in self.watchers.items() if until <= now]:
+            del self.watchers[key]
+        if not self.watchers:
+            return
+        notice = ChangeNotice(
+            prev_revision=self.processed,
+            revision=head,
+            changes=[
+                ChangeEvent(revision=c.revision, at=c.at, kind=c.kind, summary=c.summary, actor=c.actor)
+                for c in changes
+            ],
+        )
+        for key in self.watchers:
+            self.push(key, notice)
+            self.counters["notices"] += 1
 
     # ------------------------------------------------------------------ requests from nodes
     def _node(self, caller: Identity) -> None:

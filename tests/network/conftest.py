@@ -7,22 +7,32 @@ the lab's work directory (every spawned process's log) is kept and named.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from compose.netns import Lab
+from compose.netns import Lab, LabError
 
 
+@functools.cache
 def lab_unavailable() -> str | None:
-    """Why a lab cannot run here, or None."""
+    """Why a lab cannot run here, or None (asked once per session: root, the tools, a namespace for real)."""
     if os.geteuid() != 0:
         return "network tests need root (network namespaces, nftables)"
     for binary, package in (("ip", "iproute2"), ("nft", "nftables"), ("ping", "iputils-ping")):
         if shutil.which(binary) is None:
             return f"network tests need `{binary}` (Debian package {package})"
+    probe = Lab(prefix="cotprobe")
+    try:
+        probe.add_host("probe").nft("table inet probe {}\n")
+    except LabError as exc:
+        return f"cannot create a network namespace with nftables here: {exc}"
+    finally:
+        probe.close()
+        probe.remove_workdir()
     return None
 
 

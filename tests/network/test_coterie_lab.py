@@ -7,11 +7,14 @@ over routed veth links rather than loopback.
 
 from __future__ import annotations
 
+import pytest
+
 from compose.coterie_lab import agent_status, start_agent, start_server, wait_agent
 from compose.netns import Lab, ns_pids
-from compose.topologies import two_hosts
+from compose.topologies import sites_behind, two_hosts
 
 
+@pytest.mark.timeout(300)  # five Python processes per server, and agents, on a shared 2-core machine
 def test_server_in_router_and_two_agents_sync(lab: Lab) -> None:
     t = two_hosts(lab)
     server = start_server(t.r, lab.workdir, listen=t.ra_addr)
@@ -33,3 +36,22 @@ def test_server_in_router_and_two_agents_sync(lab: Lab) -> None:
     # the agents really run in their namespaces and reach the server through the router
     assert agents["a"].pid in ns_pids(t.a.ns)
     assert agent_status(t.a, lab.workdir / "agent-nobody") is None
+
+
+@pytest.mark.timeout(400)
+def test_agents_behind_nat_pat_and_firewall_reach_a_server_on_443(lab: Lab) -> None:
+    """The shape issue 6 builds on: every site kind reaches the server in R (the firewall only on TCP/443)."""
+    s = sites_behind(lab, ["public", "nat", "pat", "firewall"])
+    server = start_server(s.r, lab.workdir, listen=s.server_addr, port=443)
+    server.vpn_create("lab", "100.64.0.0/24")
+    names = [f"n{site.index}" for site in s.sites]
+    agents = {}
+    for name, site in zip(names, s.sites, strict=True):
+        agents[name] = start_agent(site.hosts[0], server.node_add(name, ["lab"]), lab.workdir / f"agent-{name}")
+    for name, site in zip(names, s.sites, strict=True):
+        others = [n for n in names if n != name]
+        wait_agent(site.hosts[0], lab.workdir / f"agent-{name}", others, agent=agents[name])
+    assert {n["name"]: n["online"] for n in server.nodes()} == dict.fromkeys(names, True)
+    # the firewall box let the agent's TCP/443 through and still drops everything else
+    firewall = s[3]
+    assert not firewall.hosts[0].ping(s.server_addr, timeout=1)

@@ -16,7 +16,7 @@ from bus.errors import BusError
 from nodeagent.cli import agent_app
 from services.config import ConfigError
 from services.supervisor.supervisor import PortInUseError
-from tui.cli import manage, server, setup, status
+from tui.cli import audit, manage, server, setup, status, tokens, tui_cmd, users
 
 app = typer.Typer(
     name="coterie",
@@ -36,6 +36,10 @@ app.add_typer(manage.route_app, name="route")
 app.add_typer(manage.acl_app, name="acl")
 app.command()(manage.events)
 app.add_typer(agent_app, name="agent")
+app.add_typer(users.user_app, name="user")
+app.add_typer(tokens.token_app, name="token")
+app.command()(audit.audit)
+app.command("tui")(tui_cmd.tui)
 
 
 def main() -> None:

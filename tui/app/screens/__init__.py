@@ -1,0 +1,1 @@
+"""Screens over the dashboard: forms, confirmation, join string, node detail, help."""
