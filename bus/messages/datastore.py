@@ -68,6 +68,15 @@ class NodeRename(_Mutation):
 
 
 @register
+class NodeSet(_Mutation):
+    """Pin a node's path for every pair it is in (services/datastore/paths.py); path "auto" removes the pin."""
+
+    KIND = "node.set"
+    name: str
+    path: Literal["auto", "esp", "udp", "tcp443", "relay"]
+
+
+@register
 class MemberAdd(_Mutation):
     KIND = "member.add"
     node: str
@@ -191,6 +200,7 @@ class NodeInfo(Message):
     roles: dict[str, str]
     tags: list[str]
     nat_class: str
+    path_pin: str | None = None
     endpoints: list[str]
     public_endpoint: str | None
     agent_version: str | None

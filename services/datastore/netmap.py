@@ -144,7 +144,7 @@ class World:
 
 
 def _path_pin(node: Node) -> str | None:
-    return getattr(node, "path_pin", None)
+    return node.path_pin
 
 
 def _public_host(node: Node) -> str | None:

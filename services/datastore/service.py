@@ -37,6 +37,7 @@ from bus.messages.datastore import (
     NodeListRequest,
     NodeRemove,
     NodeRename,
+    NodeSet,
     NodeShowRequest,
     RouteAdd,
     RouteRemove,
@@ -105,6 +106,7 @@ class DatastoreService(Worker):
             NodeAdd: self._node_add,
             NodeRemove: self._node_remove,
             NodeRename: self._node_rename,
+            NodeSet: self._node_set,
             MemberAdd: self._member_add,
             MemberRemove: self._member_remove,
             RouteAdd: self._route_add,
@@ -177,6 +179,12 @@ class DatastoreService(Worker):
     def _node_remove(self, s: Session, r: NodeRemove) -> Outcome:  # type: ignore[override]
         _, vpn_ids = repo.remove_node(s, r.name)
         return Outcome("node.remove", f"removed node {r.name}", vpn_ids, [])
+
+    def _node_set(self, s: Session, r: NodeSet) -> Outcome:  # type: ignore[override]
+        node = repo.node_by_name(s, r.name)
+        node.path_pin = None if r.path == "auto" else r.path
+        how = "the server's choice" if node.path_pin is None else node.path_pin
+        return Outcome("node.set", f"node {node.name}: path {how} for all its pairs", [], [node.id or 0])
 
     def _node_rename(self, s: Session, r: NodeRename) -> Outcome:  # type: ignore[override]
         node = repo.rename_node(s, r.name, r.new_name)
@@ -310,6 +318,7 @@ def _node_info(world: World, node: Node) -> NodeInfo:
         roles={world.vpns[m.vpn_id].name: m.role for m in memberships},
         tags=node.tags,
         nat_class=node.nat_class,
+        path_pin=node.path_pin,
         endpoints=node.endpoints,
         public_endpoint=node.public_endpoint,
         agent_version=node.agent_version,

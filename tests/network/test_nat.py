@@ -55,3 +55,24 @@ def test_pair_gets_the_expected_path_and_carries_traffic(lab: Lab, kinds: tuple[
     assert received is not None and received["sha256"] == sent["sha256"] and received["bytes"] == 20 * MB
     tunnel = overlay.dataplane("x")["peers"]["y"]
     assert tunnel["path"] == path, tunnel
+
+
+def test_operator_pins_a_node_to_a_path(lab: Lab) -> None:
+    sites = sites_behind(lab, ["public", "public"])
+    hosts = {"x": sites[0].hosts[0], "y": sites[1].hosts[0]}
+    overlay = start_overlay(lab, hosts, sites.r, sites.server_addr, {"x": ["lab"], "y": ["lab"]})
+    overlay.wait_synced("x", ["y"])
+    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "esp", 60)
+
+    overlay.server.cli("node", "set", "y", "--path", "udp")
+    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "udp", 20), "x follows y's pin"
+    assert wait_until(lambda: overlay.status("y")["peers"]["x"]["path"] == "udp", 20), "and so does y"
+    overlay.wait_ping("x", overlay.vip("y"))
+    assert wait_until(lambda: overlay.dataplane("x")["peers"]["y"]["path"] == "udp", 10)
+    shown = overlay.server.cli("node", "show", "y").stdout
+    assert "path pin: udp" in shown
+
+    overlay.server.cli("node", "set", "y", "--path", "auto")
+    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "esp", 20), "auto gives the choice back"
+    bad = overlay.server.cli("node", "set", "y", "--path", "carrier-pigeon", check=False)
+    assert bad.returncode == 2 and "--path must be" in bad.stderr

@@ -27,6 +27,7 @@ from bus.messages.datastore import (
     NodeListRequest,
     NodeRemove,
     NodeRename,
+    NodeSet,
     NodeShowRequest,
     RouteAdd,
     RouteRemove,
@@ -223,6 +224,7 @@ def node_show(
         ("addresses", ", ".join(f"{vpn} {ip} ({n.roles[vpn]})" for vpn, ip in n.vips.items())),
         ("tags", ", ".join(n.tags)),
         ("nat class", n.nat_class),
+        ("path pin", n.path_pin or "none (the server decides per pair)"),
         ("endpoints", ", ".join(n.endpoints)),
         ("agent", n.agent_version),
         ("last seen", n.last_seen),
@@ -242,6 +244,25 @@ def node_remove(
 ) -> None:
     """Remove a node: its key is revoked at once and its peers forget it."""
     _mutate(Remote(directory, server, server_key, key), NodeRemove, as_json, dry_run, name=name)
+
+
+@node_app.command("set")
+def node_set(
+    name: str,
+    path: Annotated[
+        str, typer.Option("--path", help="auto (the server decides per pair), esp, udp, tcp443 or relay.")
+    ],
+    dry_run: DryRun = False,
+    as_json: JsonOption = False,
+    directory: DirOption = None,
+    server: ServerOption = None,
+    server_key: ServerKeyOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Pin the path of every pair with NAME (say, tcp443 where UDP is throttled); auto removes the pin."""
+    if path not in ("auto", "esp", "udp", "tcp443", "relay"):
+        raise typer.BadParameter("--path must be auto, esp, udp, tcp443 or relay")
+    _mutate(Remote(directory, server, server_key, key), NodeSet, as_json, dry_run, name=name, path=path)
 
 
 @node_app.command("rename")
