@@ -143,6 +143,8 @@ class Wire:
         if not self.gso:
             for index in range(0, len(parts), 2):
                 self._send(self.udp, parts[index] + parts[index + 1], address)
+            self.udp_sends += len(parts) // 2
+            self.udp_datagrams_sent += len(parts) // 2
             return
         sizes = [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
         start, count = 0, len(sizes)
