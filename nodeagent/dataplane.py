@@ -34,7 +34,7 @@ from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired, parse_header
 from nodeagent.natprobe import NatProbe
-from nodeagent.offload import SuperPacket
+from nodeagent.offload import OffloadError, SuperPacket
 from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     TCP_FLAG_SYN,
@@ -294,7 +294,11 @@ class DataPlane:
         counters = self.counters
         sent = 0
         for tunnel, packet in batch:
-            pieces = packet.segments() if type(packet) is SuperPacket else (packet,)
+            try:
+                pieces = packet.segments() if type(packet) is SuperPacket else (packet,)
+            except OffloadError:
+                counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
+                continue
             path = tunnel.path
             if path not in UDP_PATHS:
                 unsent += [(tunnel, piece) for piece in pieces if not self._send(tunnel, piece, now)]

@@ -126,7 +126,7 @@ def split(packet: Buffer, gso_type: int, gso_size: int, csum_start: int, *, comp
         raise OffloadError("super-packet shorter than its headers")
     header_length = l4 + (view[l4 + 12] >> 4) * 4
     payload = view[header_length:]
-    if len(view) < header_length or not payload:
+    if header_length < l4 + 20 or len(view) < header_length or not payload:
         raise OffloadError("super-packet shorter than its headers")
     template = bytearray(view[:header_length])
     seq = _L.unpack_from(template, l4 + 4)[0]

@@ -119,6 +119,16 @@ def test_split_refuses_a_super_packet_of_the_wrong_family() -> None:
         split(bytes(tcp6()), GSO_TCPV4, MSS, 40, complete=False)
 
 
+@pytest.mark.parametrize("data_offset", [0x00, 0x40])  # a TCP header claimed shorter than 20 bytes
+def test_split_refuses_headers_that_do_not_add_up(data_offset: int) -> None:
+    raw = bytearray(bytes(tcp4()))
+    raw[20 + 12] = data_offset
+    with pytest.raises(offload.OffloadError):
+        split(raw, GSO_TCPV4, MSS, 20, complete=False)
+    with pytest.raises(offload.OffloadError):
+        split(bytes(tcp4(b"")), GSO_TCPV4, MSS, 20, complete=False)  # headers and no payload
+
+
 def _resolve(write: list) -> tuple[tuple[int, ...], bytes]:
     joined = b"".join(bytes(part) for part in write)
     return VNET.unpack_from(joined), joined[offload.VNET_SIZE :]
