@@ -366,7 +366,7 @@ def _single(packet: Buffer) -> list[Buffer]:
     else:
         return [PLAIN, packet]
     if proto == PROTO_TCP and len(packet) >= l4 + 20:
-        header_length, offset = l4 + (packet[l4 + 12] >> 4) * 4, TCP_CSUM_OFFSET
+        header_length, offset = max(l4 + 20, l4 + (packet[l4 + 12] >> 4) * 4), TCP_CSUM_OFFSET
     elif proto == PROTO_UDP and len(packet) >= l4 + 8:
         header_length, offset = l4 + 8, UDP_CSUM_OFFSET
     else:

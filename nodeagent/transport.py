@@ -215,7 +215,7 @@ class Wire:
             for level, kind, data in ancillary:
                 if level == socket.SOL_UDP and kind == UDP_GRO:
                     size = _GRO_SIZE.unpack_from(data)[0]
-            if size >= length:
+            if not 0 < size < length:
                 batch.append((view[:length], source))
                 continue
             for start in range(0, length, size):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 scapy_all = pytest.importorskip("scapy.all")
 IP, IPv6, TCP, UDP = scapy_all.IP, scapy_all.IPv6, scapy_all.TCP, scapy_all.UDP
@@ -194,3 +196,19 @@ def test_ones_sum_matches_rfc1071() -> None:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     assert ones_sum(data) == total
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(min_size=0, max_size=120), max_size=6),
+    st.sampled_from([0x45, 0x46, 0x44, 0x60]),
+    st.sampled_from([6, 17, 1]),
+)
+def test_coalesce_never_raises_on_what_a_peer_may_send(tails: list[bytes], first: int, proto: int) -> None:
+    """Inner packets come from authenticated peers, who may still send nonsense: it is written, not fatal."""
+    v4 = bytearray(bytes(tcp4(b"x" * 10))[:20])
+    v4[0], v4[9] = first, proto
+    v6 = bytes([first]) + bytes(5) + bytes([proto]) + bytes(33)
+    packets = [(bytes(v4) if first >> 4 == 4 else v6) + tail for tail in tails]
+    for write in coalesce(packets):
+        assert sum(len(bytes(part)) for part in write) >= offload.VNET_SIZE
