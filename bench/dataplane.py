@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--setup-timeout", type=float, default=90, help="s from `up` to the first ping through the tunnel (default 90)"
     )
+    ap.add_argument(
+        "--path", choices=("auto", "udp", "esp"), default="auto", help="the agents' path (default auto: the server's)"
+    )
     ap.add_argument("--wire", action="store_true", help="wire-like wan (router segments GSO); see vpnbench --help")
     ap.add_argument("--no-udp", action="store_true", help="skip the UDP packet-rate test")
     ap.add_argument("--repeat", type=int, default=1, help="run everything N times and print medians (default 1)")
@@ -104,7 +107,7 @@ def run_vpnbench(harness: Path, names: list[str], args: argparse.Namespace, json
     argv += [] if args.no_udp else ["--udp"]
     argv += ["--wire"] if args.wire else []
     argv += ["--keep"] if args.keep else []
-    env = {**os.environ, "VB_COTERIE_ROOT": str(ROOT), "VB_COTERIE_PY": sys.executable}
+    env = {**os.environ, "VB_COTERIE_ROOT": str(ROOT), "VB_COTERIE_PY": sys.executable, "VB_COTERIE_PATH": args.path}
     # vpnbench prints its own markdown table on stdout; ours replaces it, its progress stays on stderr
     timeout = len(names) * (args.seconds * 3 + 400) + 60
     proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, timeout=timeout)

@@ -34,8 +34,10 @@ from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired, parse_header
 from nodeagent.natprobe import NatProbe
+from nodeagent.offload import OffloadError, SuperPacket
 from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
+    TCP_FLAG_SYN,
     PacketError,
     clamp_mss,
     icmp_error,
@@ -116,6 +118,7 @@ class DataPlane:
         path: str = "auto",
         exit_node: str | None = None,
         exempt: list[str] | None = None,
+        partial_checksums: bool = True,
     ) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(PATHS)}")
@@ -123,6 +126,11 @@ class DataPlane:
             raise ValueError("the esp path needs the raw ESP socket")
         self.wire = wire
         self.tun = tun
+        # Inner TCP/UDP checksums may leave this node partial (TUN checksum offload) only when every peer
+        # finishes them on its side: Coterie agents do (they write NEEDS_CSUM). Off: completed here.
+        self.partial_checksums = partial_checksums
+        if tun is not None:
+            tun.complete_checksums = not partial_checksums
         self.forced_path = None if path == "auto" else path  # an operator's override on this node
         self.nat_probe: NatProbe | None = None  # fed the reflector's answers (control datagrams)
         self.exit_node = exit_node
@@ -237,6 +245,7 @@ class DataPlane:
         peers, policy, flows, counters = self.peers, self.policy, self.flows, self.counters
         now = time.monotonic()
         largest_mss = {4: self.mtu - 40, 6: self.mtu - 60}  # MTU minus the IP and TCP headers
+        ready: list[tuple[Tunnel, bytes]] = []
         for packet in packets:
             try:
                 summary = summarize(packet)
@@ -255,7 +264,7 @@ class DataPlane:
                 continue
             if policy.restricted(route.vpn):
                 flows.note(flows.key_outbound(summary), now)
-            if summary.proto == 6:
+            if summary.proto == 6 and _is_syn(packet, summary.header_length):
                 mutable = bytearray(packet)
                 if clamp_mss(mutable, summary, largest_mss[summary.version]):
                     counters["out_mss_clamped"] += 1
@@ -264,12 +273,63 @@ class DataPlane:
             if tunnel is None:
                 counters["out_no_route"] += 1
                 continue
-            if not self._send(tunnel, packet, now):
-                if len(tunnel.queue) == QUEUE_LIMIT:
-                    counters["out_queue_full"] += 1
-                tunnel.queue.append((now, packet))
-                counters["out_queued"] += 1
+            ready.append((tunnel, packet))
+        for tunnel, packet in self._send_batch(ready, now):
+            if len(tunnel.queue) == QUEUE_LIMIT:
+                counters["out_queue_full"] += 1
+            tunnel.queue.append((now, packet))
+            counters["out_queued"] += 1
         return answers
+
+    def _send_batch(self, batch: list[tuple[Tunnel, bytes]], now: float) -> list[tuple[Tunnel, bytes]]:
+        """Seal and send a batch; returns what could not be sent yet (to hold), in order.
+
+        A TSO super-packet is split here, into one ESP packet per segment. UDP
+        paths gather each peer address's sealed packets and send them with as
+        few system calls as UDP GSO allows; other paths go through ``_send``
+        one packet at a time. Only the outbound thread calls this.
+        """
+        unsent: list[tuple[Tunnel, bytes]] = []
+        groups: dict[tuple[str, int], list[bytes]] = {}
+        counters = self.counters
+        sent = 0
+        for tunnel, packet in batch:
+            try:
+                pieces = packet.segments() if type(packet) is SuperPacket else (packet,)
+            except OffloadError:
+                counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
+                continue
+            path = tunnel.path
+            if path not in UDP_PATHS:
+                unsent += [(tunnel, piece) for piece in pieces if not self._send(tunnel, piece, now)]
+                continue
+            sa, address = tunnel.outbound, tunnel.address(path)
+            if sa is None or address is None:
+                unsent += [(tunnel, piece) for piece in pieces]
+                continue
+            group = groups.get(address)
+            if group is None:
+                group = groups[address] = []
+            sealed_before = len(group)
+            for piece in pieces:
+                try:
+                    group += (MASQUERADE_MARKER, sa.seal(piece))
+                except RekeyRequired:
+                    counters["out_rekey_wait"] += 1
+                    unsent.append((tunnel, piece))
+                except EspParseError:
+                    counters["out_malformed"] += 1
+            count = (len(group) - sealed_before) // 2
+            if count:
+                tunnel.last_sent = now
+                tunnel.tx += count
+                sent += count
+        for address, parts in groups.items():
+            if parts:
+                self.wire.send_udp_batch(parts, address)
+        if sent:
+            counters["out_packets"] += sent
+        return unsent
 
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         sa = tunnel.outbound
@@ -332,7 +392,7 @@ class DataPlane:
             kind, start = classify_udp(datagram)
             if kind is Kind.ESP:
                 self._open(memoryview(datagram)[start:], source, True, delivered)
-            elif kind is Kind.CONTROL and self.nat_probe is not None and self.nat_probe.on_answer(datagram):
+            elif kind is Kind.CONTROL and self.nat_probe is not None and self.nat_probe.on_answer(bytes(datagram)):
                 self.counters["in_reflector"] += 1
             else:
                 self.counters[f"in_{kind.value}"] += 1
@@ -501,7 +561,31 @@ class DataPlane:
             "path": self.forced_path or "auto",
             "peers": peers,
             "counters": dict(sorted(self.counters.items())),
+            "batching": self._batching(),
         }
+
+    def _batching(self) -> dict[str, int]:
+        """System calls against packets, both ways: how much the offloads save (docs/performance.md)."""
+        wire, tun = self.wire, self.tun
+        found = {
+            "udp_sends": wire.udp_sends,
+            "udp_datagrams_sent": wire.udp_datagrams_sent,
+            "udp_reads": wire.udp_reads,
+            "udp_datagrams_read": wire.udp_datagrams_read,
+        }
+        if tun is not None:
+            found.update(
+                tun_reads=tun.reads,
+                tun_writes=tun.writes,
+                tun_packets_written=tun.packets_written,
+                tun_read_errors=tun.read_errors,
+            )
+        return found
+
+
+def _is_syn(packet: bytes, header_length: int) -> bool:
+    """Only a SYN carries the MSS option: other TCP packets skip the clamp and its copy."""
+    return len(packet) <= header_length + 13 or bool(packet[header_length + 13] & TCP_FLAG_SYN)
 
 
 def _drain(fd: int) -> None:

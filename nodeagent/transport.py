@@ -18,6 +18,7 @@ import errno
 import logging
 import socket
 import struct
+from typing import Any
 
 from nodeagent.constants import ESP_MIN_PACKET_SIZE
 
@@ -29,6 +30,17 @@ KEEPALIVE = b"\xff"
 IPPROTO_ESP = 50
 DEFAULT_UDP_PORT = 7871
 RECV_SIZE = 65536
+SOCKET_BUFFER = 8 << 20  # bytes; bursts of 64 KB super-packets need room (SO_*BUFFORCE passes rmem_max as root)
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+UDP_SEGMENT = 103  # UDP GSO: one sendmsg, many datagrams of this size (the last may be shorter)
+UDP_GRO = 104  # UDP GRO: one recvmsg, many datagrams of the size in the cmsg
+GSO_MAX_PAYLOAD = 65507  # what one GSO sendmsg may carry in all (EMSGSIZE above)
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer ones
+_GSO_SIZE = struct.Struct("=H")
+_WORD = struct.Struct("!L")
+_MASQUERADE_WORD = int.from_bytes(MASQUERADE_MARKER, "big")
+_GRO_SIZE = struct.Struct("=i")
 
 # Per-packet encapsulation overhead on each path, before ESP's own (IPv4 outer header).
 OUTER_IPV4 = 20
@@ -45,18 +57,17 @@ class Kind(enum.Enum):
 
 def classify_udp(datagram: bytes | memoryview) -> tuple[Kind, int]:
     """What a datagram on the agent's UDP port is, and where its payload starts; never raises."""
-    if len(datagram) == 1 and datagram[0] == 0xFF:
-        return Kind.KEEPALIVE, 1
-    if len(datagram) < 4:
-        return Kind.GARBAGE, 0
-    head = bytes(datagram[:4])
-    if head == MASQUERADE_MARKER:
-        if len(datagram) - 4 < ESP_MIN_PACKET_SIZE:
+    length = len(datagram)
+    if length < 4:
+        return (Kind.KEEPALIVE, 1) if length == 1 and datagram[0] == 0xFF else (Kind.GARBAGE, 0)
+    head = _WORD.unpack_from(datagram)[0]
+    if head == _MASQUERADE_WORD:
+        if length - 4 < ESP_MIN_PACKET_SIZE:
             return Kind.GARBAGE, 0
         return Kind.ESP, 4
-    if head == NON_ESP_MARKER:
+    if head == 0:  # the non-ESP marker
         return Kind.CONTROL, 4
-    if int.from_bytes(head, "big") < 256 or len(datagram) < ESP_MIN_PACKET_SIZE:
+    if head < 256 or length < ESP_MIN_PACKET_SIZE:
         return Kind.GARBAGE, 0
     return Kind.ESP, 0  # RFC 3948 ESP-in-UDP: the SPI comes first
 
@@ -85,11 +96,15 @@ class Wire:
             self.esp = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
             self.esp.setblocking(False)
         for sock in self.sockets():
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF)
+            _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF)
             if mark:  # policy routing keeps the agent's own encapsulated packets out of its tunnel
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         self.send_errors = 0
+        self.gso = True  # off after the kernel refused a GSO send: then datagrams go one by one
+        self.gro = _enable(self.udp, UDP_GRO)
+        self._buffers: list[bytearray] = []  # receive buffers, reused by every recv_batch
+        self.udp_sends = self.udp_datagrams_sent = self.udp_reads = self.udp_datagrams_read = 0
 
     def sockets(self) -> list[socket.socket]:
         return [self.udp] + ([self.esp] if self.esp is not None else [])
@@ -119,7 +134,97 @@ class Wire:
             if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EPERM):
                 log.warning("send to %s failed: %s", address, exc)
 
-    def recv_batch(self, sock: socket.socket, limit: int) -> list[tuple[bytes, tuple[str, int]]]:
+    def send_udp_batch(self, parts: list[bytes], address: tuple[str, int]) -> None:
+        """Send datagrams given as (marker, packet) pairs of buffers, many per system call (UDP GSO).
+
+        A GSO send needs all datagrams but the last of one size, so runs of
+        equal size go together, each closed by at most one shorter datagram.
+        """
+        if not self.gso:
+            for index in range(0, len(parts), 2):
+                self._send(self.udp, parts[index] + parts[index + 1], address)
+            self.udp_sends += len(parts) // 2
+            self.udp_datagrams_sent += len(parts) // 2
+            return
+        sizes = [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
+        start, count = 0, len(sizes)
+        while start < count:
+            size = sizes[start]
+            limit = min(count, start + GSO_MAX_SEGMENTS, start + GSO_MAX_PAYLOAD // size)
+            end = start + 1
+            while end < limit and sizes[end] == size:
+                end += 1
+            if end < limit and sizes[end] < size:
+                end += 1
+            self._send_run(parts[2 * start : 2 * end], size, end - start, address)
+            self.udp_sends += 1
+            start = end
+        self.udp_datagrams_sent += count
+
+    def _send_run(self, parts: list[bytes], size: int, count: int, address: tuple[str, int]) -> None:
+        if count == 1:
+            self._send(self.udp, parts[0] + parts[1], address)
+            return
+        try:
+            self.udp.sendmsg(parts, [(socket.SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, address)
+        except BlockingIOError:
+            self.send_errors += count
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                log.warning("UDP GSO refused (%s): sending datagrams one by one", exc.strerror)
+                self.gso = False
+                for index in range(0, len(parts), 2):
+                    self._send(self.udp, parts[index] + parts[index + 1], address)
+                return
+            self.send_errors += count
+            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EPERM):
+                log.warning("send to %s failed: %s", address, exc)
+
+    def recv_batch(self, sock: socket.socket, limit: int) -> list[tuple[Any, tuple[str, int]]]:
+        """Datagrams waiting now, from up to *limit* reads; the UDP socket's may be memoryviews of reused buffers.
+
+        With UDP GRO one read returns many datagrams of one sender back to
+        back, each of the size the cmsg gives (the last may be shorter): they
+        are handed on separately, as if read one by one. The buffers are
+        reused by the next call, so callers finish with a batch first.
+        """
+        if sock is self.udp and self.gro:
+            return self._recv_gro(limit)
+        return self._recv_plain(sock, limit)
+
+    def _recv_gro(self, limit: int) -> list[tuple[Any, tuple[str, int]]]:
+        batch: list[tuple[Any, tuple[str, int]]] = []
+        buffers = self._buffers
+        recvmsg_into = self.udp.recvmsg_into
+        space = socket.CMSG_SPACE(_GRO_SIZE.size)
+        reads = 0
+        for index in range(limit):
+            if index == len(buffers):
+                buffers.append(bytearray(RECV_SIZE))
+            buffer = buffers[index]
+            try:
+                length, ancillary, _, source = recvmsg_into([buffer], space)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors surface as ECONNREFUSED on the next read
+                log.debug("receive: %s", exc)
+                continue
+            reads += 1
+            view = memoryview(buffer)
+            size = length
+            for level, kind, data in ancillary:
+                if level == socket.SOL_UDP and kind == UDP_GRO:
+                    size = _GRO_SIZE.unpack_from(data)[0]
+            if not 0 < size < length:
+                batch.append((view[:length], source))
+                continue
+            for start in range(0, length, size):
+                batch.append((view[start : min(start + size, length)], source))
+        self.udp_reads += reads
+        self.udp_datagrams_read += len(batch)
+        return batch
+
+    def _recv_plain(self, sock: socket.socket, limit: int) -> list[tuple[Any, tuple[str, int]]]:
         batch = []
         recvfrom = sock.recvfrom
         for _ in range(limit):
@@ -135,3 +240,19 @@ class Wire:
     def close(self) -> None:
         for sock in self.sockets():
             sock.close()
+
+
+def _set_buffer(sock: socket.socket, force: int, plain: int) -> None:
+    """SOCKET_BUFFER bytes; the FORCE option passes the sysctl cap and needs CAP_NET_ADMIN, else capped."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def _enable(sock: socket.socket, option: int) -> bool:
+    try:
+        sock.setsockopt(socket.SOL_UDP, option, 1)
+    except OSError:
+        return False
+    return True

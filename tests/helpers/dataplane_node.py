@@ -42,7 +42,8 @@ def main() -> None:
     config = json.loads(Path(sys.argv[1]).read_text())
     view = NodeView.model_validate(config["view"])
     wire = Wire(config.get("port", 7871), raw_esp=True)
-    plane = DataPlane(wire, Tun(config.get("tun", "cot0"), 1400), path=config.get("path", "udp"))
+    tun = Tun(config.get("tun", "cot0"), 1400, offload=config.get("offload", True))
+    plane = DataPlane(wire, tun, path=config.get("path", "udp"), partial_checksums=config.get("partial", True))
     plane.apply_view(view)
     for peer in view.peers:
         outbound, inbound = pair_sas(config.get("seed", "test"), view.node, peer)

@@ -1,0 +1,378 @@
+"""TUN offloads: the virtio_net_hdr, splitting TSO super-packets, and coalescing segments back into one.
+
+With IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6) the kernel hands the
+agent TCP "super-packets" of up to 64 KB with one header, and leaves the
+TCP/UDP checksum *partial*: the field holds the folded pseudo-header sum and
+the rest is to be done by whoever transmits. One read then replaces up to
+48, which is where a Python data plane gets its speed (docs/performance.md).
+
+ESP on the wire stays one inner packet per ESP packet: ``split`` cuts a
+super-packet into MSS-sized IP packets with their own lengths, IP ids, IP
+header checksums and TCP sequence numbers. Their TCP checksums stay partial
+between Coterie agents (the receiving agent writes them with NEEDS_CSUM, so
+its kernel finishes or skips them); ``complete=True`` finishes them here for
+anyone else.
+
+On the way in, ``coalesce`` turns consecutive segments of one TCP flow back
+into a super-packet (one TUN write instead of up to 45) and marks every
+TCP/UDP packet NEEDS_CSUM with the pseudo-header sum in its checksum field:
+the kernel then trusts it for local delivery and completes it when it
+forwards the packet (a gateway), so what leaves the node is always complete.
+
+References: include/uapi/linux/virtio_net.h, RFC 793 (TCP), RFC 1071 (checksum),
+../shared/PERFORMANCE.md (the kernel interface and its pitfalls).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+Buffer = bytes | bytearray | memoryview
+
+VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (native LE)
+VNET_SIZE = VNET.size
+NEEDS_CSUM = 1
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+PLAIN = bytes(VNET_SIZE)  # "nothing to do": every write of a packet that is not TCP/UDP starts with this
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+TCP_CSUM_OFFSET = 16
+UDP_CSUM_OFFSET = 6
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG, TCP_ECE, TCP_CWR = 1, 2, 4, 8, 16, 32, 64, 128
+MAX_COALESCED = 65535  # an IPv4 total length; also the TUN's gso_max_size
+MAX_SEGMENTS = 64
+
+_H = struct.Struct("!H")
+_L = struct.Struct("!L")
+
+
+class OffloadError(ValueError):
+    """A super-packet whose headers do not add up; the caller counts and drops it."""
+
+
+# ---------------------------------------------------------------------------- checksums
+def fold(total: int) -> int:
+    """Fold a sum of 16-bit words into 16 bits (ones' complement), not complemented."""
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def ones_sum(data: Buffer) -> int:
+    """The ones' complement sum of *data* as 16-bit big-endian words (RFC 1071), folded.
+
+    A big integer modulo 0xFFFF is that sum (2**16 = 1 mod 0xFFFF), done in C:
+    about 40 times faster than a loop over words.
+    """
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = int.from_bytes(data, "big") % 0xFFFF
+    return total if total or not any(data) else 0xFFFF
+
+
+def pseudo_sum(packet: Buffer, l4_length: int, proto: int) -> int:
+    """The folded pseudo-header sum (addresses, protocol, L4 length) that a partial checksum field holds."""
+    if packet[0] >> 4 == 4:
+        addresses = int.from_bytes(packet[12:20], "big") % 0xFFFF
+    else:
+        addresses = int.from_bytes(packet[8:40], "big") % 0xFFFF
+    return fold(addresses + proto + l4_length)
+
+
+def ipv4_header_checksum(header: bytearray) -> None:
+    """Recompute the checksum of the IPv4 header at the start of *header* in place (ip_rcv always checks it)."""
+    header[10:12] = b"\0\0"
+    header[10:12] = _H.pack(~ones_sum(memoryview(header)[: (header[0] & 0x0F) * 4]) & 0xFFFF)
+
+
+def complete_checksum(packet: bytearray, start: int, offset: int, proto: int) -> None:
+    """Finish a partial checksum in place: the field already holds the pseudo-header sum."""
+    value = ~ones_sum(memoryview(packet)[start:]) & 0xFFFF
+    if value == 0 and proto == PROTO_UDP:
+        value = 0xFFFF  # 0 means "no checksum" in UDP
+    packet[start + offset : start + offset + 2] = _H.pack(value)
+
+
+# ---------------------------------------------------------------------------- reading (outbound)
+def parse_vnet(buffer: Buffer) -> tuple[int, int, int, int, int, int]:
+    """The virtio_net_hdr at the start of a TUN read."""
+    return VNET.unpack_from(buffer)
+
+
+def _l4_start(packet: Buffer) -> int:
+    return (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+
+
+def split(packet: Buffer, gso_type: int, gso_size: int, csum_start: int, *, complete: bool) -> list[bytes]:
+    """Cut a TCP super-packet into IP packets of at most *gso_size* payload bytes each.
+
+    Each segment gets its own IP length (and, for IPv4, id and header checksum)
+    and TCP sequence number; FIN and PSH stay on the last segment, CWR on the
+    first. The TCP checksum is the segment's pseudo-header sum (partial), or
+    complete with *complete*. The sums that do not change between segments
+    are taken once: per segment only lengths, ids and numbers are added.
+    """
+    view = memoryview(packet)
+    version = view[0] >> 4
+    if gso_type & ~GSO_ECN not in (GSO_TCPV4, GSO_TCPV6) or version != (4 if gso_type & ~GSO_ECN == GSO_TCPV4 else 6):
+        raise OffloadError(f"gso_type {gso_type} for an IPv{version} packet")
+    l4 = csum_start or _l4_start(view)
+    if len(view) < l4 + 20 or gso_size <= 0:
+        raise OffloadError("super-packet shorter than its headers")
+    header_length = l4 + (view[l4 + 12] >> 4) * 4
+    payload = view[header_length:]
+    if header_length < l4 + 20 or len(view) < header_length or not payload:
+        raise OffloadError("super-packet shorter than its headers")
+    template = bytearray(view[:header_length])
+    seq = _L.unpack_from(template, l4 + 4)[0]
+    flags = template[l4 + 13]
+    if version == 4:
+        ip_id = _H.unpack_from(template, 4)[0]
+        template[2:6] = b"\0\0\0\0"  # length and id: added per segment, as is the checksum
+        template[10:12] = b"\0\0"
+        ip_base = ones_sum(memoryview(template)[:l4])
+        addresses = int.from_bytes(template[12:20], "big")
+        length_at = 2
+        length_base = header_length
+    else:
+        ip_id = ip_base = 0
+        addresses = int.from_bytes(template[8:40], "big")
+        length_at = 4
+        length_base = header_length - 40
+    pseudo_base = addresses % 0xFFFF + PROTO_TCP + header_length - l4
+    csum_at = l4 + TCP_CSUM_OFFSET
+    count = -(-len(payload) // gso_size)
+    last = count - 1
+    segments = []
+    join = b"".join
+    for index in range(count):
+        chunk = payload[index * gso_size : (index + 1) * gso_size]
+        size = len(chunk)
+        header = bytearray(template)
+        _H.pack_into(header, length_at, length_base + size)
+        if version == 4:
+            ident = (ip_id + index) & 0xFFFF
+            _H.pack_into(header, 4, ident)
+            _H.pack_into(header, 10, ~fold(ip_base + header_length + size + ident) & 0xFFFF)
+        _L.pack_into(header, l4 + 4, (seq + index * gso_size) & 0xFFFFFFFF)
+        if index != last:
+            header[l4 + 13] = flags & ~(TCP_FIN | TCP_PSH | (TCP_CWR if index else 0))
+        elif index:
+            header[l4 + 13] = flags & ~TCP_CWR
+        _H.pack_into(header, csum_at, fold(pseudo_base + size))
+        if complete:
+            header += chunk
+            complete_checksum(header, l4, TCP_CSUM_OFFSET, PROTO_TCP)
+            segments.append(bytes(header))
+        else:
+            segments.append(join((header, chunk)))
+    return segments
+
+
+class SuperPacket(bytes):
+    """A TSO super-packet read from the TUN: routed and filtered once as one IP packet, split when sealed.
+
+    Its IP header is that of every segment but for lengths, ids and
+    numbers, so the data plane's decisions hold for all of them. *gso* is
+    (gso_type, gso_size, csum_start, complete) for ``segments``.
+    """
+
+    gso: tuple[int, int, int, bool]
+
+    def segments(self) -> list[bytes]:
+        gso_type, gso_size, csum_start, complete = self.gso
+        return split(self, gso_type, gso_size, csum_start, complete=complete)
+
+
+def unpack_read(buffer: Buffer, *, complete: bool) -> bytes:
+    """One TUN read (virtio_net_hdr + packet) as the IP packet to send, checksums as *complete* says.
+
+    A TSO read comes back as a SuperPacket.
+    """
+    flags, gso_type, _, gso_size, csum_start, csum_offset = VNET.unpack_from(buffer)
+    packet = memoryview(buffer)[VNET_SIZE:]
+    if gso_type != GSO_NONE:
+        if len(packet) < 40 or packet[0] >> 4 != (4 if gso_type & ~GSO_ECN == GSO_TCPV4 else 6):
+            raise OffloadError(f"gso_type {gso_type} for a packet that is not TCP of that IP version")
+        found = SuperPacket(packet)
+        found.gso = (gso_type, gso_size, csum_start, complete)
+        return found
+    if flags & NEEDS_CSUM and complete and len(packet) >= csum_start + csum_offset + 2:
+        mutable = bytearray(packet)
+        complete_checksum(mutable, csum_start, csum_offset, mutable[9] if mutable[0] >> 4 == 4 else mutable[6])
+        return bytes(mutable)
+    return bytes(packet)
+
+
+def expand(packets: Sequence[bytes]) -> list[bytes]:
+    """The packets with every SuperPacket replaced by its segments, in order."""
+    if not any(type(p) is SuperPacket for p in packets):
+        return list(packets)
+    out: list[bytes] = []
+    for packet in packets:
+        if type(packet) is SuperPacket:
+            out += packet.segments()
+        else:
+            out.append(packet)
+    return out
+
+
+# ---------------------------------------------------------------------------- writing (inbound)
+_RUN_KEYS: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _tcp_run_key(packet: Buffer, l4: int, header_length: int) -> tuple[bytes, ...]:
+    """What must be equal for two segments to join: the IP header bar length/id/checksum, ports, ack, options.
+
+    One precompiled unpack per header shape reads exactly those fields (pad
+    bytes skip the rest): cheaper than slicing them out one by one.
+    """
+    version = packet[0] >> 4
+    shape = (version, l4, header_length)
+    key = _RUN_KEYS.get(shape)
+    if key is None:
+        options = header_length - l4 - 20
+        # IPv4: version, tos | length, id | flags, ttl, proto | checksum | addresses, options;
+        # IPv6: version, class, flow | payload length | next header, hops, addresses.
+        ip = f"2s4x4s2x{l4 - 12}s" if version == 4 else "4s2x34s"
+        # ports | seq | ack | offset, flags, window, checksum, urgent | options
+        key = _RUN_KEYS[shape] = struct.Struct(f"!{ip}4s4x4s8x{options}s")
+    return key.unpack_from(packet)
+
+
+def _partial_header(packet: Buffer, l4: int, header_length: int, proto: int, l4_length: int) -> bytearray:
+    header = bytearray(packet[:header_length])
+    offset = TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET
+    _H.pack_into(header, l4 + offset, pseudo_sum(header, l4_length, proto))
+    return header
+
+
+def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
+    """The TUN writes (each a list of buffers for writev) for these inner packets, in order.
+
+    Consecutive TCP segments of one flow with contiguous sequence numbers,
+    equal-sized payloads (the last may be shorter) and no flags beyond ACK
+    (PSH allowed on the last) become one super-packet with NEEDS_CSUM. Other
+    TCP and UDP packets are written one by one with NEEDS_CSUM; the rest
+    (ICMP, fragments, anything else) plain.
+    """
+    writes: list[list[Buffer]] = []
+    run: list[Buffer] = []  # payloads of the open run
+    run_header = b""
+    run_key = b""
+    run_meta = (0, 0, 0)  # l4 offset, header length, segment size
+    next_seq = 0
+    total = 0
+
+    def close_run() -> None:
+        if run:
+            writes.append(_write_run(run_header, run_meta, run))
+            run.clear()
+
+    for packet in packets:
+        shape = _tcp_shape(packet)
+        if shape is None:
+            close_run()
+            writes.append(_single(packet))
+            continue
+        l4, header_length, seq, flags = shape
+        size = len(packet) - header_length
+        if run:
+            if (
+                seq == next_seq
+                and not flags & ~(TCP_ACK | TCP_PSH)
+                and 0 < size <= run_meta[2]
+                and len(run[-1]) == run_meta[2]
+                and not run_header[run_meta[0] + 13] & TCP_PSH
+                and total + size <= MAX_COALESCED
+                and len(run) < MAX_SEGMENTS
+                and _tcp_run_key(packet, l4, header_length) == run_key
+            ):
+                view = memoryview(packet)
+                run.append(view[header_length:])
+                next_seq = (seq + size) & 0xFFFFFFFF
+                total += size
+                if flags & TCP_PSH:
+                    run_header[l4 + 13] |= TCP_PSH
+                continue
+            close_run()
+        if size == 0 or flags & ~(TCP_ACK | TCP_PSH):
+            writes.append(_single(packet))
+            continue
+        view = memoryview(packet)
+        run_header = bytearray(view[:header_length])
+        run_key = _tcp_run_key(packet, l4, header_length)
+        run_meta = (l4, header_length, size)
+        run.append(view[header_length:])
+        next_seq = (seq + size) & 0xFFFFFFFF
+        total = header_length + size
+    close_run()
+    return writes
+
+
+def _tcp_shape(packet: Buffer) -> tuple[int, int, int, int] | None:
+    """(L4 offset, header length, seq, flags) of an unfragmented TCP packet without IPv6 extension headers."""
+    if len(packet) < 40:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        if packet[9] != PROTO_TCP or _H.unpack_from(packet, 6)[0] & 0x3FFF:  # MF or an offset: a fragment
+            return None
+        l4 = (packet[0] & 0x0F) * 4
+    elif version == 6 and packet[6] == PROTO_TCP:
+        l4 = 40
+    else:
+        return None
+    if len(packet) < l4 + 20:
+        return None
+    header_length = l4 + (packet[l4 + 12] >> 4) * 4
+    if header_length < l4 + 20 or len(packet) < header_length:
+        return None
+    return l4, header_length, _L.unpack_from(packet, l4 + 4)[0], packet[l4 + 13]
+
+
+def _write_run(header: bytearray, meta: tuple[int, int, int], payloads: list[Buffer]) -> list[Buffer]:
+    l4, header_length, size = meta
+    length = sum(len(p) for p in payloads)
+    if len(payloads) == 1:
+        gso_type, gso_size = GSO_NONE, 0
+    else:
+        gso_type, gso_size = (GSO_TCPV4 if header[0] >> 4 == 4 else GSO_TCPV6), size
+    if header[0] >> 4 == 4:
+        _H.pack_into(header, 2, header_length + length)
+        ipv4_header_checksum(header)
+    else:
+        _H.pack_into(header, 4, header_length - 40 + length)
+    _H.pack_into(header, l4 + TCP_CSUM_OFFSET, pseudo_sum(header, header_length - l4 + length, PROTO_TCP))
+    vnet = VNET.pack(NEEDS_CSUM, gso_type, header_length, gso_size, l4, TCP_CSUM_OFFSET)
+    return [vnet, header, *payloads]
+
+
+def _single(packet: Buffer) -> list[Buffer]:
+    """One packet: TCP/UDP with NEEDS_CSUM and its pseudo-header sum, anything else as it is."""
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        proto = packet[9]
+        l4 = (packet[0] & 0x0F) * 4
+        if _H.unpack_from(packet, 6)[0] & 0x3FFF:
+            return [PLAIN, packet]  # a fragment: its checksum covers the whole datagram, not this piece
+    elif len(packet) >= 40 and packet[0] >> 4 == 6:
+        proto = packet[6]
+        l4 = 40
+    else:
+        return [PLAIN, packet]
+    if proto == PROTO_TCP and len(packet) >= l4 + 20:
+        header_length, offset = max(l4 + 20, l4 + (packet[l4 + 12] >> 4) * 4), TCP_CSUM_OFFSET
+    elif proto == PROTO_UDP and len(packet) >= l4 + 8:
+        header_length, offset = l4 + 8, UDP_CSUM_OFFSET
+    else:
+        return [PLAIN, packet]
+    if len(packet) < header_length:
+        return [PLAIN, packet]
+    header = _partial_header(packet, l4, header_length, proto, len(packet) - l4)
+    vnet = VNET.pack(NEEDS_CSUM, GSO_NONE, 0, 0, l4, offset)
+    return [vnet, header, memoryview(packet)[header_length:]]
