@@ -17,15 +17,12 @@ skip.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, stop_process
 
 NOT_INSTALLED = "FreeRADIUS not installed (Debian package freeradius; .ci/run installs it)"
 DICTIONARY_DIR = Path("/usr/share/freeradius")
@@ -107,14 +104,7 @@ class FreeRadius:
         """Stop the server by its PID (SIGTERM, then SIGKILL after 10 s)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self.process = None
 
     def _log(self) -> str:

@@ -26,6 +26,7 @@ from bus.errors import BusError
 from bus.messages import Message
 from bus.messages.auth import JoinString
 from bus.messages.datastore import Mutated, NodeAdd
+from compose.netns import kill_pids
 from nodeagent.agent import Agent, enroll
 from nodeagent.state import StateDir
 from services.datastore.db import make_engine, reading
@@ -154,4 +155,12 @@ class AgentThread:
         return self.agent.replica.digest
 
 
-__all__ = ["AgentThread", "CoterieServer", "free_port", "shared"]  # shared: one ZeroMQ context for many agents
+def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:  # type: ignore[type-arg]
+    """Stop a daemon a test started, by its PID: SIGTERM, SIGKILL after *grace* seconds, then reap it."""
+    if process.poll() is None:
+        kill_pids([process.pid], grace)
+    process.wait(timeout=grace)
+
+
+# shared: one ZeroMQ context for many agents
+__all__ = ["AgentThread", "CoterieServer", "free_port", "shared", "stop_process"]

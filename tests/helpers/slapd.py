@@ -17,20 +17,18 @@ its PID. This module does not import pytest: a missing package raises
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import hashlib
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, stop_process
 
 NOT_INSTALLED = "OpenLDAP slapd not installed (Debian packages slapd and ldap-utils; .ci/run installs them)"
 SCHEMA_DIR = Path("/etc/ldap/schema")
@@ -173,14 +171,7 @@ class Slapd:
         """Stop slapd by its PID (SIGTERM, then SIGKILL after 10 s)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self.process = None
 
     @staticmethod
