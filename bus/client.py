@@ -15,6 +15,8 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import zmq
@@ -38,8 +40,54 @@ NOTIFY_ID = b"\x00" * 8
 Context = zmq.Context
 
 
-def shared_context() -> Context:
-    return new_context()
+def shared_context(*, io_threads: int | None = None, max_sockets: int = 0) -> Context:
+    """One context for many clients in one process; *max_sockets* above 1023 for thousands of them."""
+    if io_threads is None:
+        return new_context(max_sockets=max_sockets)
+    return new_context(io_threads=io_threads, max_sockets=max_sockets)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message read by :meth:`Client.incoming`: a reply to a started request, or a push."""
+
+    request_id: bytes  # empty for a push
+    service: str
+    message: Message | None  # None when the reply was an error (then ``error`` says which)
+    error: RemoteError | None = None
+
+
+class ClientPoller:
+    """Waits on many clients' connections (and plain file descriptors) at once, for one event loop.
+
+    Simulated agents run hundreds of clients per thread; this keeps their loop
+    free of ZeroMQ while still sleeping in one system call.
+    """
+
+    def __init__(self) -> None:
+        self._poller = zmq.Poller()
+        self._clients: dict[zmq.Socket, Client] = {}
+
+    def add(self, client: Client) -> None:
+        self._poller.register(client.socket, zmq.POLLIN)
+        self._clients[client.socket] = client
+
+    def remove(self, client: Client) -> None:
+        if self._clients.pop(client.socket, None) is not None:
+            self._poller.unregister(client.socket)
+
+    def add_fd(self, fd: int) -> None:
+        self._poller.register(fd, zmq.POLLIN)
+
+    def poll(self, timeout: float) -> tuple[list[Client], list[int]]:
+        """The clients and descriptors with input waiting, after at most *timeout* seconds."""
+        clients, fds = [], []
+        for item, _ in self._poller.poll(max(0, int(timeout * 1000))):
+            if isinstance(item, int):
+                fds.append(item)
+            else:
+                clients.append(self._clients[item])
+        return clients, fds
 
 
 class Client:
@@ -64,6 +112,7 @@ class Client:
         self.pushes: deque[tuple[str, Message]] = deque(maxlen=10_000)
         self._own_context = context is None
         self.context = context or new_context()
+        self._started: set[bytes] = set()  # ids of requests sent with start(), whose replies incoming() returns
         self._socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -75,6 +124,7 @@ class Client:
         return self._socket
 
     def reconnect(self) -> None:
+        self._started.clear()
         self._socket.close(linger=0)
         self._socket = self._connect()
         self.counters["reconnects"] += 1
@@ -243,3 +293,34 @@ class Client:
                 return False
             self._sort(self._socket.recv_multipart(), set(), {})
         return True
+
+    # ------------------------------------------------------------------ event-loop use (many clients per thread)
+    def start(self, service: str, message: Message) -> bytes | None:
+        """Send a request without waiting; its reply comes from :meth:`incoming`. None if it could not be sent.
+
+        No retries here: an event loop that owns many clients decides itself when to give up and resend.
+        """
+        request_id = os.urandom(8)
+        if not self._send([c.CLIENT, c.REQUEST, service.encode(), request_id, codec.encode(message)], 0.0):
+            return None
+        self._started.add(request_id)
+        return request_id
+
+    def incoming(self) -> Iterator[Incoming]:
+        """Every reply to a started request and every push waiting now, without blocking."""
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            found: dict[bytes, bytes] = {}
+            self._sort(frames, self._started, found)
+            for request_id, body in found.items():
+                self._started.discard(request_id)
+                try:
+                    yield Incoming(request_id, frames[2].decode("utf-8", "replace"), self._unwrap(body))
+                except RemoteError as exc:
+                    yield Incoming(request_id, frames[2].decode("utf-8", "replace"), None, exc)
+            while self.pushes:
+                service, message = self.pushes.popleft()
+                yield Incoming(b"", service, message)

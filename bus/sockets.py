@@ -15,9 +15,12 @@ from bus.keys import KeyPair
 from bus.zap import ZapHandler
 
 
-def new_context() -> zmq.Context:
-    context = zmq.Context(io_threads=IO_THREADS)
+def new_context(*, io_threads: int = IO_THREADS, max_sockets: int = 0) -> zmq.Context:
+    """A context with LINGER 0; *max_sockets* raises libzmq's default cap of 1023 (many simulated agents)."""
+    context = zmq.Context(io_threads=io_threads)
     context.setsockopt(zmq.LINGER, 0)
+    if max_sockets:
+        context.set(zmq.MAX_SOCKETS, max_sockets)
     return context
 
 

@@ -159,6 +159,7 @@ class FanoutService(Worker):
                 self._adopt_online_nodes(session)
                 return
             changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
+            self.counters["batches"] += 1
             receipts = self._push_changes(self.world, changes, head)
             self._notify_watchers(changes, head)
         self.processed = head

@@ -1,0 +1,248 @@
+"""Simulated node agents for bench/control.py: many per process, one event loop, real CURVE connections.
+
+Each simulated agent does what nodeagent/agent.py does on the control plane,
+with the same messages and the real replica (nodeagent.sync.Replica):
+
+  1. connect (its own CURVE key, its own DEALER through bus.client.Client);
+  2. ask the fanout for a snapshot (at most MAX_SNAPSHOTS_IN_FLIGHT per
+     process at a time, as a crowd of real agents starting would spread);
+  3. apply pushed updates in order, send the Applied receipt, and take a new
+     snapshot on a gap or a digest mismatch;
+  4. heartbeat at the real interval (nodeagent.agent.HEARTBEAT_INTERVAL), take a
+     snapshot when the fanout says "not in sync", and reconnect after
+     MISSED_HEARTBEATS unanswered heartbeats.
+
+What is not simulated: the data plane, key distribution, files. One process
+runs all its agents from one poll loop (bus.client.ClientPoller), so what the
+benchmark measures is the server, not thousands of interpreters.
+
+The controller talks to a worker process over a multiprocessing pipe; every
+command gets one reply (see :func:`_command`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from bus.client import Client, ClientPoller, Incoming, shared_context
+from bus.keys import KeyPair
+from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
+from nodeagent.agent import HEARTBEAT_INTERVAL, MISSED_HEARTBEATS
+from nodeagent.sync import Outcome, Replica
+
+MAX_SNAPSHOTS_IN_FLIGHT = 64
+SNAPSHOT_TIMEOUT = 10.0  # seconds before an unanswered snapshot request is sent again
+HISTORY = 32  # view changes remembered per agent (revision, time)
+
+
+@dataclass
+class AgentSpec:
+    name: str
+    public: bytes
+    secret: bytes
+
+
+@dataclass
+class SimAgent:
+    """One agent's control-plane state."""
+
+    name: str
+    client: Client
+    replica: Replica = field(default_factory=Replica)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (revision, monotonic time) per view change
+    pushes: int = 0
+    snapshot_id: bytes | None = None
+    snapshot_sent: float = 0.0
+    wants_snapshot: bool = True
+    beat_id: bytes | None = None
+    missed: int = 0
+    last_snapshot: float = 0.0
+    last_status: float = 0.0
+
+    def moved(self, revision: int, now: float) -> None:
+        self.history.append((revision, now))
+        if len(self.history) > HISTORY:
+            del self.history[0]
+
+    def reached(self, revision: int) -> float | None:
+        """When this agent first held a view at *revision* or later (None: not yet, or forgotten)."""
+        return next((t for r, t in self.history if r >= revision), None)
+
+
+class AgentPool:
+    """All the agents of one process and their loop."""
+
+    def __init__(self, endpoint: str, server_key: bytes, specs: list[AgentSpec], heartbeat: float) -> None:
+        self.context = shared_context(io_threads=1, max_sockets=len(specs) + 64)
+        self.heartbeat = heartbeat
+        self.poller = ClientPoller()
+        self.agents: list[SimAgent] = []
+        self.by_client: dict[int, SimAgent] = {}
+        self.counters: Counter[str] = Counter()
+        self.beats: list[tuple[float, int]] = []  # heap of (when, agent index)
+        self._next_snapshots = 0.0
+        now = time.monotonic()
+        for index, spec in enumerate(specs):
+            keypair = KeyPair(spec.public, spec.secret)
+            client = Client(endpoint, keypair, server_key, context=self.context)
+            agent = SimAgent(spec.name, client)
+            self.agents.append(agent)
+            self._watch(agent)
+            heapq.heappush(self.beats, (now + random.uniform(0, heartbeat), index))  # staggered, as in real life
+
+    def _watch(self, agent: SimAgent) -> None:
+        self.poller.add(agent.client)
+        self.by_client[id(agent.client)] = agent
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, timeout: float) -> list[int]:
+        """One round: read what arrived, send what is due; returns descriptors that were ready."""
+        clients, fds = self.poller.poll(timeout)
+        now = time.monotonic()
+        for client in clients:
+            agent = self.by_client[id(client)]
+            for incoming in client.incoming():
+                self._on_incoming(agent, incoming, now)
+        self._heartbeats(now)
+        if now >= self._next_snapshots:
+            self._next_snapshots = now + 0.05
+            self._snapshots(now)
+        return fds
+
+    def _on_incoming(self, agent: SimAgent, incoming: Incoming, now: float) -> None:
+        message = incoming.message
+        if incoming.error is not None:
+            self.counters[f"error_{incoming.error.code}"] += 1
+            if incoming.request_id == agent.snapshot_id:
+                agent.snapshot_id, agent.wants_snapshot = None, True
+            return
+        if isinstance(message, Update):
+            agent.pushes += 1
+            self._on_update(agent, message, now)
+        elif isinstance(message, Snapshot) and incoming.request_id == agent.snapshot_id:
+            agent.snapshot_id = None
+            if agent.replica.load(message):
+                agent.moved(message.revision, now)
+                agent.last_snapshot = now
+                self.counters["snapshots"] += 1
+            else:
+                agent.wants_snapshot = True
+                self.counters["bad_snapshots"] += 1
+        elif isinstance(message, SyncStatus) and incoming.request_id == agent.beat_id:
+            agent.beat_id, agent.missed, agent.last_status = None, 0, now
+            if not message.in_sync and agent.snapshot_id is None:
+                agent.wants_snapshot = True
+                self.counters["told_to_resync"] += 1
+
+    def _on_update(self, agent: SimAgent, update: Update, now: float) -> None:
+        outcome = agent.replica.apply(update)
+        self.counters[outcome.value] += 1
+        if outcome is Outcome.APPLIED:
+            agent.moved(update.revision, now)
+            agent.client.notify("fanout", Applied(revision=agent.replica.revision, digest=agent.replica.digest))
+        elif outcome in (Outcome.GAP, Outcome.MISMATCH) and agent.snapshot_id is None:
+            agent.wants_snapshot = True
+
+    def _heartbeats(self, now: float) -> None:
+        while self.beats and self.beats[0][0] <= now:
+            _, index = heapq.heappop(self.beats)
+            heapq.heappush(self.beats, (now + self.heartbeat, index))
+            agent = self.agents[index]
+            if agent.beat_id is not None:
+                agent.missed += 1
+                if agent.missed >= MISSED_HEARTBEATS:
+                    self._reconnect(agent)
+            beat = SyncHeartbeat(revision=agent.replica.revision, digest=agent.replica.digest, agent_version="bench")
+            agent.beat_id = agent.client.start("fanout", beat)
+            self.counters["heartbeats"] += 1
+
+    def _reconnect(self, agent: SimAgent) -> None:
+        self.poller.remove(agent.client)
+        del self.by_client[id(agent.client)]
+        agent.client.reconnect()
+        self._watch(agent)
+        agent.missed, agent.beat_id = 0, None
+        if agent.snapshot_id is not None:
+            agent.snapshot_id, agent.wants_snapshot = None, True
+        self.counters["reconnects"] += 1
+
+    def _snapshots(self, now: float) -> None:
+        in_flight = 0
+        for agent in self.agents:
+            if agent.snapshot_id is not None and now - agent.snapshot_sent > SNAPSHOT_TIMEOUT:
+                agent.snapshot_id, agent.wants_snapshot = None, True
+                self.counters["snapshot_timeouts"] += 1
+            in_flight += agent.snapshot_id is not None
+        for agent in self.agents:
+            if in_flight >= MAX_SNAPSHOTS_IN_FLIGHT:
+                return
+            if agent.wants_snapshot and agent.snapshot_id is None:
+                agent.snapshot_id = agent.client.start("fanout", SnapshotRequest())
+                if agent.snapshot_id is not None:
+                    agent.wants_snapshot, agent.snapshot_sent = False, now
+                    in_flight += 1
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.client.close()
+        self.context.term()
+
+    # ------------------------------------------------------------------ what the controller asks
+    def state(self) -> dict[str, object]:
+        views = [a for a in self.agents if a.replica.view is not None]
+        return {
+            "agents": len(self.agents),
+            "synced": len(views),
+            "min_revision": min((a.replica.revision for a in views), default=0),
+            "counters": dict(self.counters),
+        }
+
+
+def _command(pool: AgentPool, request: tuple) -> object:  # type: ignore[type-arg]
+    """Answer one controller command (the protocol between bench/control.py and its workers)."""
+    verb, *args = request
+    if verb == "state":
+        return pool.state()
+    if verb == "reached":  # per agent: when it first held revision >= args[0]
+        return [a.reached(args[0]) for a in pool.agents]
+    if verb == "count_reached":  # how many agents hold revision >= args[0]
+        return sum(1 for a in pool.agents if a.replica.view is not None and a.replica.revision >= args[0])
+    if verb == "pushes":  # per agent: updates received so far
+        return [a.pushes for a in pool.agents]
+    if verb == "digests":  # per agent: (name, digest held, time of its last view change)
+        return [(a.name, a.replica.digest, a.history[-1][1] if a.history else None) for a in pool.agents]
+    if verb == "resynced":  # agents with a snapshot and an answered heartbeat after monotonic time args[0]
+        since = args[0]
+        return sum(1 for a in pool.agents if a.last_snapshot >= since and a.last_status >= since)
+    raise ValueError(f"unknown command {verb!r}")
+
+
+def worker_main(conn: Connection, endpoint: str, server_key: bytes, specs: list[AgentSpec], heartbeat: float) -> None:
+    """Entry point of a worker process: run the agents until the controller says stop."""
+    _raise_fd_limit()
+    pool = AgentPool(endpoint, server_key, specs, heartbeat or HEARTBEAT_INTERVAL)
+    conn.send("ready")
+    try:
+        while True:
+            pool.step(0.02)
+            while conn.poll(0):
+                request = conn.recv()
+                if request == ("stop",):
+                    conn.send("stopped")
+                    return
+                conn.send(_command(pool, request))
+    finally:
+        pool.close()
+
+
+def _raise_fd_limit() -> None:
+    """Each agent holds a TCP connection and a ZeroMQ mailbox: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
