@@ -256,16 +256,24 @@ def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int
     """(a) route behind the hub added and removed in turn; every agent's time to apply each change."""
     each: list[float] = []
     everyone: list[float] = []
+    revision = 0
     for i in range(changes):
         kind = RouteAdd if i % 2 == 0 else RouteRemove
         started = time.monotonic()
         reply = server.mutate(kind, node="hub", vpn="all", cidr=HUB_ROUTE)
+        revision = reply.revision
         wait_reached(workers, reply.revision, n, timeout)
         times = [t - started for t in workers.flat("reached", reply.revision)]
         each += times
         everyone.append(max(times))
         time.sleep(0.3)
-    return {"each_ms": spread(each), "all_applied_ms": spread(everyone), "changes": changes}
+    at_last = workers.total("count_reached", revision)
+    return {
+        "each_ms": spread(each),
+        "all_applied_ms": spread(everyone),
+        "changes": changes,
+        "at_last_revision": at_last,
+    }
 
 
 def change_to_one(server: CoterieServer, workers: Workers, changes: int, timeout: float) -> dict[str, Any]:

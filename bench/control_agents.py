@@ -79,7 +79,8 @@ class AgentPool:
     """All the agents of one process and their loop."""
 
     def __init__(self, endpoint: str, server_key: bytes, specs: list[AgentSpec], heartbeat: float) -> None:
-        self.context = shared_context(io_threads=1, max_sockets=len(specs) + 64)
+        # Twice the agents: a socket closed at a reconnect counts until libzmq's reaper has freed it.
+        self.context = shared_context(io_threads=1, max_sockets=2 * len(specs) + 256)
         self.heartbeat = heartbeat
         self.poller = ClientPoller()
         self.agents: list[SimAgent] = []
