@@ -394,21 +394,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers = Workers.start(server, specs, args.per_process, args.heartbeat)
         stack.callback(workers.stop)
         if not wait_until(lambda: workers.total("count_reached", 1) >= args.agents, args.timeout, interval=0.5):
-            raise SystemExit("the agents did not all take a snapshot")
+            synced = workers.total("count_reached", 1)
+            raise SystemExit(
+                f"only {synced} of {args.agents} agents took a snapshot within {args.timeout:.0f}s;"
+                f" agents' counters: {workers.counters()}"
+            )
         results["connect_and_sync_s"] = time.monotonic() - started
         time.sleep(3 * args.heartbeat)  # presence (online) changes settle
         loaded = server_rss(server)
         results["rss_kb_per_agent"] = {k: (loaded[k] - idle[k]) / args.agents for k in loaded}
         results["rss_kb_per_agent"]["total"] = sum(loaded[k] - idle[k] for k in loaded) / args.agents
-        results["to_all"] = changes_to_all(server, workers, args.agents, args.changes, args.timeout)
-        results["to_one"] = change_to_one(server, workers, args.changes, args.timeout)
+        _progress("connect", {"connect_and_sync_s": results["connect_and_sync_s"], "rss": results["rss_kb_per_agent"]})
+        results["to_all"] = _progress("to_all", changes_to_all(server, workers, args.agents, args.changes, args.timeout))
+        results["to_one"] = _progress("to_one", change_to_one(server, workers, args.changes, args.timeout))
         if args.burst:
-            results["burst"] = burst(server, workers, args.agents, args.burst, args.timeout)
+            results["burst"] = _progress("burst", burst(server, workers, args.agents, args.burst, args.timeout))
         if not args.no_restart:
-            results["restart"] = restart(server, workers, args.agents, args.timeout)
+            results["restart"] = _progress("restart", restart(server, workers, args.agents, args.timeout))
         results["agent_counters"] = workers.counters()
         results["fanout_counters"] = fanout_counters(server)
     return results
+
+
+def _progress(phase: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """Each phase's figures go to stderr as they come, so a run cut short still tells what it measured."""
+    print(f"{phase}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+    return figures
 
 
 def database_url(args: argparse.Namespace, stack: ExitStack) -> str:

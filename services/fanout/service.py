@@ -117,6 +117,7 @@ class FanoutService(Worker):
         self.last_seen: dict[int, float] = {}
         self._written: dict[int, float] = {}  # node id -> when last_seen was last written
         self._reported: dict[int, tuple[tuple[str, ...], str, str, str]] = {}  # node id -> what it last reported
+        self._unwritten: dict[int, SyncHeartbeat | None] = {}  # signs of life not yet written (flush_presence)
         self.processed = -1  # revision up to which changes have been fanned out
         self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
@@ -140,9 +141,12 @@ class FanoutService(Worker):
             # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
             self._next_batch = now + BATCH_INTERVAL
             self.catch_up()
-        if self._acks and now >= self._next_ack_flush:
+        if (self._acks or self._unwritten) and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
-            self.flush_receipts()
+            if self._unwritten:
+                self.flush_presence()
+            if self._acks:
+                self.flush_receipts()
         if now >= self._next_presence:
             self._next_presence = now + min(1.0, self.presence_timeout / 4)
             self.check_presence(now)
@@ -329,7 +333,7 @@ class FanoutService(Worker):
 
     # ------------------------------------------------------------------ presence
     def _seen(self, node_id: int, caller: Identity, heartbeat: SyncHeartbeat | None = None) -> None:
-        """Note a sign of life; write to the datastore only when something an operator sees changes."""
+        """Note a sign of life; queue a write only when something an operator sees changes (flush_presence)."""
         now = time.monotonic()
         reported = None
         if heartbeat is not None:
@@ -340,27 +344,44 @@ class FanoutService(Worker):
         self.last_seen[node_id] = now
         if known and fresh and unchanged:
             return
+        self._written[node_id] = now
+        if reported is not None:
+            self._reported[node_id] = reported
+        if heartbeat is not None or node_id not in self._unwritten:  # a heartbeat's report wins over a snapshot
+            self._unwritten[node_id] = heartbeat
+
+    def flush_presence(self) -> None:
+        """Write every queued sign of life in one transaction.
+
+        One transaction per heartbeat (each an fsync on SQLite) capped the fanout at a few hundred nodes
+        coming online per second, and its heartbeat replies waited behind them.
+        """
+        pending, self._unwritten = self._unwritten, {}
+        ids = sorted(pending)
         with transaction(self.engine) as session:
-            node = session.get(Node, node_id)
-            if node is None:
-                return
-            before = (node.endpoints, node.nat_class, node.public_endpoint)
-            if heartbeat is not None:
-                node.endpoints = list(heartbeat.endpoints)
-                node.nat_class = classify(node.endpoints, heartbeat.mapped, heartbeat.filtering)
-                node.public_endpoint = heartbeat.mapped or None
-                node.agent_version = heartbeat.agent_version or node.agent_version
-                self._reported[node_id] = reported  # type: ignore[assignment]
-            node.last_seen = utcnow()
-            self._written[node_id] = now
-            if not node.online:
-                node.online = True
-                repo.record(session, "node.online", f"node {node.name} is online", "service:fanout", [], [node_id])
-            elif heartbeat is not None and (node.endpoints, node.nat_class, node.public_endpoint) != before:
-                seen = f", seen as {node.public_endpoint}" if node.public_endpoint else ""
-                endpoints = ", ".join(node.endpoints) or "none"
-                summary = f"node {node.name} reports endpoints {endpoints}{seen}: {node.nat_class}"
-                repo.record(session, "node.endpoints", summary, "service:fanout", [], [node_id])
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for node in session.exec(select(Node).where(col(Node.id).in_(chunk))).all():
+                    self._write_seen(session, node, pending[node.id or 0])
+        self.counters["presence_flushes"] += 1
+
+    def _write_seen(self, session, node: Node, heartbeat: SyncHeartbeat | None) -> None:  # type: ignore[no-untyped-def]
+        before = (node.endpoints, node.nat_class, node.public_endpoint)
+        if heartbeat is not None:
+            node.endpoints = list(heartbeat.endpoints)
+            node.nat_class = classify(node.endpoints, heartbeat.mapped, heartbeat.filtering)
+            node.public_endpoint = heartbeat.mapped or None
+            node.agent_version = heartbeat.agent_version or node.agent_version
+        node.last_seen = utcnow()
+        node_id = node.id or 0
+        if not node.online:
+            node.online = True
+            repo.record(session, "node.online", f"node {node.name} is online", "service:fanout", [], [node_id])
+        elif heartbeat is not None and (node.endpoints, node.nat_class, node.public_endpoint) != before:
+            seen = f", seen as {node.public_endpoint}" if node.public_endpoint else ""
+            endpoints = ", ".join(node.endpoints) or "none"
+            summary = f"node {node.name} reports endpoints {endpoints}{seen}: {node.nat_class}"
+            repo.record(session, "node.endpoints", summary, "service:fanout", [], [node_id])
 
     def _adopt_online_nodes(self, session) -> None:  # type: ignore[no-untyped-def]
         """After a start, nodes the database says are online get one timeout's grace."""
@@ -369,6 +390,8 @@ class FanoutService(Worker):
             self.last_seen.setdefault(node_id, now)
 
     def check_presence(self, now: float) -> None:
+        if self._unwritten:
+            self.flush_presence()  # online before offline: a node seen just now is written first
         silent = [n for n, seen in self.last_seen.items() if now - seen > self.presence_timeout]
         if not silent:
             return
