@@ -405,7 +405,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["rss_kb_per_agent"] = {k: (loaded[k] - idle[k]) / args.agents for k in loaded}
         results["rss_kb_per_agent"]["total"] = sum(loaded[k] - idle[k] for k in loaded) / args.agents
         _progress("connect", {"connect_and_sync_s": results["connect_and_sync_s"], "rss": results["rss_kb_per_agent"]})
-        results["to_all"] = _progress("to_all", changes_to_all(server, workers, args.agents, args.changes, args.timeout))
+        to_all = changes_to_all(server, workers, args.agents, args.changes, args.timeout)
+        results["to_all"] = _progress("to_all", to_all)
         results["to_one"] = _progress("to_one", change_to_one(server, workers, args.changes, args.timeout))
         if args.burst:
             results["burst"] = _progress("burst", burst(server, workers, args.agents, args.burst, args.timeout))
