@@ -41,7 +41,9 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +68,7 @@ HUB_ROUTE = "192.168.99.0/24"
 SOLO_ROUTE = "192.168.98.0/24"
 SUBNET = "10.64.0.0/16"  # room for 65,000 agents
 SERVER_PROCESSES = ("broker", "fanout", "datastore")
+WINDOW = 16  # burst requests unanswered at once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heartbeat", type=float, default=2.0, help="agents' heartbeat interval, s (default 2, real)")
     ap.add_argument("--timeout", type=float, default=300.0, help="s any one phase may take (default 300)")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--log", type=Path, help="keep the server's log here")
     args = ap.parse_args(argv)
     if not 1 <= args.agents <= 15_000:
         ap.error("--agents must be 1..15000 (one broker process; the file limit is 20,000 here)")
@@ -296,39 +300,13 @@ def change_to_one(server: CoterieServer, workers: Workers, changes: int, timeout
 
 def burst(server: CoterieServer, workers: Workers, n: int, count: int, timeout: float) -> dict[str, Any]:
     """(e) *count* route changes behind the hub sent within one second; then every agent must converge."""
-    from bus.messages.common import Error
-
     fanout_before, pushes_before = fanout_counters(server), sum(workers.flat("pushes"))
-    operator = server.operator
     requests = {}
     for i in range(count):  # 8 routes, added and removed in rounds: at the end all 8 exist when rounds are odd
         kind = RouteAdd if (i // 8) % 2 == 0 else RouteRemove
         requests[i] = kind(idempotency_key=uuid.uuid4().hex, node="hub", vpn="all", cidr=f"172.31.{i % 8}.0/24")
     started = time.monotonic()
-    pending: dict[bytes, int] = {}
-    for i, message in requests.items():
-        target = started + i / max(count, 1)
-        time.sleep(max(0.0, target - time.monotonic()))
-        request_id = operator.start("datastore", message)
-        if request_id is not None:
-            pending[request_id] = i
-    sent = time.monotonic() - started
-    committed, rejected, retried = 0, 0, 0
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for incoming in _incoming(operator, 0.1):
-            i = pending.pop(incoming.request_id, None)
-            if i is None:
-                continue
-            if incoming.error is not None and incoming.error.retriable:
-                retried += 1
-                request_id = operator.start("datastore", requests[i])  # same idempotency key: at most once
-                if request_id is not None:
-                    pending[request_id] = i
-            elif incoming.error is not None or isinstance(incoming.message, Error):
-                rejected += 1
-            elif isinstance(incoming.message, Mutated):
-                committed += 1
+    sent, committed, rejected, retried = _submit(server.operator, requests, started, timeout)
     last_commit = time.monotonic()
     expected = expected_digests(server)
     converged = lambda: all(expected.get(name) == digest for name, digest, _ in workers.flat("digests"))  # noqa: E731
@@ -351,24 +329,69 @@ def burst(server: CoterieServer, workers: Workers, n: int, count: int, timeout: 
     }
 
 
+def _submit(operator, requests: dict[int, Any], started: float, timeout: float) -> tuple[float, int, int, int]:  # type: ignore[no-untyped-def]
+    """Offer the requests at len(requests) per second, at most WINDOW unanswered; retry the retriable after 0.5 s.
+
+    The window keeps requests from queueing in the broker beyond its SERVICE_WAIT (they would come back
+    `service_unavailable`); the datastore's commit rate decides how fast they really go.
+    """
+    from bus.messages.common import Error
+
+    count, pending, retry = len(requests), {}, []  # request id -> index; (when, index) to resend
+    committed = rejected = retried = 0
+    sent_all, following, deadline = 0.0, 0, time.monotonic() + timeout
+    while (following < count or pending or retry) and time.monotonic() < deadline:
+        now = time.monotonic()
+        due = [i for when, i in retry if when <= now]
+        retry = [(when, i) for when, i in retry if when > now]
+        while len(pending) < WINDOW and (due or (following < count and now >= started + following / count)):
+            if due:
+                i = due.pop()
+            else:
+                i, following = following, following + 1
+            request_id = operator.start("datastore", requests[i])  # same idempotency key: done at most once
+            if request_id is None:
+                retry.append((now + 0.5, i))
+            else:
+                pending[request_id] = i
+        retry += [(now, i) for i in due]
+        if following == count and not sent_all:
+            sent_all = time.monotonic() - started
+        for incoming in _incoming(operator, 0.005):
+            i = pending.pop(incoming.request_id, None)
+            if i is None:
+                continue
+            if incoming.error is not None and incoming.error.retriable:
+                retried += 1
+                retry.append((time.monotonic() + 0.5, i))
+            elif incoming.error is not None or isinstance(incoming.message, Error):
+                rejected += 1
+            elif isinstance(incoming.message, Mutated):
+                committed += 1
+    return sent_all, committed, rejected, retried
+
+
 def _incoming(operator, timeout: float):  # type: ignore[no-untyped-def]
     if operator.socket.poll(int(timeout * 1000)):
         yield from operator.incoming()
 
 
 def restart(server: CoterieServer, workers: Workers, n: int, timeout: float) -> dict[str, Any]:
-    """(d) stop every server process, start them again, time until every agent is resynchronised."""
+    """(d) stop every server process, start them again, time until every agent is resynchronised.
+
+    The server is started without waiting for `coterie status` to show it up: under a reconnect storm
+    the status request queues behind the agents' snapshots, and the agents' resync is what is measured.
+    """
     server.stop()
     down = time.monotonic()
-    server.start(timeout=120)
-    up = time.monotonic()
-    # Resynchronised: a snapshot and an answered heartbeat since the old server was gone (the new one may
-    # serve snapshots a moment before every process reports up).
+    with open(server.log_path, "ab") as log:
+        argv = [sys.executable, "-m", "tui.cli", "server", "up", "--dir", str(server.home)]
+        server.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log)
+    # Resynchronised: a snapshot and an answered heartbeat since the old server was gone.
     if not wait_until(lambda: workers.total("resynced", down) >= n, timeout, interval=0.2):
         resynced = workers.total("resynced", down)
         raise SystemExit(f"only {resynced} of {n} agents resynchronised within {timeout:.0f}s of the restart")
-    done = time.monotonic()
-    return {"server_start_s": up - down, "all_resynced_after_start_s": done - up, "total_s": done - down}
+    return {"all_resynced_s": time.monotonic() - down}
 
 
 # ---------------------------------------------------------------------- the run
@@ -387,6 +410,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cot-bench-")))
         url = database_url(args, stack)
         server = CoterieServer(tmp, presence_timeout=15.0, database=url).start(timeout=120)
+        if args.log:
+            stack.callback(lambda: server.log_path.exists() and shutil.copy(server.log_path, args.log))
         stack.callback(server.stop)
         specs = populate(server, args.agents)
         idle = server_rss(server)
@@ -478,13 +503,7 @@ def table(r: dict[str, Any]) -> str:
         )
     if "restart" in r:
         d = r["restart"]
-        lines.append(
-            row(
-                "d. server restart",
-                note=f"server up in {d['server_start_s']:.1f} s, then all agents resynced in"
-                f" {d['all_resynced_after_start_s']:.1f} s",
-            )
-        )
+        lines.append(row("d. server restart", note=f"all agents resynced {d['all_resynced_s']:.1f} s after the stop"))
     return "\n".join(lines)
 
 
