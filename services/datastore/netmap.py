@@ -181,7 +181,9 @@ def _rows(session: Session, model: type[T], order_by: str = "") -> list[T]:
     """
     table = model.__table__  # type: ignore[attr-defined]
     query = sa_select(table).order_by(table.c[order_by]) if order_by else sa_select(table)
-    return [SimpleNamespace(**row) for row in session.execute(query).mappings()]  # type: ignore[misc]
+    result = session.execute(query)
+    keys = list(result.keys())
+    return [SimpleNamespace(**dict(zip(keys, row, strict=True))) for row in result]  # type: ignore[misc]
 
 
 def _path_pin(node: Node) -> str | None:
