@@ -155,12 +155,14 @@ class AgentPool:
             _, index = heapq.heappop(self.beats)
             heapq.heappush(self.beats, (now + self.heartbeat, index))
             agent = self.agents[index]
-            if agent.beat_id is not None:
+            if agent.beat_id is not None or agent.missed:  # unanswered, or not even sent (connection not up)
                 agent.missed += 1
                 if agent.missed >= MISSED_HEARTBEATS:
                     self._reconnect(agent)
             beat = SyncHeartbeat(revision=agent.replica.revision, digest=agent.replica.digest, agent_version="bench")
             agent.beat_id = agent.client.start("fanout", beat)
+            if agent.beat_id is None and not agent.missed:
+                agent.missed = 1
             self.counters["heartbeats"] += 1
 
     def _reconnect(self, agent: SimAgent) -> None:
