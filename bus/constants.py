@@ -66,6 +66,7 @@ BROKER_SERVICE = "broker"
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3  # missed intervals before a peer is taken for dead
 SERVICE_WAIT = 2.0  # how long a request waits for a worker of a known service
+CONNECT_WAIT = 30.0  # how long a worker waits for its handshake with the broker before a new socket
 REQUEST_TIMEOUT = 2.5
 REQUEST_RETRIES = 3
 LISTEN_BACKLOG = 4096  # libzmq's default of 100 makes reconnect storms slow

@@ -114,14 +114,18 @@ class Worker:
         interval = c.HEARTBEAT_INTERVAL
         broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
         next_heartbeat = time.monotonic() + interval
+        # A handshake may wait behind thousands of agents' (a reconnect storm): keep this socket, which libzmq
+        # retries by itself, rather than start over at the back of the queue with a new one every 3 s.
+        connect_deadline = time.monotonic() + c.CONNECT_WAIT
         try:
             # IMMEDIATE: nothing can be sent until the CURVE handshake is done.
             while not sock.poll(100, zmq.POLLOUT):
-                if self._stop.is_set() or time.monotonic() >= broker_deadline:
+                if self._stop.is_set() or time.monotonic() >= connect_deadline:
                     if not self._stop.is_set():
                         log.warning("%s: cannot reach broker %s, retrying", self.service, self.endpoint)
                     return
             sock.send_multipart([c.WORKER, c.READY, codec.encode(ready)])
+            broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
             while not self._stop.is_set():
                 if sock.poll(int(self.tick_interval * 1000), zmq.POLLIN):
                     frames = sock.recv_multipart()
