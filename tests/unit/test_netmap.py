@@ -297,6 +297,31 @@ def test_affected_by_a_membership_change_is_the_vpn_and_the_node(truth: Truth) -
     assert truth.peers("a") == {"b"} and truth.peers("newbie") == {"labmate"}
 
 
+def test_a_change_to_a_spoke_reaches_the_hubs_and_every_node_whose_view_changed(truth: Truth) -> None:
+    """A spoke's own change (here a rename) reaches the hubs, not the other spokes of a 10,000-spoke VPN.
+
+    Why: the fanout recomputes the view of every node reached; reaching every member for each spoke
+    coming online made a batch cost O(N^2). And reaching too few leaves someone with a stale view, so
+    every node whose view did change must be among those reached.
+    """
+    truth.vpn("star", "10.1.0.0/24", topology="hub-spoke")
+    truth.vpn("mesh", "10.2.0.0/24")
+    truth.node("hub")
+    truth.member("hub", "star", "hub")
+    for spoke in ("s1", "s2", "s3"):
+        truth.node(spoke, ("star",))
+    truth.node("m1", ("mesh",))
+    truth.member("s1", "mesh")
+    names = ("hub", "s1", "s2", "s3", "m1")
+    before = {name: truth.view(name) for name in names}
+    renamed = truth.rename("s1", "s1b")
+    after = {name: truth.view("s1b" if name == "s1" else name) for name in names}
+    reached = truth.names(truth.read(lambda world: world.affected(renamed)))
+    changed = {("s1b" if n == "s1" else n) for n in names if before[n] != after[n]}
+    assert changed <= reached, "a node whose view changed was not reached"
+    assert reached == {"s1b", "hub", "m1"}, "other spokes of the hub-spoke VPN must not be reached"
+
+
 # ---------------------------------------------------------------------- virtual IPs
 def test_vips_come_from_the_subnet_lowest_free_first_and_unique(truth: Truth) -> None:
     """Addresses are allocated in order from the VPN's subnet, never twice in one VPN."""
