@@ -155,14 +155,12 @@ class AgentPool:
             _, index = heapq.heappop(self.beats)
             heapq.heappush(self.beats, (now + self.heartbeat, index))
             agent = self.agents[index]
-            if agent.beat_id is not None or agent.missed:  # unanswered, or not even sent (connection not up)
-                agent.missed += 1
+            if agent.beat_id is not None:  # unanswered (one not sent, the connection not up yet, is not counted:
+                agent.missed += 1  # a new socket would start its handshake over, at the back of a storm)
                 if agent.missed >= MISSED_HEARTBEATS:
                     self._reconnect(agent)
             beat = SyncHeartbeat(revision=agent.replica.revision, digest=agent.replica.digest, agent_version="bench")
             agent.beat_id = agent.client.start("fanout", beat)
-            if agent.beat_id is None and not agent.missed:
-                agent.missed = 1
             self.counters["heartbeats"] += 1
 
     def _reconnect(self, agent: SimAgent) -> None:
