@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from bench.control import parse_args, run, table
+
+pytestmark = pytest.mark.timeout(600)  # a real server started twice and 50 agents, on a shared 2-core machine
 
 AGENTS = 50
 
