@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 RATE = 20.0  # failed packets a second a source may cost once its burst is spent
 BURST = 5
-MAX_SOURCES = 4096
+MAX_SOURCES = 16384  # ~3 MB at most; more spoofed sources than this get a fresh burst when they return
 
 
 class SourceLimiter:
