@@ -80,7 +80,7 @@ def stages(size: int, count: int) -> dict[str, Callable[[], int]]:
     nonce, aad = SALT + bytes(8), bytes(12)
     plaintext = inner + b"\x01\x02\x02\x04"
     ciphertext = aead.encrypt(nonce, plaintext, aad)
-    trailer_plain = memoryview(bytes(plaintext))
+    trailer_plain = bytes(plaintext)
     spare = bytearray(len(ciphertext))
 
     def floor_encrypt() -> int:
