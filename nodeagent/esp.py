@@ -441,10 +441,16 @@ class InboundSA:
         if spi != self.spi:  # 2. lookup (SpiTable found this SA by the same SPI)
             return _UNKNOWN_SPI
         window = self.window  # 3. replay check, before any cryptography
-        seq = window.infer(seq_low) if self.esn else seq_low
-        verdict = window.check(seq)
-        if verdict is not OK:
-            return _REPLAY_DROPS[verdict]
+        top = window.top
+        if self.esn:  # A2.2 as in replay.infer_esn: the number above the window's bottom edge
+            bottom = top - window.size + 1
+            seq = bottom + ((seq_low - bottom) & SEQ_LOW_MASK)
+        else:
+            seq = seq_low
+        if not top < seq <= window.limit:  # the next packet in order passes without a call
+            verdict = window.check(seq)
+            if verdict is not OK:
+                return _REPLAY_DROPS[verdict]
         nonce = self._nonce  # 4. decrypt: nonce = salt || wire IV, AAD with the inferred high half
         _IV.pack_into(nonce, GCM_SALT_SIZE, iv)
         aad = _AAD_ESN.pack(spi, seq >> SEQ_LOW_BITS, seq_low) if self.esn else _SPI_SEQ.pack(spi, seq_low)

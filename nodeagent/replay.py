@@ -4,9 +4,11 @@ Implements RFC 4303 section 3.4.3 (sequence number verification) and
 appendix A2 (extended sequence numbers: the window over 64-bit numbers, and
 A2.2, inferring the high 32 bits from the 32 on the wire). The window is a
 bitmap in one Python int: bit ``i`` says whether ``top - i`` was accepted.
-Moving forward is one shift and one mask, checking one shift and one AND:
-a few integer operations done in C per packet, where a ring of words
-(RFC 6479) costs several interpreted steps. Sizes stay whole 64-bit words,
+Moving forward is one shift, checking one shift and one AND: a few integer
+operations done in C per packet, where a ring of words (RFC 6479) costs
+several interpreted steps. Bits above the window are never read, so they
+are trimmed only when ``top`` crosses a multiple of the size (the bitmap
+stays under 2 x size + 1 bits without a mask per packet). Sizes stay whole 64-bit words,
 as in the kernel and RFC 6479 implementations, so configurations carry over.
 
 Stages, in the order an inbound packet meets them (esp.py drives them):
@@ -117,8 +119,13 @@ class ReplayWindow:
         if seq > top:
             if seq > self.limit:
                 return BEYOND_LIMIT
-            shift = seq - top  # the bits move up; what falls off the top end is too old now
-            self.bits = (self.bits << shift | 1) & self._mask if shift < self.size else 1
+            shift = seq - top
+            if shift >= self.size:
+                self.bits = 1
+            elif (seq ^ top) < self.size:  # still in the same size-aligned block: no trim
+                self.bits = self.bits << shift | 1
+            else:  # crossing into the next block: drop the bits that fell out of the window
+                self.bits = (self.bits << shift | 1) & self._mask
             self.top = seq
             return OK
         offset = top - seq
@@ -132,8 +139,8 @@ class ReplayWindow:
         return OK
 
     def snapshot(self) -> tuple[int, int]:
-        """The whole state as a value (top and bitmap), to compare before and after."""
-        return self.top, self.bits
+        """The whole state as a value (top and the bitmap of the window), to compare before and after."""
+        return self.top, self.bits & self._mask
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, top={self.top})"
