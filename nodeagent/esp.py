@@ -85,7 +85,8 @@ Buffer = bytes | bytearray | memoryview
 _HEADER = struct.Struct("!IIQ")  # SPI, seq low, IV (which is the 64-bit sequence number)
 _SPI_SEQ = struct.Struct("!II")  # the ESP header; also the AAD of a 32-bit SA (RFC 4106 section 5)
 _AAD_ESN = struct.Struct("!III")  # SPI, seq high, seq low: the AAD of an ESN SA (RFC 4106 section 5)
-_IV = struct.Struct("!Q")  # the explicit IV, written into the per-SA nonce after the salt
+_IV = struct.Struct("!Q")  # the explicit IV, written into the inbound SA's nonce buffer after the salt
+_NONCE = struct.Struct("!IQ")  # salt (as an int) || IV: a fresh nonce per sealed packet
 _LENGTH_FIELD = struct.Struct("!H")
 _IPV4_LENGTH_AT = 2  # total length, header included
 _IPV6_LENGTH_AT = 4  # payload length, the 40-byte header not included
@@ -204,7 +205,11 @@ def _check_sa_parameters(spi: int, key: bytes, salt: bytes) -> None:
 
 
 def _nonce_buffer(salt: bytes) -> bytearray:
-    """salt || IV (RFC 4106 section 4), allocated once per SA; each packet writes its IV in place."""
+    """salt || IV (RFC 4106 section 4), allocated once per inbound SA; each packet writes its IV in place.
+
+    Only for opening: a nonce shared between two threads could at worst fail
+    an ICV there. Sealing makes a new nonce per packet (``OutboundSA``).
+    """
     return bytearray(salt + bytes(GCM_IV_SIZE))
 
 
@@ -214,10 +219,12 @@ class OutboundSA:
     A sequence counter must never be restored from disk or reused: an agent
     that restarts makes new SAs, so no (key, IV) pair can repeat. *first_seq*
     exists for tests that start near a boundary. Only one thread may seal
-    with an SA: the counter and the nonce buffer are not shared.
+    with an SA (the data plane's outbound thread): the counter is not locked.
+    The nonce is a new object per packet, not a shared buffer, so that even
+    a misuse from two threads cannot encrypt two packets under one nonce.
     """
 
-    __slots__ = ("_aead", "_nonce", "esn", "limit", "next_seq", "salt", "spi")
+    __slots__ = ("_aead", "_salt_word", "esn", "limit", "next_seq", "salt", "spi")
 
     def __init__(
         self,
@@ -239,7 +246,7 @@ class OutboundSA:
         self.esn = esn
         self.next_seq = first_seq
         self._aead = AESGCM(bytes(key))
-        self._nonce = _nonce_buffer(self.salt)
+        self._salt_word = int.from_bytes(self.salt, "big")
 
     @property
     def needs_rekey(self) -> bool:
@@ -289,8 +296,7 @@ class OutboundSA:
         # 4. seal: nonce = salt || IV with IV = seq; AAD with the ESN high half (RFC 4106 4, 5).
         spi = self.spi
         seq_low = seq & SEQ_LOW_MASK
-        nonce = self._nonce
-        _IV.pack_into(nonce, GCM_SALT_SIZE, seq)
+        nonce = _NONCE.pack(self._salt_word, seq)
         aad = _AAD_ESN.pack(spi, seq >> SEQ_LOW_BITS, seq_low) if self.esn else _SPI_SEQ.pack(spi, seq_low)
         # 5. frame: SPI | seq low | IV | ciphertext | ICV.
         return _HEADER.pack(spi, seq_low, seq) + self._aead.encrypt(nonce, plaintext, aad)
