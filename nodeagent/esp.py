@@ -43,7 +43,15 @@ Stages 1-5 change nothing, so neither forged nor malformed input can move the
 window; only an authenticated, well-formed packet is recorded (stage 6). Drops
 are values of ``DropReason``, counted by the caller. ``open`` never raises;
 ``parse_header`` and ``seal`` raise only ``EspParseError`` (and ``seal``
-``RekeyRequired``).
+``RekeyRequired``). ``open_many`` and ``seal_many`` do the same over a run of
+packets of one SA, for callers that handle a GRO read or a super-packet at once.
+
+Cost: AES-GCM itself is C; what this module adds per packet is interpreter
+time, so the hot path reads the header with one ``unpack_from``, keeps one
+AESGCM object per SA, checks the trailer on the decrypted bytes without
+slicing them, returns enum members and results from module constants and
+NamedTuples, and takes the in-order replay check without a call
+(bench/esp_micro.py measures each stage beside the AES-GCM floor).
 """
 
 from __future__ import annotations
