@@ -397,6 +397,53 @@ class TcpPaths:
             return self._count(relay.send_to(peer, esp))
         return self._count(False)
 
+    def can_send(self, peer: str) -> bool:
+        """Whether ``send`` has somewhere to put *peer*'s packets now (a stream open or connecting, the relay
+        authenticated): the data plane holds packets briefly instead of sealing them for nothing."""
+        relay = self.relay
+        sid = self._bound.get(peer)
+        if sid is not None:
+            if relay is not None and sid == relay.stream_id:
+                return True
+            stream = self.loop.streams.get(sid)
+            if stream is not None and stream.open:
+                return True
+        route = self.routes.get(peer)
+        if route is None:
+            return False
+        if route.address is not None:
+            client = self._clients.get(route.address)
+            if client is not None and client.stream is not None:
+                return True
+        return route.relay and relay is not None and relay.authenticated
+
+    def peer_state(self, peer: str) -> str:
+        """One line for `agent status`: which stream carries *peer*'s packets and in what state."""
+        relay = self.relay
+        sid = self._bound.get(peer)
+        route = self.routes.get(peer)
+        if sid is not None and relay is not None and sid == relay.stream_id:
+            return f"via relay {relay.settings.host}:{relay.settings.port} (authenticated)"
+        stream = self.loop.streams.get(sid) if sid is not None else None
+        if stream is not None and stream.open:
+            how = "dialled" if stream.initiator else "accepted"
+            return f"stream {stream.id} {how} {stream.address[0]}:{stream.address[1]} ({stream.state})"
+        if route is None:
+            return "no route"
+        if route.address is not None:
+            client = self._clients.get(route.address)
+            state = client.stream.state if client is not None and client.stream is not None else "down"
+            error = f", last error: {client.last_error}" if client is not None and client.last_error else ""
+            return f"dialling {route.address[0]}:{route.address[1]} ({state}{error})"
+        if route.relay:
+            if relay is None:
+                return "relay not announced yet"
+            if relay.authenticated:
+                return f"via relay {relay.settings.host}:{relay.settings.port} (authenticated)"
+            refused = f", refused: {relay.refused}" if relay.refused else ""
+            return f"relay {relay.settings.host}:{relay.settings.port} (not authenticated{refused})"
+        return "waiting for the peer to dial us"
+
     def _count(self, sent: bool) -> bool:
         self.counters["out_packets" if sent else "out_dropped"] += 1
         return sent

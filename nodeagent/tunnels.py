@@ -5,7 +5,10 @@ The control loop (nodeagent/agent.py) owns the bus connection; the data plane
 owns the schedule. This object is what the loop calls, so that each of those
 three stays ignorant of the others: it hands views to the data plane and the
 key ring, runs the key ring's requests to keydist, and copies the SAs the
-ring wants into the data plane after every change.
+ring wants into the data plane after every change. It also turns each view
+into the TCP/443 routes (nodeagent/tcp443.py): for a `tcp443` peer the end
+that can reach the other dials it, the other answers on the stream it was
+dialled on; `relay` peers go through the relay the server announces.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from bus.messages.sync import NodeView
 from nodeagent.dataplane import DataPlane
 from nodeagent.keys import REKEY_GRACE, REKEY_LEAD, KeyRing, Timing
 from nodeagent.natprobe import NatProbe, NatReport
+from nodeagent.tcp443 import DEFAULT_PORT as TCP_PORT
+from nodeagent.tcp443 import RelaySettings, Route, TcpPaths
 
 log = logging.getLogger(__name__)
 
 KEY_TICK = 0.5  # seconds between key ring ticks (rotation, republish, fetch, SA switch-over)
 ENDPOINT_REFRESH = 10.0  # seconds between re-reads of the local addresses (roaming)
+REACHABLE = ("public", "nat")  # classes a peer can dial (services/datastore/paths.py)
 
 
 def timing_for(rekey_interval: float) -> Timing:
@@ -38,9 +44,15 @@ def timing_for(rekey_interval: float) -> Timing:
 
 
 class Tunnels:
-    def __init__(self, dataplane: DataPlane, keyring: KeyRing) -> None:
+    def __init__(
+        self, dataplane: DataPlane, keyring: KeyRing, paths: TcpPaths | None = None, identity: Any = None
+    ) -> None:
         self.dataplane = dataplane
         self.keyring = keyring
+        self.paths = dataplane.tcp = paths  # None: tcp443 and relay peers stay unreachable (packets held, ICMP)
+        self.identity = identity  # the Ed25519 identity key: the relay authenticates us with it
+        self.relay: tuple[str, int] | None = None  # the server's relay, from its heartbeat answers
+        self._view: NodeView | None = None
         self._next_tick = 0.0
         self._endpoints: list[str] = []
         self._endpoints_at = float("-inf")
@@ -48,18 +60,24 @@ class Tunnels:
         self.reflector: tuple[str, int] | None = None
 
     @classmethod
-    def create(cls, dataplane: DataPlane, node: str, identity: Any, timing: Timing | None = None) -> Tunnels:
-        return cls(dataplane, KeyRing(node, identity, time.time(), timing=timing))
+    def create(
+        cls, dataplane: DataPlane, node: str, identity: Any, timing: Timing | None = None, paths: TcpPaths | None = None
+    ) -> Tunnels:
+        return cls(dataplane, KeyRing(node, identity, time.time(), timing=timing), paths, identity)
 
     def start(self) -> None:
         self.dataplane.start()
 
     def close(self) -> None:
         self.dataplane.close()
+        if self.paths is not None:
+            self.paths.close()
 
     def apply_view(self, view: NodeView) -> None:
         """A new view: peers gone lose their SAs now (removal takes effect at the next packet)."""
         self.dataplane.apply_view(view)
+        self._view = view
+        self._route_streams()
         dropped = self.keyring.set_peers({name: peer.sign_key for name, peer in view.peers.items()}, time.time())
         if dropped:
             log.info("peers removed from the view, SAs dropped: %s", ", ".join(sorted(dropped)))
@@ -80,6 +98,34 @@ class Tunnels:
         if new != self.reflector:
             self.reflector = new
             self.nat_probe = self.dataplane.nat_probe = NatProbe()  # a new server: probe afresh
+
+    def set_relay(self, address: str) -> None:
+        """The server's relay ("host:port", from its heartbeat answers; "" when it has none)."""
+        host, _, port = address.rpartition(":")
+        new = (host.strip("[]"), int(port)) if host and port.isdigit() else None
+        if new != self.relay:
+            self.relay = new
+            self._route_streams()
+
+    def _route_streams(self) -> None:
+        """The TCP routes for this view: dial a reachable tcp443 peer, be dialled by the others; relay peers."""
+        paths, view = self.paths, self._view
+        if paths is None or view is None:
+            return
+        routes: dict[str, Route] = {}
+        for name, tunnel in list(self.dataplane.tunnels.items()):
+            if tunnel.path == "relay":
+                routes[name] = Route(relay=True)
+            elif tunnel.path == "tcp443":
+                dial = tunnel.peer_class in REACHABLE and tunnel.endpoint
+                routes[name] = Route(address=(tunnel.endpoint, TCP_PORT)) if dial else Route()  # type: ignore[arg-type]
+        paths.set_routes(routes)
+        wanted = any(r.relay for r in routes.values()) and self.relay is not None and self.identity is not None
+        if wanted:
+            assert self.relay is not None
+            paths.set_relay(RelaySettings(self.relay[0], self.relay[1], view.node, self.identity))
+        else:
+            paths.set_relay(None)
 
     def nat_report(self) -> NatReport:
         return self.nat_probe.report
