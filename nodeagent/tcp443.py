@@ -325,6 +325,10 @@ class TcpPaths:
         self.routes: dict[str, Route] = {}
         self._clients: dict[tuple[str, int], StreamClient] = {}  # one outbound stream per peer address
         self._bound: dict[str, int] = {}  # peer -> id of the stream its authenticated packets arrived on
+        # peer -> id of the newest accepted stream whose HELLO named it: where to send before anything
+        # authenticated (a peer that dials us may have nothing to send yet). Only a hint: a liar gets
+        # sealed packets it cannot read, until the real peer's first authenticated packet binds its stream.
+        self._hinted: dict[str, int] = {}
         self.relay: RelayClient | None = None
         self.server: StreamServer | None = None
         if listen is not None:
@@ -395,7 +399,15 @@ class TcpPaths:
                 return self._count(True)
         if route.relay and relay is not None:  # also the fallback while a direct stream is down
             return self._count(relay.send_to(peer, esp))
+        hinted = self._hinted_stream(peer)
+        if hinted is not None:
+            return self._count(hinted.enqueue(esp))
         return self._count(False)
+
+    def _hinted_stream(self, peer: str) -> Stream | None:
+        sid = self._hinted.get(peer)
+        stream = self.loop.streams.get(sid) if sid is not None else None
+        return stream if stream is not None and stream.open else None
 
     def can_send(self, peer: str) -> bool:
         """Whether ``send`` has somewhere to put *peer*'s packets now (a stream open or connecting, the relay
@@ -415,7 +427,9 @@ class TcpPaths:
             client = self._clients.get(route.address)
             if client is not None and client.stream is not None:
                 return True
-        return route.relay and relay is not None and relay.authenticated
+        if route.relay and relay is not None and relay.authenticated:
+            return True
+        return self._hinted_stream(peer) is not None
 
     def peer_state(self, peer: str) -> str:
         """One line for `agent status`: which stream carries *peer*'s packets and in what state."""
@@ -435,6 +449,9 @@ class TcpPaths:
             state = client.stream.state if client is not None and client.stream is not None else "down"
             error = f", last error: {client.last_error}" if client is not None and client.last_error else ""
             return f"dialling {route.address[0]}:{route.address[1]} ({state}{error})"
+        hinted = self._hinted_stream(peer)
+        if hinted is not None:
+            return f"stream {hinted.id} accepted {hinted.address[0]}:{hinted.address[1]} (hello {peer}, unverified)"
         if route.relay:
             if relay is None:
                 return "relay not announced yet"
@@ -469,6 +486,8 @@ class TcpPaths:
 
     def on_close(self, stream: Stream, reason: str) -> None:
         self.counters["streams_closed"] += 1
+        if stream.tag is not None and self._hinted.get(stream.tag) == stream.id:
+            del self._hinted[stream.tag]
 
     def on_message(self, stream: Stream, message: bytes) -> None:
         if is_esp(message):
@@ -481,7 +500,9 @@ class TcpPaths:
             self.counters["in_malformed_control"] += 1
             return
         if kind == HELLO and body:
-            stream.tag = body[1:].decode(errors="replace")  # a hint for logs and status, never trusted
+            stream.tag = body[1:].decode(errors="replace")  # a hint for logs, status and first packets
+            if not stream.initiator:
+                self._hinted[stream.tag] = stream.id
         elif kind != KEEPALIVE:
             self.counters["in_unknown_control"] += 1
 
