@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 KEY_TICK = 0.5  # seconds between key ring ticks (rotation, republish, fetch, SA switch-over)
 ENDPOINT_REFRESH = 10.0  # seconds between re-reads of the local addresses (roaming)
 REACHABLE = ("public", "nat")  # classes a peer can dial (services/datastore/paths.py)
+# A peer on a UDP path that we keep sending to but that has been silent this long (seconds) suggests our
+# own UDP is blocked now (D17): probe the reflector at once instead of at the next round (30 s), at most
+# every SILENCE_PROBE_EVERY seconds, so that the server reclasses this node and moves its pairs to tcp443.
+SILENCE = 4.0
+SILENCE_PROBE_EVERY = 10.0
 
 
 def timing_for(rekey_interval: float) -> Timing:
@@ -53,6 +58,7 @@ class Tunnels:
         self.identity = identity  # the Ed25519 identity key: the relay authenticates us with it
         self.relay: tuple[str, int] | None = None  # the server's relay, from its heartbeat answers
         self._view: NodeView | None = None
+        self._silence_probe_at = float("-inf")
         self._next_tick = 0.0
         self._endpoints: list[str] = []
         self._endpoints_at = float("-inf")
@@ -138,11 +144,23 @@ class Tunnels:
                 tunnel.punch_until = -1.0  # once per punch: the next view change starts another
                 log.info("hole punching to %s got no answer; probing our mapping again", tunnel.peer)
                 self.nat_probe.soon()
+        if now - self._silence_probe_at >= SILENCE_PROBE_EVERY and self._silent_peer(now):
+            self._silence_probe_at = now
+            self.nat_probe.soon()
         if self.nat_probe.conclude(now):
             report = self.nat_probe.report
             log.info("NAT discovery: mapped %s, filtering %s", report.mapped or "-", report.filtering)
         if self.nat_probe.due(now):
             self.dataplane.wire.send_udp(self.nat_probe.start(now), self.reflector)
+
+    def _silent_peer(self, now: float) -> str | None:
+        """A peer on a UDP path (esp, udp, punch) that answered once, is being sent to, and has gone quiet."""
+        for tunnel in list(self.dataplane.tunnels.values()):
+            udp = tunnel.path in ("esp", "udp", "punch") and tunnel.outbound is not None and tunnel.last_received > 0
+            if udp and now - tunnel.last_sent < 1.0 and tunnel.last_sent - tunnel.last_received > SILENCE:
+                log.info("peer %s silent for %.0fs while we send: probing our NAT again", tunnel.peer, SILENCE)
+                return tunnel.peer
+        return None
 
     def tick(self, client: Client) -> None:
         """Run the key ring's schedule: publish, fetch, switch SAs; at most every KEY_TICK seconds."""

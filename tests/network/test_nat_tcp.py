@@ -84,8 +84,8 @@ def test_firewalled_pair_uses_tcp443_or_relay_and_carries_traffic(lab: Lab, kind
         assert tunnel["stream"].startswith(expected), tunnel
     if path == "tcp443":
         # the firewalled end dialled the public one, which answers on the accepted stream
-        assert "dialled" in overlay.dataplane("y")["peers"]["x"]["stream"]
-        assert "accepted" in overlay.dataplane("x")["peers"]["y"]["stream"]
+        assert wait_until(lambda: "dialled" in overlay.dataplane("y")["peers"]["x"]["stream"], 10)
+        assert wait_until(lambda: "accepted" in overlay.dataplane("x")["peers"]["y"]["stream"], 10)
     else:
         relay = overlay.dataplane("x")["tcp"]["relay"]
         assert relay["authenticated"] and relay["address"] == f"{sites.server_addr}:443", relay
@@ -121,13 +121,21 @@ def test_blocked_udp_moves_a_pair_to_tcp443_and_back(lab: Lab) -> None:
     _block_udp(hosts["x"])
     blocked = time.monotonic()
     assert not hosts["x"].ping(vip_y, timeout=2), "the drop rule did not cut the UDP path"
-    # a probe round every 30 s (10 s while blocked), three tries 1.5 s apart, then a heartbeat: < 60 s
-    assert wait_until(lambda: _classes(overlay)["x"] == "firewalled", 90, interval=1.0), _classes(overlay)
+
+    # traffic that gets no answer makes x probe its NAT at once (else: the next round, within 30 s);
+    # three unanswered probes 1.5 s apart, then a heartbeat
+    def reclassed() -> bool:
+        hosts["x"].ping(vip_y, timeout=1)  # what a user does meanwhile: it keeps sending
+        return _classes(overlay)["x"] == "firewalled"
+
+    assert wait_until(reclassed, 90, interval=0.5), _classes(overlay)
+    print(f"\n[time] UDP blocked to class firewalled: {time.monotonic() - blocked:.1f}s")
     assert wait_until(lambda: paths() == ("tcp443", "tcp443"), 30), paths()
     overlay.wait_ping("x", vip_y, timeout=60)
     overlay.wait_ping("y", vip_x)
     print(f"\n[time] UDP blocked to ping over tcp443: {time.monotonic() - blocked:.1f}s")
-    assert "dialled" in overlay.dataplane("x")["peers"]["y"]["stream"], "the firewalled end dials"
+    stream = lambda: overlay.dataplane("x")["peers"]["y"]["stream"]  # noqa: E731
+    assert wait_until(lambda: "dialled" in stream(), 10), f"the firewalled end dials: {stream()}"
     _transfer(overlay, "x", "y", "public-public, UDP blocked (tcp443)")
 
     hosts["x"].run(["nft", "delete", "table", "inet", "cotblock"])
