@@ -21,7 +21,7 @@ from bus.client import Client
 from bus.errors import BusError
 from bus.messages import Message
 from bus.messages.sync import NodeView
-from nodeagent.dataplane import DataPlane
+from nodeagent.dataplane import DataPlane, Tunnel
 from nodeagent.keys import REKEY_GRACE, REKEY_LEAD, KeyRing, Timing
 from nodeagent.natprobe import NatProbe, NatReport
 from nodeagent.tcp443 import DEFAULT_PORT as TCP_PORT
@@ -46,6 +46,23 @@ def timing_for(rekey_interval: float) -> Timing:
         lead=min(REKEY_LEAD, rekey_interval / 4),
         grace=min(REKEY_GRACE, rekey_interval / 2),
     )
+
+
+def stream_routes(tunnels: list[Tunnel], tcp_port: int = TCP_PORT) -> dict[str, Route]:
+    """TcpPaths routes for the peers on a TCP path: a reachable tcp443 peer is dialled at its host (from the
+    view's endpoint) on *tcp_port*; any other tcp443 peer dials us (a firewalled one); relay peers use the relay.
+
+    Two reachable ends (an operator's tcp443 pin) both dial: each answers on the stream the other's
+    authenticated packets arrive on, so the pair still converges on working streams.
+    """
+    routes: dict[str, Route] = {}
+    for tunnel in tunnels:
+        if tunnel.path == "relay":
+            routes[tunnel.peer] = Route(relay=True)
+        elif tunnel.path == "tcp443":
+            dial = tunnel.peer_class in REACHABLE and tunnel.endpoint
+            routes[tunnel.peer] = Route(address=(tunnel.endpoint, tcp_port)) if dial else Route()  # type: ignore[arg-type]
+    return routes
 
 
 class Tunnels:
@@ -118,13 +135,7 @@ class Tunnels:
         paths, view = self.paths, self._view
         if paths is None or view is None:
             return
-        routes: dict[str, Route] = {}
-        for name, tunnel in list(self.dataplane.tunnels.items()):
-            if tunnel.path == "relay":
-                routes[name] = Route(relay=True)
-            elif tunnel.path == "tcp443":
-                dial = tunnel.peer_class in REACHABLE and tunnel.endpoint
-                routes[name] = Route(address=(tunnel.endpoint, TCP_PORT)) if dial else Route()  # type: ignore[arg-type]
+        routes = stream_routes(list(self.dataplane.tunnels.values()))
         paths.set_routes(routes)
         wanted = any(r.relay for r in routes.values()) and self.relay is not None and self.identity is not None
         if wanted:
