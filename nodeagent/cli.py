@@ -243,6 +243,9 @@ def status(
     for name, vpn in doc["vpns"].items():
         typer.echo(f"  vpn {name}: {vpn['vip']} ({vpn['role']}) in {vpn['subnet']}, {vpn['topology']}")
     tunnels = (doc["dataplane"] or {}).get("peers", {})
+    nat = (doc["dataplane"] or {}).get("nat")
+    if nat and nat.get("filtering"):  # what the server classes this node from (peers show their class)
+        typer.echo(f"  nat: seen as {nat['mapped'] or '-'}, UDP {nat['filtering']}")
     for name, peer in doc["peers"].items():
         addresses = ", ".join(f"{v} {ip}" for v, ip in peer["vips"].items())
         tunnel = tunnels.get(name)

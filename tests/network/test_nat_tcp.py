@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from compose.coterie_lab import DEFAULT_PORT
+from compose.coterie_lab import DEFAULT_PORT, coterie
 from compose.netns import Host, Lab
 from compose.topologies import sites_behind
 from tests.conftest import wait_until
@@ -53,6 +53,9 @@ def _transfer(overlay: Overlay, sender: str, receiver: str, label: str) -> None:
     sent = tcp_send(overlay.hosts[sender], vip, 5201, total=20 * MB)
     received = read_result(out)
     assert received is not None and received["sha256"] == sent["sha256"] and received["bytes"] == 20 * MB
+    for name in (sender, receiver):
+        counters = overlay.counters(name)
+        print(f"\n[counters] {name}: " + ", ".join(f"{k}={v}" for k, v in counters.items() if k.startswith("out_")))
     print(f"\n[rate] {label}: 20 MB in {sent['seconds']:.2f}s = {20 * 8 * 1.048576 / sent['seconds']:.1f} Mbit/s")
 
 
@@ -76,6 +79,8 @@ def test_firewalled_pair_uses_tcp443_or_relay_and_carries_traffic(lab: Lab, kind
 
     counters = overlay.counters("x")  # status is written per heartbeat (0.5 s)
     assert wait_until(lambda: overlay.counters("x").get(f"out_{path}", 0) > 1000, 10), counters
+    shown = coterie(hosts["x"], "agent", "status", "--state-dir", str(overlay.state_dir("x"))).stdout
+    assert f"{path} (peer {class_y})" in shown, shown  # the path and why, as a user reads it
     for me, peer in (("x", "y"), ("y", "x")):
         tunnel = overlay.dataplane(me)["peers"][peer]
         assert tunnel["path"] == path, tunnel
