@@ -78,7 +78,11 @@ def up(
     tcp_port: Annotated[
         int,
         typer.Option(
-            "--tcp-port", help="TCP port of the TLS listener firewalled peers dial (path tcp443; 0: none).", min=0
+            "--tcp-port",
+            help="Port of the TLS listener firewalled peers dial (path tcp443). Peers always dial 443: another "
+            "port only behind a forward from 443; 0: no listener.",
+            min=0,
+            max=65535,
         ),
     ] = TCP_PORT,
     control_only: Annotated[

@@ -331,10 +331,14 @@ class TcpPaths:
         self._hinted: dict[str, int] = {}
         self.relay: RelayClient | None = None
         self.server: StreamServer | None = None
+        self.loop.start()
         if listen is not None:
             host, port = listen
-            self.server = StreamServer(self.loop, lambda: self, host=host, port=port, cert=cert, key=key, mark=mark)
-        self.loop.start()
+            try:
+                self.server = StreamServer(self.loop, lambda: self, host=host, port=port, cert=cert, key=key, mark=mark)
+            except OSError:
+                self.close()  # the port is taken: nothing of this object stays behind
+                raise
 
     @property
     def port(self) -> int | None:

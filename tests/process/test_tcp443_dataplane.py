@@ -10,6 +10,7 @@ is held (not lost, not sealed for nothing) while no stream exists yet.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.packet import raw
 
 from bus.messages.sync import NodeView
+from nodeagent.cli import _tcp_paths
 from nodeagent.dataplane import DataPlane
 from nodeagent.tcp443 import Route, TcpPaths
 from nodeagent.transport import Wire
@@ -140,3 +142,19 @@ def test_without_tcp_paths_the_packet_is_held_and_counted() -> None:
         assert plane.status()["peers"]["b"]["stream"] == "no TCP paths"
     finally:
         plane.close()
+
+
+def test_a_taken_tcp_port_costs_only_the_listener() -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("0.0.0.0", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(OSError):
+            TcpPaths(node="n", listen=("0.0.0.0", taken.getsockname()[1]))
+        paths = _tcp_paths("n", taken.getsockname()[1])  # what `agent up` does: warn, run without a listener
+        try:
+            assert paths.port is None and paths.status()["listen_port"] is None
+        finally:
+            paths.close()
+    finally:
+        taken.close()
