@@ -77,6 +77,18 @@ PUNCH_INTERVAL = 0.5
 PUNCH_LOW_TTL = 2
 PUNCH_LOW_TTL_SECONDS = 2.0
 EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
+# Liveness: when a peer that sent data falls silent, send it an authenticated dummy packet (RFC 4303
+# next header 59) every LIVENESS_QUIET seconds, for at most LIVENESS_WINDOW seconds after its last data.
+# If our NAT box restarted or we moved, the dummy leaves through the new mapping and, being authenticated,
+# teaches the peer where we are now: a flow the peer sends to us resumes within about a second, instead of
+# waiting for the next keepalive (RELIABILITY.md D9, D11). Idle tunnels send nothing extra.
+LIVENESS_QUIET = 1.0
+LIVENESS_WINDOW = 15.0
+# Introduction: a new tunnel on a UDP path sends an authenticated dummy every LIVENESS_QUIET seconds until
+# the peer's first packet arrives, for at most INTRODUCE_WINDOW seconds. The side behind PAT must speak
+# first (its mapping toward the peer exists only once it sends), and only an authenticated packet may
+# teach the peer that mapping; waiting for the first data packet or keepalive could take 25 s.
+INTRODUCE_WINDOW = 30.0
 
 
 def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
@@ -96,21 +108,29 @@ class Tunnel:
     endpoint: str | None = None  # host from the netmap (the peer's reported address)
     port: int | None = None
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
+    learned_host: str | None = None  # source of the last authenticated raw ESP packet (roaming on the esp path)
     peer_class: str = "unknown"  # the peer's NAT class from the view: why the server chose this path
     outbound: OutboundSA | None = None
     inbound_spis: set[int] = field(default_factory=set)
     queue: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
     last_sent: float = 0.0
-    last_received: float = 0.0
+    last_received: float = 0.0  # any authenticated packet, liveness dummies included
+    last_data: float = 0.0  # the last authenticated packet that carried data
+    last_probe: float = 0.0  # the last liveness or introduction dummy sent
+    keyed_at: float = 0.0  # when the first outbound SA arrived (the introduction window starts)
     tx: int = 0
     rx: int = 0
+
+    def punching(self, now: float) -> bool:
+        """Hole punching goes on until the peer's first authenticated packet, or for PUNCH_SECONDS."""
+        return self.path == "punch" and now < self.punch_until and not self.last_received
 
     def address(self, path: str) -> tuple[str, int] | None:
         if path in UDP_PATHS:
             if self.learned is not None:
                 return self.learned
             return (self.endpoint, self.port) if self.endpoint and self.port else None
-        host = self.learned[0] if self.learned is not None else self.endpoint
+        host = self.learned_host or (self.learned[0] if self.learned is not None else self.endpoint)
         return (host, 0) if host else None
 
 
@@ -228,6 +248,8 @@ class DataPlane:
         for spi in tunnel.inbound_spis - wanted:
             self.spis.pop(spi, None)
         tunnel.inbound_spis = wanted
+        if outbound is not None and not tunnel.keyed_at:
+            tunnel.keyed_at = time.monotonic()
         tunnel.outbound = outbound
         self._wake()
 
@@ -475,7 +497,8 @@ class DataPlane:
             return
         sa, peer = entry
         result = sa.open(esp)
-        if isinstance(result, DropReason):
+        dummy = result is DropReason.DUMMY  # authenticated and recorded, but carries nothing: a liveness probe
+        if isinstance(result, DropReason) and not dummy:
             counters[f"in_{result.value}"] += 1
             return
         tunnel = self.tunnels.get(peer)
@@ -488,9 +511,18 @@ class DataPlane:
                 counters["endpoint_moved"] += 1
                 log.info("peer %s now at %s:%d (was %s:%d)", peer, *source, *tunnel.learned)
             tunnel.learned = source
-        if on_authenticated is not None:
-            on_authenticated(peer)
-        tunnel.last_received = time.monotonic()
+        elif on_authenticated is not None:
+            on_authenticated(peer)  # a TLS stream (tcp443, relay): answer on it; its address teaches nothing
+        elif not udp and tunnel.learned_host != source[0]:
+            if tunnel.learned_host is not None:
+                counters["endpoint_moved"] += 1
+                log.info("peer %s now at %s (was %s)", peer, source[0], tunnel.learned_host)
+            tunnel.learned_host = source[0]
+        now = tunnel.last_received = time.monotonic()
+        if dummy:
+            counters["in_dummy"] += 1
+            return
+        tunnel.last_data = now
         tunnel.rx += 1
         inner = result.inner
         try:
@@ -518,22 +550,64 @@ class DataPlane:
         counters["in_packets"] += 1
         delivered.append(inner)
 
+    def keepalives(self, now: float) -> None:
+        """Authenticated keepalives: dummy ESP packets (next header 59) that the peer opens and drops.
+
+        Being authenticated, each one may teach the peer where this node is now (its PAT mapping, a
+        new address), which an unauthenticated keepalive must not. Sent for three reasons, counted
+        apart: ``out_keepalive`` every keepalive interval on UDP paths (holds the NAT mapping),
+        ``out_introduce`` until a new peer first answers (see INTRODUCE_WINDOW), ``out_liveness``
+        when a peer that sent data falls silent (see LIVENESS_QUIET). The outbound thread runs this:
+        only it seals (an SA's sequence counter is not shared).
+        """
+        for tunnel in list(self.tunnels.values()):
+            path = tunnel.path
+            sa = tunnel.outbound
+            if sa is None or (path not in UDP_PATHS and path != "esp") or tunnel.punching(now):
+                continue  # while punching, tick() sends the (low-TTL first) punches instead
+            reason = None
+            if path != "esp" and now - tunnel.last_sent >= self.keepalive:
+                reason = "out_keepalive"
+            elif now - tunnel.last_probe < LIVENESS_QUIET:
+                continue
+            elif path != "esp" and not tunnel.last_received and now - tunnel.keyed_at <= INTRODUCE_WINDOW:
+                reason = "out_introduce"
+            elif LIVENESS_QUIET <= now - tunnel.last_data <= LIVENESS_WINDOW and (
+                now - tunnel.last_received >= LIVENESS_QUIET
+            ):
+                reason = "out_liveness"
+            address = tunnel.address(path)
+            if reason is None or address is None:
+                continue
+            try:
+                sealed = sa.seal_dummy()
+            except RekeyRequired:
+                continue
+            if path == "esp":
+                self.wire.send_esp(sealed, address[0])
+            else:
+                self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
+            tunnel.last_probe = tunnel.last_sent = now
+            self.counters[reason] += 1
+
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
-        """Keepalives for UDP paths and flow expiry (the inbound thread's chores; it seals nothing)."""
+        """Hole punching and flow expiry (the inbound thread's chores; it seals nothing).
+
+        Punches are unauthenticated one-byte keepalives: they may go out before the SAs exist, and
+        they open NAT mappings without teaching the peer anything. Keepalives proper are
+        authenticated and sent by the outbound thread (``keepalives``).
+        """
         for tunnel in list(self.tunnels.values()):
-            if tunnel.path not in UDP_PATHS:
+            if tunnel.path != "punch" or not tunnel.punching(now):
                 continue
             address = tunnel.address(tunnel.path)
-            if address is None:
+            if address is None or now - tunnel.last_sent < PUNCH_INTERVAL:
                 continue
-            punching = now < tunnel.punch_until and tunnel.rx == 0
-            interval = PUNCH_INTERVAL if punching else self.keepalive
-            if (tunnel.outbound is not None or punching) and now - tunnel.last_sent >= interval:
-                low = punching and now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
-                self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
-                tunnel.last_sent = now
-                self.counters["out_punch" if punching else "out_keepalive"] += 1
+            low = now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
+            self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
+            tunnel.last_sent = now
+            self.counters["out_punch"] += 1
         self.flows.sweep(now)
 
     # ------------------------------------------------------------------ threads
@@ -568,10 +642,15 @@ class DataPlane:
         tun = self.tun
         assert tun is not None
         # Only this thread seals: an OutboundSA's counter is not shared between threads (no IV reuse).
+        next_probe = time.monotonic()
         while not self._stop.is_set():
             ready, _, _ = select.select([tun.fd, self._wake_r], [], [], TICK_INTERVAL)
             if self._wake_r in ready:
                 _drain(self._wake_r)
+            now = time.monotonic()
+            if now >= next_probe:
+                next_probe = now + TICK_INTERVAL
+                self.keepalives(now)
             if any(t.queue for t in list(self.tunnels.values())):
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if tun.fd in ready:
