@@ -110,6 +110,7 @@ class Tunnel:
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
     learned_host: str | None = None  # source of the last authenticated raw ESP packet (roaming on the esp path)
     peer_class: str = "unknown"  # the peer's NAT class from the view: why the server chose this path
+    path_since: float = 0.0  # when the tunnel took its current path (a stream path introduces itself after)
     outbound: OutboundSA | None = None
     inbound_spis: set[int] = field(default_factory=set)
     queue: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
@@ -194,6 +195,8 @@ class DataPlane:
                 path = "udp"
             if path == "punch" and (tunnel.path != "punch" or tunnel.address("punch") != previous):
                 tunnel.punch_until = now + PUNCH_SECONDS  # a new pair, or the peer's mapping moved: punch again
+            if path != tunnel.path:
+                tunnel.path_since = now
             tunnel.path = path
         if view.vpns:
             self.keepalive = float(min(v.keepalive for v in view.vpns.values()))
@@ -590,6 +593,30 @@ class DataPlane:
             tunnel.last_probe = tunnel.last_sent = now
             self.counters[reason] += 1
 
+    def introduce_streams(self, now: float) -> None:
+        """Dummies over a new tcp443/relay path until the peer's stream is bound (``out_introduce_stream``).
+
+        The end that is dialled learns which stream is the peer's only from an authenticated packet;
+        a dummy once a second (for at most INTRODUCE_WINDOW seconds after the path was taken) gives it
+        one before any data flows. The outbound thread runs this: only it seals.
+        """
+        paths = self.tcp
+        if paths is None:
+            return
+        for tunnel in list(self.tunnels.values()):
+            sa = tunnel.outbound
+            if sa is None or tunnel.path not in TCP_PATHS or now - tunnel.path_since > INTRODUCE_WINDOW:
+                continue
+            if now - tunnel.last_probe < 1.0 or paths.is_bound(tunnel.peer) or not paths.can_send(tunnel.peer):
+                continue
+            try:
+                sealed = sa.seal_dummy()
+            except RekeyRequired:
+                continue
+            if paths.send(tunnel.peer, sealed):
+                tunnel.last_probe = tunnel.last_sent = now
+                self.counters["out_introduce_stream"] += 1
+
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
         """Hole punching and flow expiry (the inbound thread's chores; it seals nothing).
@@ -651,6 +678,7 @@ class DataPlane:
             if now >= next_probe:
                 next_probe = now + TICK_INTERVAL
                 self.keepalives(now)
+                self.introduce_streams(now)
             if any(t.queue for t in list(self.tunnels.values())):
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if tun.fd in ready:

@@ -478,6 +478,15 @@ class TcpPaths:
         """Up to *limit* received ESP packets, each with the id of the stream it came on."""
         return self.inbound.pop(limit)
 
+    def is_bound(self, peer: str) -> bool:
+        """Whether an authenticated packet of *peer* arrived on a stream that is still open (or the relay)."""
+        sid = self._bound.get(peer)
+        if sid is None:
+            return False
+        relay = self.relay
+        stream = self.loop.streams.get(sid)
+        return (relay is not None and sid == relay.stream_id) or (stream is not None and stream.open)
+
     def bind(self, stream_id: int, peer: str) -> None:
         """An authenticated packet of *peer* came on *stream_id*: answer it there."""
         if self._bound.get(peer) != stream_id:

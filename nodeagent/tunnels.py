@@ -37,6 +37,7 @@ REACHABLE = ("public", "nat")  # classes a peer can dial (services/datastore/pat
 # every SILENCE_PROBE_EVERY seconds, so that the server reclasses this node and moves its pairs to tcp443.
 SILENCE = 4.0
 SILENCE_PROBE_EVERY = 10.0
+SILENCE_AFTER_DATA = 15.0  # only a pair that carried data this recently: idle pairs hear only keepalives
 
 
 def timing_for(rekey_interval: float) -> Timing:
@@ -165,10 +166,11 @@ class Tunnels:
             self.dataplane.wire.send_udp(self.nat_probe.start(now), self.reflector)
 
     def _silent_peer(self, now: float) -> str | None:
-        """A peer on a UDP path (esp, udp, punch) that answered once, is being sent to, and has gone quiet."""
+        """A peer on a UDP path (esp, udp, punch) that sent data lately, is being sent to, and has gone quiet."""
         for tunnel in list(self.dataplane.tunnels.values()):
-            udp = tunnel.path in ("esp", "udp", "punch") and tunnel.outbound is not None and tunnel.last_received > 0
-            if udp and now - tunnel.last_sent < 1.0 and tunnel.last_sent - tunnel.last_received > SILENCE:
+            udp = tunnel.path in ("esp", "udp", "punch") and tunnel.outbound is not None
+            lately = tunnel.last_data > 0 and now - tunnel.last_data <= SILENCE_AFTER_DATA  # not an idle pair
+            if udp and lately and now - tunnel.last_sent < 1.0 and now - tunnel.last_received > SILENCE:
                 log.info("peer %s silent for %.0fs while we send: probing our NAT again", tunnel.peer, SILENCE)
                 return tunnel.peer
         return None

@@ -11,6 +11,7 @@ is held (not lost, not sealed for nothing) while no stream exists yet.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -158,3 +159,18 @@ def test_a_taken_tcp_port_costs_only_the_listener() -> None:
             paths.close()
     finally:
         taken.close()
+
+
+def test_the_dialling_end_introduces_itself_so_the_stream_binds_before_data(planes: Planes) -> None:
+    a, b = planes.planes["a"], planes.planes["b"]
+    b.apply_view(_view("b"))
+    planes.route("a")
+    planes.route("b")
+    assert wait_until(lambda: planes.paths["b"].can_send("a"), 10)
+    b.introduce_streams(time.monotonic())
+    assert b.counters["out_introduce_stream"] == 1 and b.counters["out_packets"] == 0, "a dummy, not data"
+    assert planes.deliver("a", 1) == [], "nothing for the TUN"
+    assert a.counters["in_dummy"] == 1 and planes.paths["a"].is_bound("b"), "but a knows b's stream now"
+    b.introduce_streams(time.monotonic())
+    assert b.counters["out_introduce_stream"] == 1, "at most one a second"
+
