@@ -64,8 +64,8 @@ def test_firewalled_pair_uses_tcp443_or_relay_and_carries_traffic(lab: Lab, kind
     class_x, class_y, path = PAIRS[kinds]
     sites = sites_behind(lab, list(kinds), firewall_ports=FIREWALL_PORTS)
     hosts = {"x": sites[0].hosts[0], "y": sites[1].hosts[0]}
-    started = time.monotonic()
     overlay = start_overlay(lab, hosts, sites.r, sites.server_addr, {"x": ["lab"], "y": ["lab"]})
+    started = time.monotonic()  # the server is up and both agents were just started
     overlay.wait_synced("x", ["y"])
     # a firewalled node is classed after three unanswered probes (about 5 s)
     assert wait_until(lambda: _classes(overlay) == {"x": class_x, "y": class_y}, 90, interval=1.0), _classes(overlay)
