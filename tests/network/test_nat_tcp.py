@@ -55,7 +55,9 @@ def _transfer(overlay: Overlay, sender: str, receiver: str, label: str) -> None:
     assert received is not None and received["sha256"] == sent["sha256"] and received["bytes"] == 20 * MB
     for name in (sender, receiver):
         counters = overlay.counters(name)
-        print(f"\n[counters] {name}: " + ", ".join(f"{k}={v}" for k, v in counters.items() if k.startswith("out_")))
+        tcp = overlay.dataplane(name).get("tcp", {})
+        print(f"\n[counters] {name}: " + ", ".join(f"{k}={v}" for k, v in counters.items() if k != "out_packets"))
+        print(f"[tcp] {name}: {tcp.get('counters')} relay {tcp.get('relay')}")
     print(f"\n[rate] {label}: 20 MB in {sent['seconds']:.2f}s = {20 * 8 * 1.048576 / sent['seconds']:.1f} Mbit/s")
 
 
