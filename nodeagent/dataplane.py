@@ -479,12 +479,13 @@ class DataPlane:
 
     def inbound_stream(self, frames: list[tuple[bytes, int]]) -> list[memoryview]:
         """ESP that came over a TLS stream (tcp443 or relay), each with its stream id: once a packet has
-        authenticated, the peer is answered on that stream (``TcpPaths.bind``)."""
+        authenticated, the peer is answered on that stream (``TcpPaths.bind``). The stream stands for the
+        source address (``stream:ID``): forged tags on one stream get that stream limited, not the others."""
         delivered: list[memoryview] = []
         paths = self.tcp
         for esp, stream_id in frames:
             bind = None if paths is None else (lambda peer, sid=stream_id: paths.bind(sid, peer))
-            self._open(memoryview(esp), ("", 0), False, delivered, bind)
+            self._open(memoryview(esp), (f"stream:{stream_id}", 0), False, delivered, bind)
         self.counters["in_stream_packets"] += len(frames)
         return delivered
 

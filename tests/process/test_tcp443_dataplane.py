@@ -174,3 +174,20 @@ def test_the_dialling_end_introduces_itself_so_the_stream_binds_before_data(plan
     b.introduce_streams(time.monotonic())
     assert b.counters["out_introduce_stream"] == 1, "at most one a second"
 
+
+def test_forged_tags_on_one_stream_do_not_limit_another(planes: Planes) -> None:
+    """D16 on streams: a stream that sends forged tags gets limited; the peer's real stream is not."""
+    a = planes.planes["a"]
+    planes.route("a")
+    planes.route("b")
+    assert wait_until(lambda: planes.paths["a"].can_send("b"), 10)
+    forged = bytearray(outbound_sa("b", "a").seal(ping(VIPS["b"], VIPS["a"], 99)))
+    forged[-1] ^= 1
+    frames = [(bytes(forged), 999_999)] * 50  # as if from another stream, one that never authenticated
+    assert a.inbound_stream(frames) == []
+    assert a.counters["in_rate_limited"] > 0, dict(a.counters)
+    b = planes.planes["b"]
+    answers = [ping(VIPS["b"], VIPS["a"], seq) for seq in range(1, 21)]
+    assert b.outbound_batch(answers) == []
+    assert planes.deliver("a", 20) == answers, "the real stream is not limited"
+
