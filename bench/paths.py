@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compose.coterie_lab import agent_status, start_agent, start_server  # noqa: E402
+from compose.coterie_lab import DEFAULT_PORT, agent_status, start_agent, start_server  # noqa: E402
 from compose.netns import Lab, LabError  # noqa: E402
 from compose.topologies import KINDS, sites_behind  # noqa: E402
 
@@ -48,7 +48,7 @@ def measure(kinds: list[str], seconds: int) -> dict[str, Any]:
     """One pair: build, start, time to first ping, path, classes, throughput; the lab is gone after."""
     row: dict[str, Any] = {"pair": "-".join(kinds)}
     with Lab() as lab:
-        sites = sites_behind(lab, kinds)
+        sites = sites_behind(lab, kinds, firewall_ports=(443, DEFAULT_PORT))  # the relay and the bus
         hosts = {"x": sites[0].hosts[0], "y": sites[1].hosts[0]}
         server = start_server(sites.r, lab.workdir, listen=sites.server_addr)
         server.vpn_create("bench", SUBNET)

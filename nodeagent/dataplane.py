@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus.messages.sync import NodeView
 from nodeagent.acl import FlowTable, Policy, quoted_flow_key
@@ -56,6 +56,11 @@ from nodeagent.transport import (
 )
 from nodeagent.tun import Tun
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from nodeagent.tcp443 import TcpPaths
+
 log = logging.getLogger(__name__)
 
 BATCH = 64  # packets per read; the unit every stage works on
@@ -65,6 +70,7 @@ UNDERLAY_MTU = 1500
 TICK_INTERVAL = 0.25
 PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
 UDP_PATHS = ("udp", "punch")
+TCP_PATHS = ("tcp443", "relay")  # ESP over TLS streams (nodeagent/tcp443.py): straight to the peer, or the relay
 PUNCH_SECONDS = 10.0  # hole punching: keepalives every PUNCH_INTERVAL for this long, or until the peer answers
 PUNCH_INTERVAL = 0.5
 # The first punches leave with a small TTL: they open this node's own NAT but expire before the peer's,
@@ -104,6 +110,8 @@ class Tunnel:
     port: int | None = None
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
     learned_host: str | None = None  # source of the last authenticated raw ESP packet (roaming on the esp path)
+    peer_class: str = "unknown"  # the peer's NAT class from the view: why the server chose this path
+    path_since: float = 0.0  # when the tunnel took its current path (a stream path introduces itself after)
     outbound: OutboundSA | None = None
     inbound_spis: set[int] = field(default_factory=set)
     queue: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
@@ -160,6 +168,7 @@ class DataPlane:
             tun.complete_checksums = not partial_checksums
         self.forced_path = None if path == "auto" else path  # an operator's override on this node
         self.nat_probe: NatProbe | None = None  # fed the reflector's answers (control datagrams)
+        self.tcp: TcpPaths | None = None  # the TCP/443 and relay streams; None: those paths are unavailable
         self.exit_node = exit_node
         self.exempt = exempt or []  # hosts never routed through an exit node: the control server
         self.exit_via: str | None = None  # the source address of the exit route while it is installed
@@ -188,11 +197,14 @@ class DataPlane:
             tunnel = self.tunnels.setdefault(name, Tunnel(name))
             previous = tunnel.address(tunnel.path)
             tunnel.endpoint, tunnel.port = _pick_endpoint([peer.endpoint] if peer.endpoint else peer.endpoints)
+            tunnel.peer_class = peer.nat_class
             path = self.forced_path or peer.path or "udp"
             if path == "esp" and self.wire.esp is None:
                 path = "udp"
             if path == "punch" and (tunnel.path != "punch" or tunnel.address("punch") != previous):
                 tunnel.punch_until = now + PUNCH_SECONDS  # a new pair, or the peer's mapping moved: punch again
+            if path != tunnel.path:
+                tunnel.path_since = now
             tunnel.path = path
         if view.vpns:
             self.keepalive = float(min(v.keepalive for v in view.vpns.values()))
@@ -364,11 +376,10 @@ class DataPlane:
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         sa = tunnel.outbound
         path = tunnel.path
+        if path in TCP_PATHS:
+            return self._send_stream(tunnel, packet, now)
         address = tunnel.address(path)
         if sa is None or address is None:
-            return False
-        if path not in UDP_PATHS and path != "esp":
-            self.counters["out_path_unavailable"] += 1  # tcp443 and relay are not built yet: held, then ICMP
             return False
         try:
             sealed = sa.seal(packet)
@@ -385,6 +396,34 @@ class DataPlane:
         tunnel.last_sent = now
         tunnel.tx += 1
         self.counters["out_packets"] += 1
+        return True
+
+    def _send_stream(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
+        """TCP/443 or relay: seal as on every path, hand to the stream; False holds the packet for later."""
+        sa, paths, path = tunnel.outbound, self.tcp, tunnel.path
+        if sa is None:
+            return False
+        if paths is None:
+            self.counters["out_path_unavailable"] += 1  # no TcpPaths (a data plane built without one): held
+            return False
+        if not paths.can_send(tunnel.peer):
+            self.counters[f"out_{path}_waiting"] += 1  # stream still connecting / relay not authenticated: held
+            return False
+        try:
+            sealed = sa.seal(packet)
+        except RekeyRequired:
+            self.counters["out_rekey_wait"] += 1
+            return False
+        except EspParseError:
+            self.counters["out_malformed"] += 1
+            return True
+        if paths.send(tunnel.peer, sealed):
+            tunnel.last_sent = now
+            tunnel.tx += 1
+            self.counters[f"out_{path}"] += 1
+            self.counters["out_packets"] += 1
+        else:
+            self.counters[f"out_{path}_dropped"] += 1  # the stream's send buffer is full: dropped, TCP resends
         return True
 
     def _unreachable(self, packet: bytes, version: int) -> bytes | None:
@@ -438,7 +477,26 @@ class DataPlane:
             self._open(esp, source, False, delivered)
         return delivered
 
-    def _open(self, esp: memoryview, source: tuple[str, int], udp: bool, delivered: list[memoryview]) -> None:
+    def inbound_stream(self, frames: list[tuple[bytes, int]]) -> list[memoryview]:
+        """ESP that came over a TLS stream (tcp443 or relay), each with its stream id: once a packet has
+        authenticated, the peer is answered on that stream (``TcpPaths.bind``). The stream stands for the
+        source address (``stream:ID``): forged tags on one stream get that stream limited, not the others."""
+        delivered: list[memoryview] = []
+        paths = self.tcp
+        for esp, stream_id in frames:
+            bind = None if paths is None else (lambda peer, sid=stream_id: paths.bind(sid, peer))
+            self._open(memoryview(esp), (f"stream:{stream_id}", 0), False, delivered, bind)
+        self.counters["in_stream_packets"] += len(frames)
+        return delivered
+
+    def _open(
+        self,
+        esp: memoryview,
+        source: tuple[str, int],
+        udp: bool,
+        delivered: list[memoryview],
+        on_authenticated: Callable[[str], None] | None = None,
+    ) -> None:
         counters = self.counters
         try:
             spi, _ = parse_header(esp)
@@ -472,6 +530,8 @@ class DataPlane:
                 counters["endpoint_moved"] += 1
                 log.info("peer %s now at %s:%d (was %s:%d)", peer, *source, *tunnel.learned)
             tunnel.learned = source
+        elif on_authenticated is not None:
+            on_authenticated(peer)  # a TLS stream (tcp443, relay): answer on it; its address teaches nothing
         elif not udp and tunnel.learned_host != source[0]:
             if tunnel.learned_host is not None:
                 counters["endpoint_moved"] += 1
@@ -549,6 +609,30 @@ class DataPlane:
             tunnel.last_probe = tunnel.last_sent = now
             self.counters[reason] += 1
 
+    def introduce_streams(self, now: float) -> None:
+        """Dummies over a new tcp443/relay path until the peer's stream is bound (``out_introduce_stream``).
+
+        The end that is dialled learns which stream is the peer's only from an authenticated packet;
+        a dummy once a second (for at most INTRODUCE_WINDOW seconds after the path was taken) gives it
+        one before any data flows. The outbound thread runs this: only it seals.
+        """
+        paths = self.tcp
+        if paths is None:
+            return
+        for tunnel in list(self.tunnels.values()):
+            sa = tunnel.outbound
+            if sa is None or tunnel.path not in TCP_PATHS or now - tunnel.path_since > INTRODUCE_WINDOW:
+                continue
+            if now - tunnel.last_probe < 1.0 or paths.is_bound(tunnel.peer) or not paths.can_send(tunnel.peer):
+                continue
+            try:
+                sealed = sa.seal_dummy()
+            except RekeyRequired:
+                continue
+            if paths.send(tunnel.peer, sealed):
+                tunnel.last_probe = tunnel.last_sent = now
+                self.counters["out_introduce_stream"] += 1
+
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
         """Hole punching and flow expiry (the inbound thread's chores; it seals nothing).
@@ -610,6 +694,7 @@ class DataPlane:
             if now >= next_probe:
                 next_probe = now + TICK_INTERVAL
                 self.keepalives(now)
+                self.introduce_streams(now)
             if any(t.queue for t in list(self.tunnels.values())):
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if tun.fd in ready:
@@ -620,11 +705,20 @@ class DataPlane:
     def _inbound_loop(self) -> None:
         tun = self.tun
         assert tun is not None
-        sockets = self.wire.sockets()
+        sockets: list[Any] = list(self.wire.sockets())
+        paths = self.tcp
+        stream_fd = paths.fileno() if paths is not None else -1
+        if paths is not None:
+            sockets.append(stream_fd)
         next_tick = time.monotonic() + TICK_INTERVAL
         while not self._stop.is_set():
             ready, _, _ = select.select(sockets, [], [], TICK_INTERVAL)
             for sock in ready:
+                if paths is not None and sock == stream_fd:
+                    delivered = self.inbound_stream(paths.recv_batch(BATCH))
+                    if delivered:
+                        self.counters["tun_write_refused"] += tun.write_batch(delivered)
+                    continue
                 batch = self.wire.recv_batch(sock, BATCH)
                 delivered = self.inbound_udp(batch) if sock is self.wire.udp else self.inbound_esp(batch)
                 if delivered:
@@ -647,7 +741,10 @@ class DataPlane:
                 "tx_packets": tunnel.tx,
                 "rx_packets": tunnel.rx,
                 "queued": len(tunnel.queue),
+                "peer_class": tunnel.peer_class,
             }
+            if tunnel.path in TCP_PATHS:
+                peers[name]["stream"] = self.tcp.peer_state(name) if self.tcp is not None else "no TCP paths"
         return {
             "tun": self.tun.name if self.tun else None,
             "mtu": self.mtu,
@@ -657,6 +754,7 @@ class DataPlane:
             "counters": dict(sorted(self.counters.items())),
             "rate_limited_sources": len(self.source_limiter),
             "batching": self._batching(),
+            **({"tcp": self.tcp.status()} if self.tcp is not None else {}),
         }
 
     def _batching(self) -> dict[str, int]:

@@ -232,3 +232,4 @@ class SyncStatus(Message):
     in_sync: bool
     revision: int
     reflector: str = ""  # "host:port" of the server's UDP reflector, for NAT discovery
+    relay: str = ""  # "host:port" of the server's TCP/443 relay (services/relay), for peers on path `relay`
