@@ -36,7 +36,10 @@ Pure functions on a bytearray; no state, no clock.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+
+from bus.messages.sync import NodeView
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -53,24 +56,53 @@ class Translation:
 
     *sources* are the peer's own (reported, local) addresses: an inner source
     among them becomes *seen*. Any inner destination other than *local*
-    (this node's address in the VPN) becomes *local*.
+    (this node's address in the VPN) becomes *local*, except those in *keep*
+    (this node's overlay addresses: the same peer may share an overlay VPN too).
     """
 
     version: int
     sources: frozenset[int]
     seen: int
     local: int
+    keep: frozenset[int] = frozenset()
 
     def inbound(self, packet: bytearray) -> bool:
         """Correct *packet* (an authenticated inner packet from this peer) in place; True when it changed."""
         if len(packet) < 20 or packet[0] >> 4 != self.version:
             return False
         src, dst = addresses(packet)
+        if dst in self.keep:
+            return False
         new_src = self.seen if src in self.sources and src != self.seen else None
         new_dst = self.local if dst != self.local else None
         if new_src is None and new_dst is None:
             return False
         return rewrite(packet, new_src, new_dst)
+
+
+def plan(view: NodeView) -> dict[str, Translation]:
+    """Each peer's Translation, for the peers this node shares a native VPN with (addresses known)."""
+    overlay = frozenset(int(ipaddress.ip_address(v.vip)) for v in view.vpns.values() if v.addressing != "native")
+    found = {}
+    for name, peer in view.peers.items():
+        for vpn, seen in sorted(peer.vips.items()):
+            mine = view.vpns.get(vpn)
+            if mine is None or mine.addressing != "native" or not mine.vip:
+                continue
+            local, peer_seen = ipaddress.ip_address(mine.vip), ipaddress.ip_address(seen)
+            if local.version != peer_seen.version:
+                continue
+            sources = set()
+            for endpoint in peer.endpoints:
+                try:
+                    host = ipaddress.ip_address(endpoint.rpartition(":")[0].strip("[]"))
+                except ValueError:
+                    continue
+                if host.version == local.version:
+                    sources.add(int(host))
+            found[name] = Translation(local.version, frozenset(sources), int(peer_seen), int(local), overlay)
+            break
+    return found
 
 
 def addresses(packet: bytes | bytearray | memoryview) -> tuple[int, int]:
