@@ -9,13 +9,19 @@ the table is bounded; what carries no port is left alone.
 
 from __future__ import annotations
 
+import socket
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Packet, Raw, raw
 
+from nodeagent.dataplane import DataPlane
 from nodeagent.packets import summarize
 from nodeagent.patmap import IDLE, PortMap
+from nodeagent.transport import MASQUERADE_MARKER, Wire
+from tests.helpers.netviews import peer, view, vpn
+from tests.helpers.planes import inbound_sa, outbound_sa
 
 PAT, ME = "198.18.1.2", "198.18.0.2"
 
@@ -43,9 +49,9 @@ def test_same_source_port_from_two_peers_gets_two_ports_and_replies_go_back_righ
     assert port1 == 40000, "the first flow keeps its port, as a PAT does when it is free"
     assert port2 != 40000
     assert bytes(second) == raw(IP(src=PAT, dst=ME) / TCP(sport=port2, dport=5201, flags="S"))
-    for port, peer in ((port1, "b1"), (port2, "b2")):
+    for port, name in ((port1, "b1"), (port2, "b2")):
         found, reply = outbound(table, IP(src=ME, dst=PAT) / TCP(sport=5201, dport=port, flags="SA") / b"hi")
-        assert found == peer
+        assert found == name
         assert bytes(reply) == raw(IP(src=ME, dst=PAT) / TCP(sport=5201, dport=40000, flags="SA") / b"hi")
     # the same flow again maps the same way
     _, again = inbound(table, "b2", IP(src=PAT, dst=ME) / TCP(sport=40000, dport=5201, flags="A"))
@@ -136,3 +142,57 @@ def test_what_carries_no_port_passes_untouched() -> None:
         assert ok and bytes(packet) == raw(p)
     assert len(table) == 0
     assert outbound(table, IP(src=ME, dst=PAT, proto=17, frag=100) / Raw(b"y" * 40))[0] is None
+
+
+# -- through a real DataPlane (no TUN): RNAT, cryptokey routing and the port map in the pipeline --------------
+
+
+def native_plane() -> tuple[DataPlane, dict[str, socket.socket]]:
+    """Plane a (public, 198.18.0.2) in native VPN "lab" with b1 and b2 behind one PAT (198.18.1.2)."""
+    captures = {}
+    peers = []
+    for name, private in (("b1", "192.168.1.10"), ("b2", "192.168.1.11")):
+        sock = captures[name] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5.0)
+        entry = peer(name, {"lab": PAT}, endpoints=(f"{private}:4500",))
+        peers.append(entry.model_copy(update={"endpoint": f"127.0.0.1:{sock.getsockname()[1]}"}))
+    mine = vpn("lab", ME).model_copy(update={"addressing": "native"})
+    plane = DataPlane(Wire(0, raw_esp=False))
+    plane.apply_view(view("a", [mine], peers))
+    for name in captures:
+        plane.install(name, outbound_sa("a", name), [inbound_sa(name, "a")])
+    return plane, captures
+
+
+def test_plane_rnat_and_overloading_end_to_end() -> None:
+    plane, captures = native_plane()
+    try:
+        assert plane.overloaded == {"b1", "b2"}
+        delivered = {}
+        senders = {name: outbound_sa(name, "a") for name in captures}  # one sequence per sender (replay window)
+        for name, private in (("b1", "192.168.1.10"), ("b2", "192.168.1.11")):
+            inner = raw(IP(src=private, dst=ME) / TCP(sport=40000, dport=5201, flags="S"))
+            datagram = MASQUERADE_MARKER + senders[name].seal(inner)
+            [packet] = plane.inbound_udp([(datagram, captures[name].getsockname())])
+            delivered[name] = IP(bytes(packet))
+        assert {p.src for p in delivered.values()} == {PAT}, "RNAT: the source is the address a knows them by"
+        assert delivered["b1"][TCP].sport == 40000 and delivered["b2"][TCP].sport != 40000
+        for name, got in delivered.items():
+            assert got[TCP].chksum == IP(raw(IP(src=PAT, dst=ME) / got[TCP].copy()))[TCP].chksum
+            reply = raw(IP(src=ME, dst=PAT) / TCP(sport=5201, dport=got[TCP].sport, flags="SA"))
+            assert plane.outbound_batch([reply]) == []
+            data, _ = captures[name].recvfrom(65536)
+            opened = inbound_sa("a", name).open(memoryview(data)[len(MASQUERADE_MARKER) :])
+            assert IP(bytes(opened.inner))[TCP].dport == 40000, f"{name}'s reply, its own port restored"  # type: ignore[union-attr]
+        # b1 speaking from b2's private address is not corrected into the shared one: cryptokey routing refuses it
+        spoof = raw(IP(src="192.168.1.11", dst=ME) / TCP(sport=1, dport=2))
+        assert plane.inbound_udp([(MASQUERADE_MARKER + senders["b1"].seal(spoof), captures["b1"].getsockname())]) == []
+        assert plane.counters["in_source_not_allowed"] == 1
+        # a flow a starts towards the shared address names neither peer: dropped, counted
+        assert plane.outbound_batch([raw(IP(src=ME, dst=PAT) / UDP(sport=7, dport=7))]) == []
+        assert plane.counters["out_native_ambiguous"] == 1
+    finally:
+        plane.close()
+        for sock in captures.values():
+            sock.close()
