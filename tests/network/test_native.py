@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from compose.coterie_lab import start_server
 from compose.netns import Host, Lab
-from compose.topologies import sites_behind
+from compose.topologies import readdress, sites_behind
 from tests.conftest import wait_until
 from tests.network.overlay import SUBNET, Overlay
 
@@ -39,7 +40,7 @@ PORT = 5201
 # Accepts *count* connections (one thread each); answers each with the SHA-256 of what it read, and
 # records per connection the peer address and port the kernel reports and that hash.
 SERVER = r"""
-import hashlib, json, os, socket, sys, threading
+import hashlib, json, os, socket, sys, threading, time
 addr, port, count, out, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((addr, port)); s.listen(8)
 s.settimeout(limit)
@@ -47,13 +48,14 @@ print("listening", flush=True)
 seen, lock = [], threading.Lock()
 def serve(c, peer):
     c.settimeout(limit)
-    h, n = hashlib.sha256(), 0
+    h, n, start = hashlib.sha256(), 0, time.monotonic()
     while True:
         d = c.recv(1 << 16)
         if not d: break
         h.update(d); n += len(d)
+    seconds = time.monotonic() - start
     c.sendall(h.hexdigest().encode()); c.close()
-    with lock: seen.append({"peer": peer[0], "port": peer[1], "bytes": n, "sha256": h.hexdigest()})
+    with lock: seen.append({"peer": peer[0], "port": peer[1], "bytes": n, "sha256": h.hexdigest(), "s": seconds})
 threads = []
 for _ in range(count):
     c, peer = s.accept()
@@ -136,6 +138,7 @@ def test_native_addressing_across_nat(lab: Lab, kind: str) -> None:
     x, y = sites[0], sites[1]
     hosts = {"x": x.hosts[0], "y": y.hosts[0]}
     overlay = native_overlay(lab, hosts, sites.r, sites.server_addr)
+    started = time.monotonic()
     overlay.wait_synced("x", ["y"])
     # x reaches y at y's public mapping; y reaches x at x's own (public) address; each keeps its own.
     addresses_settle(
@@ -144,6 +147,7 @@ def test_native_addressing_across_nat(lab: Lab, kind: str) -> None:
         {"x": x.addrs[0], "y": y.addrs[0]},
     )
     overlay.wait_ping("y", x.addrs[0])
+    first_ping = time.monotonic() - started
     overlay.wait_ping("x", y.public[0])
     # (the counters come from the agents' periodic status reports: polled)
     assert wait_until(lambda: overlay.counters("x").get("in_rnat", 0) > 0, 20), "y's source corrected at x"
@@ -157,6 +161,8 @@ def test_native_addressing_across_nat(lab: Lab, kind: str) -> None:
     [accepted] = results(out, 1)
     assert accepted["peer"] == y.public[0] and accepted["bytes"] == 20 * MB and accepted["sha256"] == sent["sha256"]
     assert sent["local"][0] == y.addrs[0], "y's application uses its own address"
+    mbit = accepted["bytes"] * 8 / accepted["s"] / 1e6
+    print(f"native across {kind}: first ping {first_ping:.1f}s after agent start, 20 MB at {mbit:.0f} Mbit/s")
 
     # x -> y, to y's public mapping; y's application sees x at x's address, and y listens on its own.
     out = lab.workdir / "to-y.json"
@@ -189,7 +195,7 @@ def test_pat_ambiguity_same_source_port_to_the_same_port(lab: Lab) -> None:
     answers: dict[str, dict] = {}
 
     def client(name: str) -> None:
-        answers[name] = connect(hosts[name], pub.addrs[0], 4 * MB, sport=40000)
+        answers[name] = connect(hosts[name], pub.addrs[0], 16 * MB, sport=40000)  # > 10k packets each (D12)
 
     threads = [threading.Thread(target=client, args=(name,)) for name in ("b1", "b2")]
     for thread in threads:
@@ -208,3 +214,48 @@ def test_pat_ambiguity_same_source_port_to_the_same_port(lab: Lab) -> None:
     assert {c["sha256"] for c in accepted} == {answers["b1"]["sha256"], answers["b2"]["sha256"]}
     mapped = [m for m in overlay.dataplane("a").get("portmap", []) if m["proto"] == 6 and m["original"] == 40000]
     assert sorted(m["public"] for m in mapped) == ports and {m["peer"] for m in mapped} == {"b1", "b2"}
+
+
+def test_rnat_two_sites_with_the_same_private_addresses(lab: Lab) -> None:
+    """D13's shape: two sites both numbered 10.1.0.0/25, a host at 10.1.0.10 in each, behind two PATs.
+
+    Both send with inner source 10.1.0.10; the public node must see them at their two public
+    mappings, and the two of them reach each other at those mappings too (replies reverse-mapped).
+    """
+    sites = sites_behind(lab, ["public", "pat", "pat"])
+    for index in (1, 2):
+        site = sites[index]
+        assert site.box is not None
+        site.box.run(["ip", "addr", "del", f"192.168.{index}.1/24", "dev", "br0"])
+        site.box.run(["ip", "addr", "add", "10.1.0.1/25", "dev", "br0"])
+        readdress(site.hosts[0], "eth0", f"{site.addrs[0]}/24", "10.1.0.10/25", "10.1.0.1")
+    hosts = {"a": sites[0].hosts[0], "b1": sites[1].hosts[0], "b2": sites[2].hosts[0]}
+    overlay = native_overlay(lab, hosts, sites.r, sites.server_addr)
+    overlay.wait_synced("a", ["b1", "b2"])
+    a_addr, b1_seen, b2_seen = sites[0].addrs[0], sites[1].public[0], sites[2].public[0]
+    addresses_settle(
+        overlay,
+        {"a": {"b1": b1_seen, "b2": b2_seen}, "b1": {"a": a_addr, "b2": b2_seen}, "b2": {"a": a_addr, "b1": b1_seen}},
+        {"a": a_addr, "b1": "10.1.0.10", "b2": "10.1.0.10"},
+    )
+    for name in ("b1", "b2"):
+        overlay.wait_ping(name, a_addr)
+    overlay.wait_ping("a", b1_seen)
+    overlay.wait_ping("a", b2_seen)
+    overlay.wait_ping("b1", b2_seen, timeout=60)  # between the two sites (hole punching), both ends rewritten
+
+    out = lab.workdir / "overlap.json"
+    serve(hosts["a"], a_addr, 2, out)
+    sent = {name: connect(hosts[name], a_addr, 1 * MB) for name in ("b1", "b2")}
+    accepted = {c["peer"]: c for c in results(out, 2)}
+    assert set(accepted) == {b1_seen, b2_seen}, "the same private source, two mapped addresses"
+    for name, seen in (("b1", b1_seen), ("b2", b2_seen)):
+        assert sent[name]["local"][0] == "10.1.0.10"
+        assert sent[name]["answer"] == sent[name]["sha256"] == accepted[seen]["sha256"]
+
+    out = lab.workdir / "b1-to-b2.json"
+    serve(hosts["b2"], "10.1.0.10", 1, out)
+    sent_b1 = connect(hosts["b1"], b2_seen, 1 * MB)
+    [accepted_b2] = results(out, 1)
+    assert accepted_b2["peer"] == b1_seen, "b2 sees b1 at b1's mapping, not at its (and its own) 10.1.0.10"
+    assert sent_b1["answer"] == sent_b1["sha256"] == accepted_b2["sha256"]
