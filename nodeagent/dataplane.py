@@ -77,6 +77,13 @@ PUNCH_INTERVAL = 0.5
 PUNCH_LOW_TTL = 2
 PUNCH_LOW_TTL_SECONDS = 2.0
 EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
+# Liveness: when a peer that sent data falls silent, send it an authenticated dummy packet (RFC 4303
+# next header 59) every LIVENESS_QUIET seconds, for at most LIVENESS_WINDOW seconds after its last data.
+# If our NAT box restarted or we moved, the dummy leaves through the new mapping and, being authenticated,
+# teaches the peer where we are now: a flow the peer sends to us resumes within about a second, instead of
+# waiting for the next keepalive (RELIABILITY.md D9, D11). Idle tunnels send nothing extra.
+LIVENESS_QUIET = 1.0
+LIVENESS_WINDOW = 15.0
 
 
 def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
@@ -96,11 +103,14 @@ class Tunnel:
     endpoint: str | None = None  # host from the netmap (the peer's reported address)
     port: int | None = None
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
+    learned_host: str | None = None  # source of the last authenticated raw ESP packet (roaming on the esp path)
     outbound: OutboundSA | None = None
     inbound_spis: set[int] = field(default_factory=set)
     queue: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
     last_sent: float = 0.0
-    last_received: float = 0.0
+    last_received: float = 0.0  # any authenticated packet, liveness dummies included
+    last_data: float = 0.0  # the last authenticated packet that carried data
+    last_probe: float = 0.0  # the last liveness dummy sent
     tx: int = 0
     rx: int = 0
 
@@ -109,7 +119,7 @@ class Tunnel:
             if self.learned is not None:
                 return self.learned
             return (self.endpoint, self.port) if self.endpoint and self.port else None
-        host = self.learned[0] if self.learned is not None else self.endpoint
+        host = self.learned_host or (self.learned[0] if self.learned is not None else self.endpoint)
         return (host, 0) if host else None
 
 
@@ -454,7 +464,8 @@ class DataPlane:
             return
         sa, peer = entry
         result = sa.open(esp)
-        if isinstance(result, DropReason):
+        dummy = result is DropReason.DUMMY  # authenticated and recorded, but carries nothing: a liveness probe
+        if isinstance(result, DropReason) and not dummy:
             counters[f"in_{result.value}"] += 1
             return
         tunnel = self.tunnels.get(peer)
@@ -467,7 +478,16 @@ class DataPlane:
                 counters["endpoint_moved"] += 1
                 log.info("peer %s now at %s:%d (was %s:%d)", peer, *source, *tunnel.learned)
             tunnel.learned = source
-        tunnel.last_received = time.monotonic()
+        elif not udp and tunnel.learned_host != source[0]:
+            if tunnel.learned_host is not None:
+                counters["endpoint_moved"] += 1
+                log.info("peer %s now at %s (was %s)", peer, source[0], tunnel.learned_host)
+            tunnel.learned_host = source[0]
+        now = tunnel.last_received = time.monotonic()
+        if dummy:
+            counters["in_dummy"] += 1
+            return
+        tunnel.last_data = now
         tunnel.rx += 1
         inner = result.inner
         translation = self.native.get(peer)
@@ -515,6 +535,34 @@ class DataPlane:
                 self.counters["in_portmap_full"] += 1
                 return None
         return memoryview(packet)
+
+    def probe_quiet_peers(self, now: float) -> None:
+        """Liveness dummies to peers that sent data lately and fell silent (see LIVENESS_QUIET).
+
+        The outbound thread runs this: only it seals (an SA's sequence counter is not shared).
+        """
+        for tunnel in list(self.tunnels.values()):
+            path = tunnel.path
+            sa = tunnel.outbound
+            if sa is None or (path not in UDP_PATHS and path != "esp"):
+                continue
+            if not LIVENESS_QUIET <= now - tunnel.last_data <= LIVENESS_WINDOW:
+                continue
+            if now - tunnel.last_received < LIVENESS_QUIET or now - tunnel.last_probe < LIVENESS_QUIET:
+                continue
+            address = tunnel.address(path)
+            if address is None:
+                continue
+            try:
+                sealed = sa.seal_dummy()
+            except RekeyRequired:
+                continue
+            if path == "esp":
+                self.wire.send_esp(sealed, address[0])
+            else:
+                self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
+            tunnel.last_probe = tunnel.last_sent = now
+            self.counters["out_liveness"] += 1
 
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
@@ -568,10 +616,15 @@ class DataPlane:
         tun = self.tun
         assert tun is not None
         # Only this thread seals: an OutboundSA's counter is not shared between threads (no IV reuse).
+        next_probe = time.monotonic()
         while not self._stop.is_set():
             ready, _, _ = select.select([tun.fd, self._wake_r], [], [], TICK_INTERVAL)
             if self._wake_r in ready:
                 _drain(self._wake_r)
+            now = time.monotonic()
+            if now >= next_probe:
+                next_probe = now + TICK_INTERVAL
+                self.probe_quiet_peers(now)
             if any(t.queue for t in list(self.tunnels.values())):
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if tun.fd in ready:

@@ -326,12 +326,13 @@ def test_a_spent_sa_holds_packets_until_a_new_one_is_installed(pair: Pair) -> No
 # -- other paths and chores -------------------------------------------------------------------------
 
 
-def test_raw_esp_is_opened_without_learning_an_endpoint(pair: Pair) -> None:
+def test_raw_esp_is_opened_and_teaches_only_the_host(pair: Pair) -> None:
     b = pair.planes["b"]
     sealed = OutboundSA(*sa_material("a", "b")).seal(ping())
     outer = raw(IP(src="192.0.2.1", dst="192.0.2.2", proto=50) / sealed)
     assert [bytes(p) for p in b.inbound_esp([(outer, ("192.0.2.1", 0))])] == [ping()]
-    assert b.tunnels["a"].learned is None  # the esp path goes to the netmap's address, not to sources
+    # Raw ESP has no port to learn; the host is learned, so a peer that moves keeps being reached (D9).
+    assert b.tunnels["a"].learned is None and b.tunnels["a"].learned_host == "192.0.2.1"
     assert b.inbound_esp([(outer, ("192.0.2.1", 0)), (outer[:30], ("192.0.2.1", 0))]) == []
     assert b.counters["in_replay_duplicate"] == 1 and b.counters["in_truncated"] == 1
 
@@ -343,6 +344,36 @@ def test_dummy_packets_are_counted_and_not_delivered(pair: Pair) -> None:
     datagrams.append((MASQUERADE_MARKER + sealer.seal(ping()), pair.address_of("a")))
     assert [bytes(p) for p in b.inbound_udp(datagrams)] == [ping()]
     assert b.counters["in_dummy"] == 1 and b.counters["in_packets"] == 1
+
+
+def test_an_authenticated_dummy_moves_the_endpoint_and_delivers_nothing(pair: Pair) -> None:
+    b = pair.planes["b"]
+    sealer = OutboundSA(*sa_material("a", "b"))
+    b.inbound_udp([(MASQUERADE_MARKER + sealer.seal(ping()), pair.address_of("a"))])
+    moved = ("127.0.0.1", 9)
+    forged = MASQUERADE_MARKER + sealer.seal_dummy()[:-1] + b"\0"  # a broken ICV from yet another address
+    assert b.inbound_udp([(forged, ("127.0.0.2", 9))]) == []
+    assert b.tunnels["a"].learned == pair.address_of("a")
+    assert b.inbound_udp([(MASQUERADE_MARKER + sealer.seal_dummy(), moved)]) == []
+    assert b.tunnels["a"].learned == moved and b.counters["endpoint_moved"] == 1
+    assert b.counters["in_dummy"] == 1 and b.tunnels["a"].rx == 1  # rx counts data only
+
+
+def test_liveness_dummies_go_to_a_peer_that_fell_silent_after_data(pair: Pair) -> None:
+    a, b = pair.planes["a"], pair.planes["b"]
+    a.probe_quiet_peers(time.monotonic() + 5.0)
+    assert pair.nothing_sent_to("b"), "no data ever came from b: nothing to keep alive"
+    b.outbound_batch([pong()])
+    assert [bytes(p) for p in pair.carry("b", 1)] == [pong()]
+    heard = a.tunnels["b"].last_data
+    a.probe_quiet_peers(heard + 0.5)
+    assert pair.nothing_sent_to("b"), "b spoke half a second ago"
+    a.probe_quiet_peers(heard + 1.5)
+    a.probe_quiet_peers(heard + 2.0)  # at most one probe per LIVENESS_QUIET
+    assert b.inbound_udp(pair.received("b", 1)) == [] and b.counters["in_dummy"] == 1
+    assert pair.nothing_sent_to("b") and a.counters["out_liveness"] == 1
+    a.probe_quiet_peers(heard + 30.0)
+    assert pair.nothing_sent_to("b"), "past the window an idle tunnel sends nothing extra"
 
 
 def test_keepalive_goes_to_a_quiet_peer_and_is_counted_there(pair: Pair) -> None:
