@@ -215,7 +215,7 @@ class DataPlane:
                     routes.append((route.cidr, mine.vip))
         self.tun.set_addresses(addresses)
         self.tun.set_routes(routes)
-        self.tun.set_native_routes(native, EXIT_MARK, self.exempt)
+        self.tun.set_native_routes(native, EXIT_MARK, self.exempt, self.wire.port)
         exit_via = None
         exit_peer = view.peers.get(self.exit_node) if self.exit_node else None
         if exit_peer is not None:

@@ -38,6 +38,7 @@ READ_SIZE = 65536 + segments.VNET_SIZE
 TUN_PATH = "/dev/net/tun"
 _FIB_RULE_INVERT = 0x2  # `ip rule add not fwmark ...`
 NATIVE_TABLE = 0x7872  # native addressing: host routes to peers' real addresses, for unmarked packets only
+IPPROTO_ESP = 50
 NATIVE_PRIORITY = 0x7860  # before the exit-node rules (0x786F..0x7871) and the main table (32766)
 
 
@@ -149,13 +150,19 @@ class Tun:
             self._ipr.rule("add", **rule)
             self._exit_rules.append(rule)
 
-    def set_native_routes(self, routes: Iterable[tuple[str, str]], mark: int, exempt: list[str]) -> None:
+    def set_native_routes(
+        self, routes: Iterable[tuple[str, str]], mark: int, exempt: list[str], udp_port: int = 0
+    ) -> None:
         """Native addressing: capture what goes to these (cidr, source) peers' real addresses, unless marked.
 
         A peer's real address is also where the agent's own encapsulated packets
         go, so the host routes sit in a table of their own that only packets
         *without* the agent's socket mark (*mark*) consult; the *exempt* hosts
-        (the control server) always use the main table. No routes: no rules.
+        (the control server) always use the main table. The encapsulated
+        traffic itself (ESP, and UDP from or to *udp_port*) is also sent to the
+        main table by protocol and port: incoming packets carry no mark, and
+        without that rule strict reverse-path filtering (rp_filter=1) would find
+        the peer's address behind the TUN and drop them. No routes: no rules.
         """
         wanted = {(str(ipaddress.ip_network(c, strict=False)), s) for c, s in routes}
         for cidr, _ in self._native_routes - wanted:
@@ -175,7 +182,14 @@ class Tun:
         self._native_rules = []
         if not wanted:
             return
-        rules = [dict(table=254, priority=NATIVE_PRIORITY - 1, dst=host, dst_len=32) for host in exempt]
+        rules: list[dict[str, object]] = [
+            dict(table=254, priority=NATIVE_PRIORITY - 1, dst=host, dst_len=32) for host in exempt
+        ]
+        rules.append(dict(table=254, priority=NATIVE_PRIORITY - 2, ip_proto=IPPROTO_ESP))
+        if udp_port:
+            rules.append(
+                dict(table=254, priority=NATIVE_PRIORITY - 3, ip_proto=17, sport_range=f"{udp_port}:{udp_port}")
+            )
         rules.append(
             dict(table=NATIVE_TABLE, priority=NATIVE_PRIORITY, fwmark=mark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT)
         )
