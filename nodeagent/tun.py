@@ -194,6 +194,8 @@ class Tun:
             dict(table=NATIVE_TABLE, priority=NATIVE_PRIORITY, fwmark=mark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT)
         )
         for rule in rules:
+            with contextlib.suppress(NetlinkError):  # left by a crashed run (rules outlive the device)
+                self._ipr.rule("del", **rule)
             self._ipr.rule("add", **rule)
             self._native_rules.append(rule)
 
