@@ -56,25 +56,26 @@ class Translation:
 
     *sources* are the peer's own (reported, local) addresses: an inner source
     among them becomes *seen*. Any inner destination other than *local*
-    (this node's address in the VPN) becomes *local*, except those in *keep*
-    (this node's overlay addresses: the same peer may share an overlay VPN too).
+    (this node's address in the VPN) becomes *local*, except those in *keep*:
+    (network, mask) pairs: the subnets this node is the gateway for, and its
+    overlay addresses (the same peer may share an overlay VPN too).
     """
 
     version: int
     sources: frozenset[int]
     seen: int
     local: int
-    keep: frozenset[int] = frozenset()
+    keep: tuple[tuple[int, int], ...] = ()
 
     def inbound(self, packet: bytearray) -> bool:
         """Correct *packet* (an authenticated inner packet from this peer) in place; True when it changed."""
         if len(packet) < 20 or packet[0] >> 4 != self.version:
             return False
         src, dst = addresses(packet)
-        if dst in self.keep:
-            return False
         new_src = self.seen if src in self.sources and src != self.seen else None
         new_dst = self.local if dst != self.local else None
+        if new_dst is not None and any(dst & mask == network for network, mask in self.keep):
+            new_dst = None  # for a subnet this node routes, or an overlay address: not its mapping
         if new_src is None and new_dst is None:
             return False
         return rewrite(packet, new_src, new_dst)
@@ -82,7 +83,7 @@ class Translation:
 
 def plan(view: NodeView) -> dict[str, Translation]:
     """Each peer's Translation, for the peers this node shares a native VPN with (addresses known)."""
-    overlay = frozenset(int(ipaddress.ip_address(v.vip)) for v in view.vpns.values() if v.addressing != "native")
+    overlay = [ipaddress.ip_network(v.vip) for v in view.vpns.values() if v.addressing != "native" and v.vip]
     found = {}
     for name, peer in view.peers.items():
         for vpn, seen in sorted(peer.vips.items()):
@@ -100,7 +101,9 @@ def plan(view: NodeView) -> dict[str, Translation]:
                     continue
                 if host.version == local.version:
                     sources.add(int(host))
-            found[name] = Translation(local.version, frozenset(sources), int(peer_seen), int(local), overlay)
+            kept = [n for n in overlay + [ipaddress.ip_network(c, strict=False) for c in mine.routes]]
+            keep = tuple((int(n.network_address), int(n.netmask)) for n in kept if n.version == local.version)
+            found[name] = Translation(local.version, frozenset(sources), int(peer_seen), int(local), keep)
             break
     return found
 

@@ -18,7 +18,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6
 from scapy.packet import Packet, Raw, raw
 
-from nodeagent.rnat import Translation, rewrite
+from nodeagent.rnat import Translation, plan, rewrite
 
 conf.verb = 0
 
@@ -200,3 +200,46 @@ def test_rewrite_refuses_what_it_cannot_parse() -> None:
     assert not rewrite(bytearray(b"\x60" + bytes(30)), 1, 2)
     short = bytearray(b"\x4f" + bytes(30))  # IHL 60 in a 31-byte packet
     assert not rewrite(short, 1, 2) and short == bytearray(b"\x4f" + bytes(30))
+
+
+def test_plan_keeps_gateway_subnets_and_overlay_addresses_and_skips_unknown_peers() -> None:
+    from bus.messages.sync import NodeView, PeerView, VpnView
+
+    def vpn_view(name: str, vip: str, addressing: str, routes: list[str]) -> VpnView:
+        return VpnView(
+            name=name,
+            subnet="10.0.0.0/8",
+            addressing=addressing,
+            topology="mesh",
+            cipher="aes-256-gcm",
+            mtu=1400,
+            keepalive=25,
+            vip=vip,
+            role="gateway" if routes else "member",
+            routes=routes,
+        )
+
+    view = NodeView(
+        node="me",
+        vpns={
+            "n": vpn_view("n", "192.168.0.10", "native", ["172.16.5.0/24"]),
+            "o": vpn_view("o", "100.64.0.1", "overlay", []),
+        },
+        peers={
+            "p": PeerView(
+                name="p", vips={"n": "198.18.1.2", "o": "100.64.0.2"}, roles={}, endpoints=["10.1.0.10:4500"]
+            ),
+            "q": PeerView(name="q", vips={"o": "100.64.0.3"}, roles={}),  # overlay only: no RNAT
+            "r": PeerView(name="r", vips={}, roles={}),  # native address not known yet
+        },
+    )
+    found = plan(view)
+    assert set(found) == {"p"}
+    t = found["p"]
+    assert t.seen == int(ipaddress.ip_address("198.18.1.2")) and t.sources == {int(ipaddress.ip_address("10.1.0.10"))}
+    to_subnet = bytearray(raw(IP(src="10.1.0.10", dst="172.16.5.9") / UDP()))
+    assert t.inbound(to_subnet) and IP(bytes(to_subnet)).dst == "172.16.5.9", "routed subnet: destination kept"
+    overlay = bytearray(raw(IP(src="100.64.0.2", dst="100.64.0.1") / UDP()))
+    assert not t.inbound(overlay), "an overlay packet of the same peer is not RNAT's"
+    public = bytearray(raw(IP(src="10.1.0.10", dst="203.0.113.50") / UDP()))
+    assert t.inbound(public) and IP(bytes(public)).dst == "192.168.0.10"
