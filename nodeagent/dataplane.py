@@ -84,6 +84,11 @@ EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing ta
 # waiting for the next keepalive (RELIABILITY.md D9, D11). Idle tunnels send nothing extra.
 LIVENESS_QUIET = 1.0
 LIVENESS_WINDOW = 15.0
+# Introduction: a new tunnel on a UDP path sends an authenticated dummy every LIVENESS_QUIET seconds until
+# the peer's first packet arrives, for at most INTRODUCE_WINDOW seconds. The side behind PAT must speak
+# first (its mapping toward the peer exists only once it sends), and only an authenticated packet may
+# teach the peer that mapping; waiting for the first data packet or keepalive could take 25 s.
+INTRODUCE_WINDOW = 30.0
 
 
 def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
@@ -110,9 +115,14 @@ class Tunnel:
     last_sent: float = 0.0
     last_received: float = 0.0  # any authenticated packet, liveness dummies included
     last_data: float = 0.0  # the last authenticated packet that carried data
-    last_probe: float = 0.0  # the last liveness dummy sent
+    last_probe: float = 0.0  # the last liveness or introduction dummy sent
+    keyed_at: float = 0.0  # when the first outbound SA arrived (the introduction window starts)
     tx: int = 0
     rx: int = 0
+
+    def punching(self, now: float) -> bool:
+        """Hole punching goes on until the peer's first authenticated packet, or for PUNCH_SECONDS."""
+        return self.path == "punch" and now < self.punch_until and not self.last_received
 
     def address(self, path: str) -> tuple[str, int] | None:
         if path in UDP_PATHS:
@@ -245,6 +255,8 @@ class DataPlane:
         for spi in tunnel.inbound_spis - wanted:
             self.spis.pop(spi, None)
         tunnel.inbound_spis = wanted
+        if outbound is not None and not tunnel.keyed_at:
+            tunnel.keyed_at = time.monotonic()
         tunnel.outbound = outbound
         self._wake()
 
@@ -536,22 +548,34 @@ class DataPlane:
                 return None
         return memoryview(packet)
 
-    def probe_quiet_peers(self, now: float) -> None:
-        """Liveness dummies to peers that sent data lately and fell silent (see LIVENESS_QUIET).
+    def keepalives(self, now: float) -> None:
+        """Authenticated keepalives: dummy ESP packets (next header 59) that the peer opens and drops.
 
-        The outbound thread runs this: only it seals (an SA's sequence counter is not shared).
+        Being authenticated, each one may teach the peer where this node is now (its PAT mapping, a
+        new address), which an unauthenticated keepalive must not. Sent for three reasons, counted
+        apart: ``out_keepalive`` every keepalive interval on UDP paths (holds the NAT mapping),
+        ``out_introduce`` until a new peer first answers (see INTRODUCE_WINDOW), ``out_liveness``
+        when a peer that sent data falls silent (see LIVENESS_QUIET). The outbound thread runs this:
+        only it seals (an SA's sequence counter is not shared).
         """
         for tunnel in list(self.tunnels.values()):
             path = tunnel.path
             sa = tunnel.outbound
-            if sa is None or (path not in UDP_PATHS and path != "esp"):
+            if sa is None or (path not in UDP_PATHS and path != "esp") or tunnel.punching(now):
+                continue  # while punching, tick() sends the (low-TTL first) punches instead
+            reason = None
+            if path != "esp" and now - tunnel.last_sent >= self.keepalive:
+                reason = "out_keepalive"
+            elif now - tunnel.last_probe < LIVENESS_QUIET:
                 continue
-            if not LIVENESS_QUIET <= now - tunnel.last_data <= LIVENESS_WINDOW:
-                continue
-            if now - tunnel.last_received < LIVENESS_QUIET or now - tunnel.last_probe < LIVENESS_QUIET:
-                continue
+            elif path != "esp" and not tunnel.last_received and now - tunnel.keyed_at <= INTRODUCE_WINDOW:
+                reason = "out_introduce"
+            elif LIVENESS_QUIET <= now - tunnel.last_data <= LIVENESS_WINDOW and (
+                now - tunnel.last_received >= LIVENESS_QUIET
+            ):
+                reason = "out_liveness"
             address = tunnel.address(path)
-            if address is None:
+            if reason is None or address is None:
                 continue
             try:
                 sealed = sa.seal_dummy()
@@ -562,24 +586,26 @@ class DataPlane:
             else:
                 self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
             tunnel.last_probe = tunnel.last_sent = now
-            self.counters["out_liveness"] += 1
+            self.counters[reason] += 1
 
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
-        """Keepalives for UDP paths and flow expiry (the inbound thread's chores; it seals nothing)."""
+        """Hole punching and flow expiry (the inbound thread's chores; it seals nothing).
+
+        Punches are unauthenticated one-byte keepalives: they may go out before the SAs exist, and
+        they open NAT mappings without teaching the peer anything. Keepalives proper are
+        authenticated and sent by the outbound thread (``keepalives``).
+        """
         for tunnel in list(self.tunnels.values()):
-            if tunnel.path not in UDP_PATHS:
+            if tunnel.path != "punch" or not tunnel.punching(now):
                 continue
             address = tunnel.address(tunnel.path)
-            if address is None:
+            if address is None or now - tunnel.last_sent < PUNCH_INTERVAL:
                 continue
-            punching = now < tunnel.punch_until and tunnel.rx == 0
-            interval = PUNCH_INTERVAL if punching else self.keepalive
-            if (tunnel.outbound is not None or punching) and now - tunnel.last_sent >= interval:
-                low = punching and now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
-                self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
-                tunnel.last_sent = now
-                self.counters["out_punch" if punching else "out_keepalive"] += 1
+            low = now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
+            self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
+            tunnel.last_sent = now
+            self.counters["out_punch"] += 1
         self.flows.sweep(now)
         if len(self.portmap):
             self.portmap.sweep(now)
@@ -624,7 +650,7 @@ class DataPlane:
             now = time.monotonic()
             if now >= next_probe:
                 next_probe = now + TICK_INTERVAL
-                self.probe_quiet_peers(now)
+                self.keepalives(now)
             if any(t.queue for t in list(self.tunnels.values())):
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if tun.fd in ready:

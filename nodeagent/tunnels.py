@@ -88,7 +88,7 @@ class Tunnels:
         if self.reflector is None:
             return
         for tunnel in list(self.dataplane.tunnels.values()):
-            if tunnel.path == "punch" and tunnel.rx == 0 and 0 < tunnel.punch_until < now:
+            if tunnel.path == "punch" and not tunnel.last_received and 0 < tunnel.punch_until < now:
                 tunnel.punch_until = -1.0  # once per punch: the next view change starts another
                 log.info("hole punching to %s got no answer; probing our mapping again", tunnel.peer)
                 self.nat_probe.soon()

@@ -24,7 +24,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import raw
 
 from nodeagent.constants import SEQ_FIRST
-from nodeagent.dataplane import QUEUE_LIMIT, QUEUE_WAIT, UNDERLAY_MTU, DataPlane, tunnel_mtu
+from nodeagent.dataplane import INTRODUCE_WINDOW, QUEUE_LIMIT, QUEUE_WAIT, UNDERLAY_MTU, DataPlane, tunnel_mtu
 from nodeagent.esp import InboundSA, OutboundSA
 from nodeagent.packets import checksum
 from nodeagent.transport import MASQUERADE_MARKER, PATH_OVERHEAD, Wire
@@ -359,33 +359,61 @@ def test_an_authenticated_dummy_moves_the_endpoint_and_delivers_nothing(pair: Pa
     assert b.counters["in_dummy"] == 1 and b.tunnels["a"].rx == 1  # rx counts data only
 
 
+def test_a_new_tunnel_introduces_itself_until_the_peer_answers(pair: Pair) -> None:
+    a, b = pair.planes["a"], pair.planes["b"]
+    keyed = a.tunnels["b"].keyed_at
+    assert keyed > 0
+    a.tunnels["b"].last_sent = keyed  # (the very first keepalive is due at once; count introductions here)
+    a.keepalive = 100.0  # and no regular keepalive during this test
+    a.keepalives(keyed + 0.1)
+    a.keepalives(keyed + 0.5)  # at most one per LIVENESS_QUIET
+    ((datagram, _),) = pair.received("b", 1)
+    assert pair.nothing_sent_to("b") and a.counters["out_introduce"] == 1
+    # Authenticated: it teaches b where a is (the PAT mapping, when a sits behind one).
+    assert b.tunnels["a"].learned is None
+    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == [] and b.counters["in_dummy"] == 1
+    assert b.tunnels["a"].learned == pair.address_of("a")
+    a.keepalives(keyed + INTRODUCE_WINDOW + 1.0)
+    assert pair.nothing_sent_to("b"), "a peer that never answers is not introduced to forever"
+    b.outbound_batch([pong()])
+    pair.carry("b", 1)
+    a.keepalives(a.tunnels["b"].last_received + 0.5)
+    assert pair.nothing_sent_to("b"), "b answered: no more introductions"
+
+
 def test_liveness_dummies_go_to_a_peer_that_fell_silent_after_data(pair: Pair) -> None:
     a, b = pair.planes["a"], pair.planes["b"]
-    a.probe_quiet_peers(time.monotonic() + 5.0)
-    assert pair.nothing_sent_to("b"), "no data ever came from b: nothing to keep alive"
     b.outbound_batch([pong()])
     assert [bytes(p) for p in pair.carry("b", 1)] == [pong()]
     heard = a.tunnels["b"].last_data
-    a.probe_quiet_peers(heard + 0.5)
+    a.tunnels["b"].last_sent = heard  # a just sent too: no keepalive due
+    a.keepalives(heard + 0.5)
     assert pair.nothing_sent_to("b"), "b spoke half a second ago"
-    a.probe_quiet_peers(heard + 1.5)
-    a.probe_quiet_peers(heard + 2.0)  # at most one probe per LIVENESS_QUIET
+    a.keepalives(heard + 1.5)
+    a.keepalives(heard + 2.0)  # at most one probe per LIVENESS_QUIET
     assert b.inbound_udp(pair.received("b", 1)) == [] and b.counters["in_dummy"] == 1
     assert pair.nothing_sent_to("b") and a.counters["out_liveness"] == 1
-    a.probe_quiet_peers(heard + 30.0)
+    a.tunnels["b"].last_sent = heard + 25.0
+    a.keepalives(heard + 30.0)
     assert pair.nothing_sent_to("b"), "past the window an idle tunnel sends nothing extra"
 
 
-def test_keepalive_goes_to_a_quiet_peer_and_is_counted_there(pair: Pair) -> None:
+def test_keepalive_is_authenticated_and_sent_to_a_quiet_peer(pair: Pair) -> None:
     a, b = pair.planes["a"], pair.planes["b"]
     tunnel = a.tunnels["b"]
-    a.tick(tunnel.last_sent + a.keepalive - 1.0)
+    tunnel.last_received = tunnel.last_sent = time.monotonic()  # introduced, and no data: no liveness either
+    a.keepalives(tunnel.last_sent + a.keepalive - 1.0)
     assert pair.nothing_sent_to("b")
-    a.tick(tunnel.last_sent + a.keepalive)
+    a.keepalives(tunnel.last_sent + a.keepalive)
     ((datagram, _),) = pair.received("b", 1)
-    assert datagram == b"\xff" and a.counters["out_keepalive"] == 1
-    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == []
-    assert b.counters["in_keepalive"] == 1 and b.tunnels["a"].learned is None  # unauthenticated: teaches nothing
+    assert datagram.startswith(MASQUERADE_MARKER) and a.counters["out_keepalive"] == 1
+    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == [] and b.counters["in_dummy"] == 1
+
+
+def test_unauthenticated_keepalive_is_counted_and_teaches_nothing(pair: Pair) -> None:
+    b = pair.planes["b"]
+    assert b.inbound_udp([(b"\xff", pair.address_of("a"))]) == []
+    assert b.counters["in_keepalive"] == 1 and b.tunnels["a"].learned is None
 
 
 def test_default_route_goes_through_the_chosen_exit_node_only() -> None:
