@@ -18,7 +18,8 @@ does what a PAT does:
    flow to one of two hosts behind a PAT, exactly as through a real one).
 
 TCP and UDP map ports; ICMP echo maps the identifier (request in, reply
-out). Mappings expire after an idle time per protocol; the table is bounded
+out); an ICMP error about an overloaded flow gets the public port in its
+quote, so this node's socket recognises it. Mappings expire after an idle time per protocol; the table is bounded
 (full: new flows are dropped, counted). Non-first fragments carry no ports
 and are not mapped.
 
@@ -35,6 +36,7 @@ from nodeagent.packets import Summary
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
+ICMP_ERRORS = frozenset({3, 11, 12})  # unreachable, time exceeded, parameter problem: they quote a packet
 PORT_RANGE = (61000, 65535)  # where overloaded ports come from (above Linux's default ephemeral range)
 IDLE = {PROTO_TCP: 600.0, PROTO_UDP: 120.0, PROTO_ICMP: 30.0}  # seconds without a packet before a mapping goes
 LIMIT = 16384  # mappings held at most
@@ -75,7 +77,9 @@ class PortMap:
         """Overload the source port of *packet* (after RNAT) from *peer*; False: no port free, drop it."""
         where = _port_field(packet, summary, inbound=True)
         if where is None:
-            return True  # nothing to map: a fragment, an ICMP error, another protocol
+            if summary.proto == PROTO_ICMP and summary.dport in ICMP_ERRORS:
+                self._quoted(peer, packet, summary.header_length, now)
+            return True  # nothing (else) to map: a fragment, an ICMP error, another protocol
         origin = (peer, summary.proto, summary.src, summary.sport, summary.dst, _other_port(summary, True))
         mapping = self._by_origin.get(origin)
         if mapping is None:
@@ -103,6 +107,39 @@ class PortMap:
         if mapping.public != mapping.original:
             _set_port(packet, summary, where, mapping.original, adjust=adjust or summary.proto == PROTO_ICMP)
         return mapping.peer
+
+    def _quoted(self, peer: str, packet: bytearray, at: int, now: float) -> None:
+        """An ICMP error about a packet this node sent on an overloaded flow: quote the port its kernel used.
+
+        The quoted packet left with the original port restored; the socket here knows the public one.
+        """
+        quote = at + 8
+        if len(packet) < quote + 20 or packet[quote] >> 4 != 4:
+            return
+        q_l4 = quote + (packet[quote] & 0x0F) * 4
+        proto = packet[quote + 9]
+        if proto not in (PROTO_TCP, PROTO_UDP) or len(packet) < q_l4 + 4:
+            return
+        src, dst = (
+            int.from_bytes(packet[quote + 12 : quote + 16], "big"),
+            int.from_bytes(packet[quote + 16 : quote + 20], "big"),
+        )
+        local_port, original = _port_at(packet, q_l4), _port_at(packet, q_l4 + 2)
+        mapping = self._by_origin.get((peer, proto, dst, original, src, local_port))
+        if mapping is None or mapping.public == original:
+            return
+        before = bytes(packet[quote:])
+        packet[q_l4 + 2 : q_l4 + 4] = mapping.public.to_bytes(2, "big")
+        field = q_l4 + _CHECKSUM_AT[proto]
+        if len(packet) >= field + 2 and not (proto == PROTO_UDP and packet[field : field + 2] == b"\0\0"):
+            _fold_into(packet, field, (~original & 0xFFFF) + mapping.public, udp=proto == PROTO_UDP)
+        delta = 0
+        for i in range(0, len(before) - 1, 2):  # the ICMP checksum covers the quote: every changed word
+            old, new = int.from_bytes(before[i : i + 2], "big"), _port_at(packet, quote + i)
+            if old != new:
+                delta += (~old & 0xFFFF) + new
+        _fold_into(packet, at + 2, delta)
+        mapping.last_used = now
 
     def sweep(self, now: float) -> int:
         """Forget mappings idle longer than their protocol's timeout; returns how many went."""
@@ -169,13 +206,19 @@ def _set_port(packet: bytearray, summary: Summary, at: int, port: int, *, adjust
     if not adjust:
         return
     field = summary.header_length + _CHECKSUM_AT[summary.proto]
-    value = int.from_bytes(packet[field : field + 2], "big")
-    if summary.proto == PROTO_UDP and value == 0:
+    if summary.proto == PROTO_UDP and packet[field : field + 2] == b"\0\0":
         return  # no checksum, none made up
-    value = (~value & 0xFFFF) + (~old & 0xFFFF) + port
+    _fold_into(packet, field, (~old & 0xFFFF) + port, udp=summary.proto == PROTO_UDP)
+
+
+def _fold_into(packet: bytearray, field: int, delta: int, udp: bool = False) -> None:
+    """RFC 1624 eqn. 3 on the checksum at *field*, for a sum of ~m + m' over the changed words."""
+    if not delta:
+        return
+    value = (~int.from_bytes(packet[field : field + 2], "big") & 0xFFFF) + delta
     while value >> 16:
         value = (value & 0xFFFF) + (value >> 16)
     result = ~value & 0xFFFF
-    if summary.proto == PROTO_UDP and result == 0:
-        result = 0xFFFF
+    if udp and result == 0:
+        result = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
     packet[field : field + 2] = result.to_bytes(2, "big")

@@ -144,6 +144,28 @@ def test_what_carries_no_port_passes_untouched() -> None:
     assert outbound(table, IP(src=ME, dst=PAT, proto=17, frag=100) / Raw(b"y" * 40))[0] is None
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["tcp", "udp"]), st.integers(1, 65535), st.integers(1, 65535), st.binary(max_size=60))
+def test_icmp_error_about_an_overloaded_flow_quotes_the_public_port(
+    kind: str, sport: int, dport: int, payload: bytes
+) -> None:
+    def layer(s: int, d: int) -> Packet:
+        return (TCP(sport=s, dport=d, flags="A") if kind == "tcp" else UDP(sport=s, dport=d)) / Raw(payload)
+
+    table = PortMap()
+    inbound(table, "b1", IP(src=PAT, dst=ME) / layer(sport, dport))
+    _, packet = inbound(table, "b2", IP(src=PAT, dst=ME) / layer(sport, dport))
+    public = int.from_bytes(packet[20:22], "big")
+
+    def error(port: int) -> Packet:  # what b2's kernel says about a's reply, as it reaches a's kernel after RNAT
+        return IP(src=PAT, dst=ME) / ICMP(type=3, code=3) / raw(IP(src=ME, dst=PAT) / layer(dport, port))
+
+    ok, got = inbound(table, "b2", error(sport))
+    assert ok and bytes(got) == raw(error(public)), "the quote names the port a's socket knows"
+    _, untouched = inbound(table, "b1", error(sport))
+    assert bytes(untouched) == raw(error(sport)), "b1 kept its port: nothing to change"
+
+
 # -- through a real DataPlane (no TUN): RNAT, cryptokey routing and the port map in the pipeline --------------
 
 
