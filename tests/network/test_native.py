@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from compose.coterie_lab import start_server
+from compose.coterie_lab import coterie, start_server
 from compose.netns import Host, Lab
 from compose.topologies import readdress, sites_behind
 from tests.conftest import wait_until
@@ -217,6 +217,9 @@ def test_pat_ambiguity_same_source_port_to_the_same_port(lab: Lab) -> None:
     assert {c["sha256"] for c in accepted} == {answers["b1"]["sha256"], answers["b2"]["sha256"]}
     mapped = [m for m in overlay.dataplane("a").get("portmap", []) if m["proto"] == 6 and m["original"] == 40000]
     assert sorted(m["public"] for m in mapped) == ports and {m["peer"] for m in mapped} == {"b1", "b2"}
+    shown = coterie(hosts["a"], "agent", "status", "--state-dir", str(overlay.state_dir("a"))).stdout
+    assert f"vpn lab: {pub.addrs[0]} (member), native addressing" in shown, shown
+    assert "port 40000 seen here as" in shown, shown
 
 
 def test_rnat_two_sites_with_the_same_private_addresses(lab: Lab) -> None:
