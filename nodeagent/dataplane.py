@@ -50,6 +50,7 @@ from nodeagent.packets import (
 from nodeagent.patmap import PortMap
 from nodeagent.peers import PeerTable, Route
 from nodeagent.rnat import Translation, plan
+from nodeagent.sourcelimit import SourceLimiter
 from nodeagent.transport import (
     KEEPALIVE,
     MASQUERADE_MARKER,
@@ -120,6 +121,12 @@ class Tunnel:
     tx: int = 0
     rx: int = 0
 
+    def known_host(self) -> str | None:
+        """The host this peer's authenticated packets come from (or the netmap says): never rate-limited."""
+        if self.learned is not None:
+            return self.learned[0]
+        return self.learned_host or self.endpoint
+
     def punching(self, now: float) -> bool:
         """Hole punching goes on until the peer's first authenticated packet, or for PUNCH_SECONDS."""
         return self.path == "punch" and now < self.punch_until and not self.last_received
@@ -171,6 +178,7 @@ class DataPlane:
         self.native: dict[str, Translation] = {}  # peer -> RNAT, for peers met in a native VPN
         self.overloaded: frozenset[str] = frozenset()  # peers whose native address another peer shares
         self.portmap = PortMap()
+        self.source_limiter = SourceLimiter()  # forged tags cost a decryption each: limited per source (D16)
         self.keepalive = 25.0
         self.mtu = tunnel_mtu(1400, "udp")
         self._stop = threading.Event()
@@ -475,14 +483,21 @@ class DataPlane:
             counters[f"in_{DropReason.UNKNOWN_SPI.value}"] += 1
             return
         sa, peer = entry
+        tunnel = self.tunnels.get(peer)
+        if tunnel is None:
+            counters["in_unknown_peer"] += 1
+            return
+        limiter = self.source_limiter
+        host = source[0]
+        if limiter and not limiter.allow(host, time.monotonic()) and host != tunnel.known_host():
+            counters["in_rate_limited"] += 1  # this source forged too many tags: not worth a decryption
+            return
         result = sa.open(esp)
         dummy = result is DropReason.DUMMY  # authenticated and recorded, but carries nothing: a liveness probe
         if isinstance(result, DropReason) and not dummy:
             counters[f"in_{result.value}"] += 1
-            return
-        tunnel = self.tunnels.get(peer)
-        if tunnel is None:
-            counters["in_unknown_peer"] += 1
+            if result is DropReason.AUTH_FAILED and host != tunnel.known_host():
+                limiter.failed(host, time.monotonic())
             return
         # Authenticated: only now may the packet teach us where the peer is (roaming, PAT).
         if udp and tunnel.learned != source:
@@ -700,6 +715,7 @@ class DataPlane:
                 for m in self.portmap.mappings()
             ],
             "counters": dict(sorted(self.counters.items())),
+            "rate_limited_sources": len(self.source_limiter),
             "batching": self._batching(),
         }
 

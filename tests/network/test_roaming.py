@@ -110,3 +110,37 @@ def test_tcp_transfer_completes_with_1_percent_loss_and_50_ms_delay(lab: Lab) ->
     assert received["sha256"] == sent["sha256"]
     # the loss was real: R dropped packets of this run, and the transfer survived them
     assert t.r.nft_counter("cotloss", "loss") > 100
+
+
+def test_keepalives_hold_a_pat_mapping_past_its_timeout_and_without_them_it_lapses(lab: Lab) -> None:
+    """D11's idle half: the PAT box forgets UDP mappings after 2 s of silence (its conntrack timeouts).
+
+    With keepalives every second, the public node still reaches the node behind the PAT after 22 s of
+    idleness; with keepalives every 60 s (the negative control), its first packet after 22 s is dropped
+    at the PAT, which proves that the keepalives were what held the mapping.
+    """
+    overlay, sites = pair_behind(lab, ["public", "pat"], "udp")
+    box = sites[1].box
+    assert box is not None
+    for name in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+        box.run(["sysctl", "-q", "-w", f"net.netfilter.{name}=2"])
+    vip_y = overlay.vip("y")
+    idle = 22.0  # past the mapping timeout and past LIVENESS_WINDOW (15 s), so only keepalives speak
+
+    def keepalive_everywhere(seconds: int) -> None:
+        overlay.server.cli("vpn", "set", "lab", "--keepalive", str(seconds))
+        for name in ("x", "y"):
+            assert wait_until(lambda n=name: overlay.status(n)["vpns"]["lab"]["keepalive"] == seconds, 20)
+
+    keepalive_everywhere(1)
+    assert overlay.hosts["x"].ping(vip_y, timeout=2)
+    time.sleep(idle)
+    assert overlay.hosts["x"].ping(vip_y, count=1, timeout=1), "the keepalives did not hold the mapping"
+
+    keepalive_everywhere(60)
+    assert overlay.hosts["y"].ping(overlay.vip("x"), timeout=2)  # the last packets: y's mapping is fresh now
+    time.sleep(idle)
+    assert not overlay.hosts["x"].ping(vip_y, count=1, timeout=1), "mapping still open without keepalives"
+    # y speaks again (any packet of its own): a new mapping, learned by x from y's authenticated packet
+    assert overlay.hosts["y"].ping(overlay.vip("x"), timeout=3)
+    assert overlay.hosts["x"].ping(vip_y, timeout=2)

@@ -398,6 +398,20 @@ def test_liveness_dummies_go_to_a_peer_that_fell_silent_after_data(pair: Pair) -
     assert pair.nothing_sent_to("b"), "past the window an idle tunnel sends nothing extra"
 
 
+def test_forged_packets_are_limited_per_source_but_never_the_peers_own_address(pair: Pair) -> None:
+    b = pair.planes["b"]
+    sealer = OutboundSA(*sa_material("a", "b"))
+    b.inbound_udp([(MASQUERADE_MARKER + sealer.seal(ping()), pair.address_of("a"))])  # a's address is known
+    forged = MASQUERADE_MARKER + sealer.seal(ping(seq=2))[:-1] + b"\0"
+    stranger = ("127.0.0.99", 4500)
+    assert b.inbound_udp([(forged, stranger)] * 50) == []
+    assert b.counters["in_auth_failed"] == 5 and b.counters["in_rate_limited"] == 45
+    assert b.inbound_udp([(forged, pair.address_of("a"))] * 10) == []  # spoofing a's address: decrypted, not limited
+    assert b.counters["in_auth_failed"] == 15 and b.counters["in_rate_limited"] == 45
+    assert [bytes(p) for p in b.inbound_udp([(MASQUERADE_MARKER + sealer.seal(ping(seq=3)), pair.address_of("a"))])]
+    assert b.status()["rate_limited_sources"] == 1
+
+
 def test_keepalive_is_authenticated_and_sent_to_a_quiet_peer(pair: Pair) -> None:
     a, b = pair.planes["a"], pair.planes["b"]
     tunnel = a.tunnels["b"]
