@@ -245,6 +245,10 @@ def status(
         f"node {doc['node']}: {doc['state']}{age}, revision {doc['revision']}, server {', '.join(doc['server'])}"
     )
     for name, vpn in doc["vpns"].items():
+        if vpn["addressing"] == "native":  # real addresses: the subnet is not used
+            address = vpn["vip"] or "address not reported yet"
+            typer.echo(f"  vpn {name}: {address} ({vpn['role']}), native addressing, {vpn['topology']}")
+            continue
         typer.echo(f"  vpn {name}: {vpn['vip']} ({vpn['role']}) in {vpn['subnet']}, {vpn['topology']}")
     tunnels = (doc["dataplane"] or {}).get("peers", {})
     nat = (doc["dataplane"] or {}).get("nat")
@@ -262,6 +266,11 @@ def status(
         typer.echo(f"  peer {name}: {addresses}, {'online' if peer['online'] else 'offline'}{path}")
     if not doc["peers"]:
         typer.echo("  no peers")
+    overloaded = (doc["dataplane"] or {}).get("portmap", [])
+    if overloaded:  # flows of peers that share one address (behind one PAT), told apart by port
+        typer.echo(f"  {len(overloaded)} flows of peers sharing an address, by overloaded port:")
+        for m in overloaded[:20]:
+            typer.echo(f"    {m['peer']} proto {m['proto']}: port {m['original']} seen here as {m['public']}")
 
 
 def status_doc(state: StateDir) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """The data plane: packets between the TUN device and the peers, in batches.
 
-Outbound: TUN read -> summarize -> peer (longest prefix) -> VPN isolation ->
-flow note -> MSS clamp -> seal (ESP) -> frame for the peer's path -> send.
+Outbound: TUN read -> summarize -> peer (longest prefix; a native address
+several peers share: the PAT-ambiguity map picks the peer and restores the
+port) -> VPN isolation -> flow note -> MSS clamp -> seal (ESP) -> frame for
+the peer's path -> send.
 Inbound: receive -> demultiplex (masquerade marker, keepalive, ESP) -> SPI
-lookup -> authenticate -> replay commit -> cryptokey routing -> VPN isolation
+lookup -> authenticate -> replay commit -> native addressing (RNAT, then
+port overloading for a shared address) -> cryptokey routing -> VPN isolation
 -> ACL -> TUN write.
 
 Every stage takes the whole batch a read returned, so that the performance
@@ -39,11 +42,14 @@ from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     TCP_FLAG_SYN,
     PacketError,
+    Summary,
     clamp_mss,
     icmp_error,
     summarize,
 )
-from nodeagent.peers import PeerTable
+from nodeagent.patmap import PortMap
+from nodeagent.peers import PeerTable, Route
+from nodeagent.rnat import Translation, plan
 from nodeagent.sourcelimit import SourceLimiter
 from nodeagent.transport import (
     KEEPALIVE,
@@ -178,6 +184,9 @@ class DataPlane:
         self.flows = FlowTable()
         self.tunnels: dict[str, Tunnel] = {}
         self.spis: dict[int, tuple[InboundSA, str]] = {}
+        self.native: dict[str, Translation] = {}  # peer -> RNAT, for peers met in a native VPN
+        self.overloaded: frozenset[str] = frozenset()  # peers whose native address another peer shares
+        self.portmap = PortMap()
         self.source_limiter = SourceLimiter()  # forged tags cost a decryption each: limited per source (D16)
         self.keepalive = 25.0
         self.mtu = tunnel_mtu(1400, "udp")
@@ -190,6 +199,8 @@ class DataPlane:
         """Take a new netmap: peers, routes, ACLs; peers that left lose their SAs at once."""
         self.peers = PeerTable(view, exit_node=self.exit_node)
         self.policy = Policy(view)
+        self.native = plan(view)
+        self.overloaded = frozenset(name for sharing in self.peers.shared.values() for name in sharing)
         for name in [n for n in self.tunnels if n not in view.peers]:
             self.remove_peer(name)
         now = time.monotonic()
@@ -218,7 +229,11 @@ class DataPlane:
         self.tun.set_mtu(self.mtu)
         addresses = []
         routes = []
+        native = []  # (peer's real address, ours): captured by policy routing, not by an address on the TUN
         for vpn in view.vpns.values():
+            if vpn.addressing == "native":
+                native += [(p.vips[vpn.name], vpn.vip) for p in view.peers.values() if vpn.vip and vpn.name in p.vips]
+                continue
             subnet = ipaddress.ip_network(vpn.subnet, strict=False)
             addresses.append((vpn.vip, subnet.prefixlen))
         for peer in view.peers.values():
@@ -226,10 +241,11 @@ class DataPlane:
                 if ipaddress.ip_network(route.cidr).prefixlen == 0:
                     continue  # a default route goes in the exit table (below), never in main
                 mine = view.vpns.get(route.vpn)
-                if mine is not None:
+                if mine is not None and mine.vip:
                     routes.append((route.cidr, mine.vip))
         self.tun.set_addresses(addresses)
         self.tun.set_routes(routes)
+        self.tun.set_native_routes(native, EXIT_MARK, self.exempt, self.wire.port)
         exit_via = None
         exit_peer = view.peers.get(self.exit_node) if self.exit_node else None
         if exit_peer is not None:
@@ -295,6 +311,11 @@ class DataPlane:
                 counters["out_malformed"] += 1
                 continue
             route = peers.outbound(summary.version, summary.dst)
+            if route is not None and peers.shared and (summary.version, summary.dst) in peers.shared:
+                route, packet = self._disambiguate(packet, summary, now)
+                if route is None:
+                    counters["out_native_ambiguous"] += 1  # no flow from one of the peers behind that PAT
+                    continue
             if route is None:
                 counters["out_no_route"] += 1
                 answer = self._unreachable(packet, summary.version)
@@ -322,6 +343,18 @@ class DataPlane:
             tunnel.queue.append((now, packet))
             counters["out_queued"] += 1
         return answers
+
+    def _disambiguate(self, packet: bytes, summary: Summary, now: float) -> tuple[Route | None, bytes]:
+        """A packet to a native address several peers share: the port map names the peer (nodeagent/patmap.py)."""
+        mutable = bytearray(packet)
+        superpacket = type(packet) is SuperPacket
+        peer = self.portmap.outbound(mutable, summary, now, adjust=not (self.partial_checksums or superpacket))
+        if peer is None:
+            return None, packet
+        rewritten = SuperPacket(mutable) if superpacket else bytes(mutable)
+        if superpacket:
+            rewritten.gso = packet.gso  # type: ignore[attr-defined]
+        return self.peers.shared[(summary.version, summary.dst)].get(peer), rewritten
 
     def _send_batch(self, batch: list[tuple[Tunnel, bytes]], now: float) -> list[tuple[Tunnel, bytes]]:
         """Seal and send a batch; returns what could not be sent yet (to hold), in order.
@@ -544,6 +577,11 @@ class DataPlane:
         tunnel.last_data = now
         tunnel.rx += 1
         inner = result.inner
+        translation = self.native.get(peer)
+        if translation is not None:
+            inner = self._native_inbound(translation, peer, inner)
+            if inner is None:
+                return
         try:
             summary = summarize(inner)
         except PacketError:
@@ -568,6 +606,22 @@ class DataPlane:
                 return
         counters["in_packets"] += 1
         delivered.append(inner)
+
+    def _native_inbound(self, translation: Translation, peer: str, inner: memoryview) -> memoryview | None:
+        """RNAT (nodeagent/rnat.py), then port overloading when the peer's address is shared; None: dropped."""
+        packet = bytearray(inner)
+        if translation.inbound(packet):
+            self.counters["in_rnat"] += 1
+        if peer in self.overloaded:
+            try:
+                summary = summarize(packet)
+            except PacketError:
+                self.counters["in_malformed_inner"] += 1
+                return None
+            if not self.portmap.inbound(peer, packet, summary, time.monotonic()):
+                self.counters["in_portmap_full"] += 1
+                return None
+        return memoryview(packet)
 
     def keepalives(self, now: float) -> None:
         """Authenticated keepalives: dummy ESP packets (next header 59) that the peer opens and drops.
@@ -652,6 +706,8 @@ class DataPlane:
             tunnel.last_sent = now
             self.counters["out_punch"] += 1
         self.flows.sweep(now)
+        if len(self.portmap):
+            self.portmap.sweep(now)
 
     # ------------------------------------------------------------------ threads
     def start(self) -> None:
@@ -751,6 +807,10 @@ class DataPlane:
             "udp_port": self.wire.port,
             "path": self.forced_path or "auto",
             "peers": peers,
+            "portmap": [
+                {"peer": m.peer, "proto": m.proto, "original": m.original, "public": m.public}
+                for m in self.portmap.mappings()
+            ],
             "counters": dict(sorted(self.counters.items())),
             "rate_limited_sources": len(self.source_limiter),
             "batching": self._batching(),
