@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--setup-timeout", type=float, default=90, help="s from `up` to the first ping through the tunnel (default 90)"
     )
     ap.add_argument(
-        "--path", choices=("auto", "udp", "esp"), default="auto", help="the agents' path (default auto: the server's)"
+        "--path",
+        choices=("auto", "udp", "esp", "tcp443", "relay"),
+        default="auto",
+        help="the agents' path (default auto: the server's; tcp443/relay: a pin on node b)",
     )
     ap.add_argument("--wire", action="store_true", help="wire-like wan (router segments GSO); see vpnbench --help")
     ap.add_argument("--no-udp", action="store_true", help="skip the UDP packet-rate test")

@@ -10,8 +10,8 @@
 /run/coterie-lab/<tag>.json, which ``exec``, ``down`` and ``list`` read.
 ``down`` asks the lab's own process to stop (SIGTERM), so the cleanup is
 the one that process does; only if it does not end in time does
-``cleanup_stale`` remove what is left. A ``coterie lab`` command can
-delegate to these functions.
+``cleanup_stale`` remove what is left. ``coterie lab`` (tui/cli/lab.py)
+delegates to these functions.
 """
 
 from __future__ import annotations

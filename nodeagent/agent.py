@@ -227,6 +227,7 @@ class Agent:
         assert isinstance(status, SyncStatus)
         if self.tunnels is not None:
             self.tunnels.set_reflector(status.reflector)
+            self.tunnels.set_relay(status.relay)
             self._status("connected")  # refreshes the data plane's counters in status.json
         return status
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import signal
 import sys
 import time
@@ -21,10 +22,14 @@ from nodeagent.dataplane import EXIT_MARK, PATHS, DataPlane
 from nodeagent.keys import REKEY_INTERVAL
 from nodeagent.login import change_password, login, server_key_from
 from nodeagent.state import StateDir, StateError, default_state_dir
+from nodeagent.tcp443 import DEFAULT_PORT as TCP_PORT
+from nodeagent.tcp443 import TcpPaths
 from nodeagent.transport import DEFAULT_UDP_PORT, Wire
 from nodeagent.tun import Tun, TunError
 from nodeagent.tunnels import Tunnels, timing_for
 from services.logsetup import setup_logging
+
+log = logging.getLogger(__name__)
 
 agent_app = typer.Typer(help="Run the node agent and inspect it.", no_args_is_help=True)
 
@@ -70,6 +75,16 @@ def up(
     rekey_interval: Annotated[
         float, typer.Option("--rekey-interval", help="Seconds between new ESP keys (make-before-break).", min=4.0)
     ] = REKEY_INTERVAL,
+    tcp_port: Annotated[
+        int,
+        typer.Option(
+            "--tcp-port",
+            help="Port of the TLS listener firewalled peers dial (path tcp443). Peers always dial 443: another "
+            "port only behind a forward from 443; 0: no listener.",
+            min=0,
+            max=65535,
+        ),
+    ] = TCP_PORT,
     control_only: Annotated[
         bool, typer.Option("--control-only", help="Keep the view current but move no traffic (no TUN, no root).")
     ] = False,
@@ -99,7 +114,9 @@ def up(
         server = state.server()
         if not control_only:
             exempt = [urlsplit(e).hostname or "" for e in server.endpoints]
-            tunnels = _start_tunnels(state, server.node, tun, port, path, exit_node, rekey_interval, exempt)
+            tunnels = _start_tunnels(
+                state, server.node, tun, port, path, exit_node, rekey_interval, exempt, tcp_port=tcp_port
+            )
         agent = Agent(state, heartbeat=heartbeat, tunnels=tunnels)
     except (StateError, TunError, OSError) as exc:
         if tunnels is not None:
@@ -125,6 +142,7 @@ def _start_tunnels(
     exit_node: str | None,
     rekey_interval: float,
     exempt: list[str],
+    tcp_port: int = TCP_PORT,
 ) -> Tunnels:
     from bus.signing import load_signing_key
 
@@ -137,7 +155,22 @@ def _start_tunnels(
     except TunError:
         wire.close()
         raise
-    return Tunnels.create(plane, node, load_signing_key(state.path / "identity.key"), timing_for(rekey_interval))
+    identity = load_signing_key(state.path / "identity.key")
+    return Tunnels.create(plane, node, identity, timing_for(rekey_interval), paths=_tcp_paths(node, tcp_port))
+
+
+def _tcp_paths(node: str, port: int) -> TcpPaths:
+    """The TCP/443 streams, with a TLS listener on *port* (peers that only get TCP/443 out dial it).
+
+    A port already taken (another server on 443) costs only the listener: this node still dials
+    reachable peers and the relay, and says so in the log.
+    """
+    if port:
+        try:
+            return TcpPaths(node=node, listen=("0.0.0.0", port), mark=EXIT_MARK)
+        except OSError as exc:
+            log.warning("no TLS listener on TCP port %d (%s): firewalled peers cannot dial this node", port, exc)
+    return TcpPaths(node=node, mark=EXIT_MARK)
 
 
 def _login(
@@ -212,18 +245,32 @@ def status(
         f"node {doc['node']}: {doc['state']}{age}, revision {doc['revision']}, server {', '.join(doc['server'])}"
     )
     for name, vpn in doc["vpns"].items():
+        if vpn["addressing"] == "native":  # real addresses: the subnet is not used
+            address = vpn["vip"] or "address not reported yet"
+            typer.echo(f"  vpn {name}: {address} ({vpn['role']}), native addressing, {vpn['topology']}")
+            continue
         typer.echo(f"  vpn {name}: {vpn['vip']} ({vpn['role']}) in {vpn['subnet']}, {vpn['topology']}")
     tunnels = (doc["dataplane"] or {}).get("peers", {})
+    nat = (doc["dataplane"] or {}).get("nat")
+    if nat and nat.get("filtering"):  # what the server classes this node from (peers show their class)
+        typer.echo(f"  nat: seen as {nat['mapped'] or '-'}, UDP {nat['filtering']}")
     for name, peer in doc["peers"].items():
         addresses = ", ".join(f"{v} {ip}" for v, ip in peer["vips"].items())
         tunnel = tunnels.get(name)
         path = ""
         if tunnel:
             keys = "keys ready" if tunnel["spi_out"] else "waiting for keys"
-            path = f"; {tunnel['path']} to {tunnel['endpoint'] or 'no endpoint yet'}, {keys}"
+            where = tunnel.get("stream") or f"to {tunnel['endpoint'] or 'no endpoint yet'}"
+            why = f" (peer {tunnel['peer_class']})" if tunnel.get("peer_class") else ""
+            path = f"; {tunnel['path']}{why} {where}, {keys}"
         typer.echo(f"  peer {name}: {addresses}, {'online' if peer['online'] else 'offline'}{path}")
     if not doc["peers"]:
         typer.echo("  no peers")
+    overloaded = (doc["dataplane"] or {}).get("portmap", [])
+    if overloaded:  # flows of peers that share one address (behind one PAT), told apart by port
+        typer.echo(f"  {len(overloaded)} flows of peers sharing an address, by overloaded port:")
+        for m in overloaded[:20]:
+            typer.echo(f"    {m['peer']} proto {m['proto']}: port {m['original']} seen here as {m['public']}")
 
 
 def status_doc(state: StateDir) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """The data plane: packets between the TUN device and the peers, in batches.
 
-Outbound: TUN read -> summarize -> peer (longest prefix) -> VPN isolation ->
-flow note -> MSS clamp -> seal (ESP) -> frame for the peer's path -> send.
+Outbound: TUN read -> summarize -> peer (longest prefix; a native address
+several peers share: the PAT-ambiguity map picks the peer and restores the
+port) -> VPN isolation -> flow note -> MSS clamp -> seal (ESP) -> frame for
+the peer's path -> send.
 Inbound: receive -> demultiplex (masquerade marker, keepalive, ESP) -> SPI
-lookup -> authenticate -> replay commit -> cryptokey routing -> VPN isolation
+lookup -> authenticate -> replay commit -> native addressing (RNAT, then
+port overloading for a shared address) -> cryptokey routing -> VPN isolation
 -> ACL -> TUN write.
 
 Every stage takes the whole batch a read returned, so that the performance
@@ -27,7 +30,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus.messages.sync import NodeView
 from nodeagent.acl import FlowTable, Policy, quoted_flow_key
@@ -39,11 +42,15 @@ from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     TCP_FLAG_SYN,
     PacketError,
+    Summary,
     clamp_mss,
     icmp_error,
     summarize,
 )
-from nodeagent.peers import PeerTable
+from nodeagent.patmap import PortMap
+from nodeagent.peers import PeerTable, Route
+from nodeagent.rnat import Translation, plan
+from nodeagent.sourcelimit import SourceLimiter
 from nodeagent.transport import (
     KEEPALIVE,
     MASQUERADE_MARKER,
@@ -55,6 +62,11 @@ from nodeagent.transport import (
 )
 from nodeagent.tun import Tun
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from nodeagent.tcp443 import TcpPaths
+
 log = logging.getLogger(__name__)
 
 BATCH = 64  # packets per read; the unit every stage works on
@@ -64,6 +76,7 @@ UNDERLAY_MTU = 1500
 TICK_INTERVAL = 0.25
 PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
 UDP_PATHS = ("udp", "punch")
+TCP_PATHS = ("tcp443", "relay")  # ESP over TLS streams (nodeagent/tcp443.py): straight to the peer, or the relay
 PUNCH_SECONDS = 10.0  # hole punching: keepalives every PUNCH_INTERVAL for this long, or until the peer answers
 PUNCH_INTERVAL = 0.5
 # The first punches leave with a small TTL: they open this node's own NAT but expire before the peer's,
@@ -71,6 +84,18 @@ PUNCH_INTERVAL = 0.5
 PUNCH_LOW_TTL = 2
 PUNCH_LOW_TTL_SECONDS = 2.0
 EXIT_MARK = 0x7871  # SO_MARK of the agent's own ESP sockets, and the routing table of exit-node routes
+# Liveness: when a peer that sent data falls silent, send it an authenticated dummy packet (RFC 4303
+# next header 59) every LIVENESS_QUIET seconds, for at most LIVENESS_WINDOW seconds after its last data.
+# If our NAT box restarted or we moved, the dummy leaves through the new mapping and, being authenticated,
+# teaches the peer where we are now: a flow the peer sends to us resumes within about a second, instead of
+# waiting for the next keepalive (RELIABILITY.md D9, D11). Idle tunnels send nothing extra.
+LIVENESS_QUIET = 1.0
+LIVENESS_WINDOW = 15.0
+# Introduction: a new tunnel on a UDP path sends an authenticated dummy every LIVENESS_QUIET seconds until
+# the peer's first packet arrives, for at most INTRODUCE_WINDOW seconds. The side behind PAT must speak
+# first (its mapping toward the peer exists only once it sends), and only an authenticated packet may
+# teach the peer that mapping; waiting for the first data packet or keepalive could take 25 s.
+INTRODUCE_WINDOW = 30.0
 
 
 def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
@@ -90,20 +115,36 @@ class Tunnel:
     endpoint: str | None = None  # host from the netmap (the peer's reported address)
     port: int | None = None
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
+    learned_host: str | None = None  # source of the last authenticated raw ESP packet (roaming on the esp path)
+    peer_class: str = "unknown"  # the peer's NAT class from the view: why the server chose this path
+    path_since: float = 0.0  # when the tunnel took its current path (a stream path introduces itself after)
     outbound: OutboundSA | None = None
     inbound_spis: set[int] = field(default_factory=set)
     queue: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
     last_sent: float = 0.0
-    last_received: float = 0.0
+    last_received: float = 0.0  # any authenticated packet, liveness dummies included
+    last_data: float = 0.0  # the last authenticated packet that carried data
+    last_probe: float = 0.0  # the last liveness or introduction dummy sent
+    keyed_at: float = 0.0  # when the first outbound SA arrived (the introduction window starts)
     tx: int = 0
     rx: int = 0
+
+    def known_host(self) -> str | None:
+        """The host this peer's authenticated packets come from (or the netmap says): never rate-limited."""
+        if self.learned is not None:
+            return self.learned[0]
+        return self.learned_host or self.endpoint
+
+    def punching(self, now: float) -> bool:
+        """Hole punching goes on until the peer's first authenticated packet, or for PUNCH_SECONDS."""
+        return self.path == "punch" and now < self.punch_until and not self.last_received
 
     def address(self, path: str) -> tuple[str, int] | None:
         if path in UDP_PATHS:
             if self.learned is not None:
                 return self.learned
             return (self.endpoint, self.port) if self.endpoint and self.port else None
-        host = self.learned[0] if self.learned is not None else self.endpoint
+        host = self.learned_host or (self.learned[0] if self.learned is not None else self.endpoint)
         return (host, 0) if host else None
 
 
@@ -133,6 +174,7 @@ class DataPlane:
             tun.complete_checksums = not partial_checksums
         self.forced_path = None if path == "auto" else path  # an operator's override on this node
         self.nat_probe: NatProbe | None = None  # fed the reflector's answers (control datagrams)
+        self.tcp: TcpPaths | None = None  # the TCP/443 and relay streams; None: those paths are unavailable
         self.exit_node = exit_node
         self.exempt = exempt or []  # hosts never routed through an exit node: the control server
         self.exit_via: str | None = None  # the source address of the exit route while it is installed
@@ -142,6 +184,10 @@ class DataPlane:
         self.flows = FlowTable()
         self.tunnels: dict[str, Tunnel] = {}
         self.spis: dict[int, tuple[InboundSA, str]] = {}
+        self.native: dict[str, Translation] = {}  # peer -> RNAT, for peers met in a native VPN
+        self.overloaded: frozenset[str] = frozenset()  # peers whose native address another peer shares
+        self.portmap = PortMap()
+        self.source_limiter = SourceLimiter()  # forged tags cost a decryption each: limited per source (D16)
         self.keepalive = 25.0
         self.mtu = tunnel_mtu(1400, "udp")
         self._stop = threading.Event()
@@ -153,6 +199,8 @@ class DataPlane:
         """Take a new netmap: peers, routes, ACLs; peers that left lose their SAs at once."""
         self.peers = PeerTable(view, exit_node=self.exit_node)
         self.policy = Policy(view)
+        self.native = plan(view)
+        self.overloaded = frozenset(name for sharing in self.peers.shared.values() for name in sharing)
         for name in [n for n in self.tunnels if n not in view.peers]:
             self.remove_peer(name)
         now = time.monotonic()
@@ -160,11 +208,14 @@ class DataPlane:
             tunnel = self.tunnels.setdefault(name, Tunnel(name))
             previous = tunnel.address(tunnel.path)
             tunnel.endpoint, tunnel.port = _pick_endpoint([peer.endpoint] if peer.endpoint else peer.endpoints)
+            tunnel.peer_class = peer.nat_class
             path = self.forced_path or peer.path or "udp"
             if path == "esp" and self.wire.esp is None:
                 path = "udp"
             if path == "punch" and (tunnel.path != "punch" or tunnel.address("punch") != previous):
                 tunnel.punch_until = now + PUNCH_SECONDS  # a new pair, or the peer's mapping moved: punch again
+            if path != tunnel.path:
+                tunnel.path_since = now
             tunnel.path = path
         if view.vpns:
             self.keepalive = float(min(v.keepalive for v in view.vpns.values()))
@@ -178,7 +229,11 @@ class DataPlane:
         self.tun.set_mtu(self.mtu)
         addresses = []
         routes = []
+        native = []  # (peer's real address, ours): captured by policy routing, not by an address on the TUN
         for vpn in view.vpns.values():
+            if vpn.addressing == "native":
+                native += [(p.vips[vpn.name], vpn.vip) for p in view.peers.values() if vpn.vip and vpn.name in p.vips]
+                continue
             subnet = ipaddress.ip_network(vpn.subnet, strict=False)
             addresses.append((vpn.vip, subnet.prefixlen))
         for peer in view.peers.values():
@@ -186,10 +241,11 @@ class DataPlane:
                 if ipaddress.ip_network(route.cidr).prefixlen == 0:
                     continue  # a default route goes in the exit table (below), never in main
                 mine = view.vpns.get(route.vpn)
-                if mine is not None:
+                if mine is not None and mine.vip:
                     routes.append((route.cidr, mine.vip))
         self.tun.set_addresses(addresses)
         self.tun.set_routes(routes)
+        self.tun.set_native_routes(native, EXIT_MARK, self.exempt, self.wire.port)
         exit_via = None
         exit_peer = view.peers.get(self.exit_node) if self.exit_node else None
         if exit_peer is not None:
@@ -219,6 +275,8 @@ class DataPlane:
         for spi in tunnel.inbound_spis - wanted:
             self.spis.pop(spi, None)
         tunnel.inbound_spis = wanted
+        if outbound is not None and not tunnel.keyed_at:
+            tunnel.keyed_at = time.monotonic()
         tunnel.outbound = outbound
         self._wake()
 
@@ -253,6 +311,11 @@ class DataPlane:
                 counters["out_malformed"] += 1
                 continue
             route = peers.outbound(summary.version, summary.dst)
+            if route is not None and peers.shared and (summary.version, summary.dst) in peers.shared:
+                route, packet = self._disambiguate(packet, summary, now)
+                if route is None:
+                    counters["out_native_ambiguous"] += 1  # no flow from one of the peers behind that PAT
+                    continue
             if route is None:
                 counters["out_no_route"] += 1
                 answer = self._unreachable(packet, summary.version)
@@ -280,6 +343,18 @@ class DataPlane:
             tunnel.queue.append((now, packet))
             counters["out_queued"] += 1
         return answers
+
+    def _disambiguate(self, packet: bytes, summary: Summary, now: float) -> tuple[Route | None, bytes]:
+        """A packet to a native address several peers share: the port map names the peer (nodeagent/patmap.py)."""
+        mutable = bytearray(packet)
+        superpacket = type(packet) is SuperPacket
+        peer = self.portmap.outbound(mutable, summary, now, adjust=not (self.partial_checksums or superpacket))
+        if peer is None:
+            return None, packet
+        rewritten = SuperPacket(mutable) if superpacket else bytes(mutable)
+        if superpacket:
+            rewritten.gso = packet.gso  # type: ignore[attr-defined]
+        return self.peers.shared[(summary.version, summary.dst)].get(peer), rewritten
 
     def _send_batch(self, batch: list[tuple[Tunnel, bytes]], now: float) -> list[tuple[Tunnel, bytes]]:
         """Seal and send a batch; returns what could not be sent yet (to hold), in order.
@@ -334,11 +409,10 @@ class DataPlane:
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         sa = tunnel.outbound
         path = tunnel.path
+        if path in TCP_PATHS:
+            return self._send_stream(tunnel, packet, now)
         address = tunnel.address(path)
         if sa is None or address is None:
-            return False
-        if path not in UDP_PATHS and path != "esp":
-            self.counters["out_path_unavailable"] += 1  # tcp443 and relay are not built yet: held, then ICMP
             return False
         try:
             sealed = sa.seal(packet)
@@ -355,6 +429,34 @@ class DataPlane:
         tunnel.last_sent = now
         tunnel.tx += 1
         self.counters["out_packets"] += 1
+        return True
+
+    def _send_stream(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
+        """TCP/443 or relay: seal as on every path, hand to the stream; False holds the packet for later."""
+        sa, paths, path = tunnel.outbound, self.tcp, tunnel.path
+        if sa is None:
+            return False
+        if paths is None:
+            self.counters["out_path_unavailable"] += 1  # no TcpPaths (a data plane built without one): held
+            return False
+        if not paths.can_send(tunnel.peer):
+            self.counters[f"out_{path}_waiting"] += 1  # stream still connecting / relay not authenticated: held
+            return False
+        try:
+            sealed = sa.seal(packet)
+        except RekeyRequired:
+            self.counters["out_rekey_wait"] += 1
+            return False
+        except EspParseError:
+            self.counters["out_malformed"] += 1
+            return True
+        if paths.send(tunnel.peer, sealed):
+            tunnel.last_sent = now
+            tunnel.tx += 1
+            self.counters[f"out_{path}"] += 1
+            self.counters["out_packets"] += 1
+        else:
+            self.counters[f"out_{path}_dropped"] += 1  # the stream's send buffer is full: dropped, TCP resends
         return True
 
     def _unreachable(self, packet: bytes, version: int) -> bytes | None:
@@ -408,7 +510,26 @@ class DataPlane:
             self._open(esp, source, False, delivered)
         return delivered
 
-    def _open(self, esp: memoryview, source: tuple[str, int], udp: bool, delivered: list[memoryview]) -> None:
+    def inbound_stream(self, frames: list[tuple[bytes, int]]) -> list[memoryview]:
+        """ESP that came over a TLS stream (tcp443 or relay), each with its stream id: once a packet has
+        authenticated, the peer is answered on that stream (``TcpPaths.bind``). The stream stands for the
+        source address (``stream:ID``): forged tags on one stream get that stream limited, not the others."""
+        delivered: list[memoryview] = []
+        paths = self.tcp
+        for esp, stream_id in frames:
+            bind = None if paths is None else (lambda peer, sid=stream_id: paths.bind(sid, peer))
+            self._open(memoryview(esp), (f"stream:{stream_id}", 0), False, delivered, bind)
+        self.counters["in_stream_packets"] += len(frames)
+        return delivered
+
+    def _open(
+        self,
+        esp: memoryview,
+        source: tuple[str, int],
+        udp: bool,
+        delivered: list[memoryview],
+        on_authenticated: Callable[[str], None] | None = None,
+    ) -> None:
         counters = self.counters
         try:
             spi, _ = parse_header(esp)
@@ -420,13 +541,21 @@ class DataPlane:
             counters[f"in_{DropReason.UNKNOWN_SPI.value}"] += 1
             return
         sa, peer = entry
-        result = sa.open(esp)
-        if isinstance(result, DropReason):
-            counters[f"in_{result.value}"] += 1
-            return
         tunnel = self.tunnels.get(peer)
         if tunnel is None:
             counters["in_unknown_peer"] += 1
+            return
+        limiter = self.source_limiter
+        host = source[0]
+        if limiter and not limiter.allow(host, time.monotonic()) and host != tunnel.known_host():
+            counters["in_rate_limited"] += 1  # this source forged too many tags: not worth a decryption
+            return
+        result = sa.open(esp)
+        dummy = result is DropReason.DUMMY  # authenticated and recorded, but carries nothing: a liveness probe
+        if isinstance(result, DropReason) and not dummy:
+            counters[f"in_{result.value}"] += 1
+            if result is DropReason.AUTH_FAILED and host != tunnel.known_host():
+                limiter.failed(host, time.monotonic())
             return
         # Authenticated: only now may the packet teach us where the peer is (roaming, PAT).
         if udp and tunnel.learned != source:
@@ -434,9 +563,25 @@ class DataPlane:
                 counters["endpoint_moved"] += 1
                 log.info("peer %s now at %s:%d (was %s:%d)", peer, *source, *tunnel.learned)
             tunnel.learned = source
-        tunnel.last_received = time.monotonic()
+        elif on_authenticated is not None:
+            on_authenticated(peer)  # a TLS stream (tcp443, relay): answer on it; its address teaches nothing
+        elif not udp and tunnel.learned_host != source[0]:
+            if tunnel.learned_host is not None:
+                counters["endpoint_moved"] += 1
+                log.info("peer %s now at %s (was %s)", peer, source[0], tunnel.learned_host)
+            tunnel.learned_host = source[0]
+        now = tunnel.last_received = time.monotonic()
+        if dummy:
+            counters["in_dummy"] += 1
+            return
+        tunnel.last_data = now
         tunnel.rx += 1
         inner = result.inner
+        translation = self.native.get(peer)
+        if translation is not None:
+            inner = self._native_inbound(translation, peer, inner)
+            if inner is None:
+                return
         try:
             summary = summarize(inner)
         except PacketError:
@@ -462,23 +607,107 @@ class DataPlane:
         counters["in_packets"] += 1
         delivered.append(inner)
 
+    def _native_inbound(self, translation: Translation, peer: str, inner: memoryview) -> memoryview | None:
+        """RNAT (nodeagent/rnat.py), then port overloading when the peer's address is shared; None: dropped."""
+        packet = bytearray(inner)
+        if translation.inbound(packet):
+            self.counters["in_rnat"] += 1
+        if peer in self.overloaded:
+            try:
+                summary = summarize(packet)
+            except PacketError:
+                self.counters["in_malformed_inner"] += 1
+                return None
+            if not self.portmap.inbound(peer, packet, summary, time.monotonic()):
+                self.counters["in_portmap_full"] += 1
+                return None
+        return memoryview(packet)
+
+    def keepalives(self, now: float) -> None:
+        """Authenticated keepalives: dummy ESP packets (next header 59) that the peer opens and drops.
+
+        Being authenticated, each one may teach the peer where this node is now (its PAT mapping, a
+        new address), which an unauthenticated keepalive must not. Sent for three reasons, counted
+        apart: ``out_keepalive`` every keepalive interval on UDP paths (holds the NAT mapping),
+        ``out_introduce`` until a new peer first answers (see INTRODUCE_WINDOW), ``out_liveness``
+        when a peer that sent data falls silent (see LIVENESS_QUIET). The outbound thread runs this:
+        only it seals (an SA's sequence counter is not shared).
+        """
+        for tunnel in list(self.tunnels.values()):
+            path = tunnel.path
+            sa = tunnel.outbound
+            if sa is None or (path not in UDP_PATHS and path != "esp") or tunnel.punching(now):
+                continue  # while punching, tick() sends the (low-TTL first) punches instead
+            reason = None
+            if path != "esp" and now - tunnel.last_sent >= self.keepalive:
+                reason = "out_keepalive"
+            elif now - tunnel.last_probe < LIVENESS_QUIET:
+                continue
+            elif path != "esp" and not tunnel.last_received and now - tunnel.keyed_at <= INTRODUCE_WINDOW:
+                reason = "out_introduce"
+            elif LIVENESS_QUIET <= now - tunnel.last_data <= LIVENESS_WINDOW and (
+                now - tunnel.last_received >= LIVENESS_QUIET
+            ):
+                reason = "out_liveness"
+            address = tunnel.address(path)
+            if reason is None or address is None:
+                continue
+            try:
+                sealed = sa.seal_dummy()
+            except RekeyRequired:
+                continue
+            if path == "esp":
+                self.wire.send_esp(sealed, address[0])
+            else:
+                self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
+            tunnel.last_probe = tunnel.last_sent = now
+            self.counters[reason] += 1
+
+    def introduce_streams(self, now: float) -> None:
+        """Dummies over a new tcp443/relay path until the peer's stream is bound (``out_introduce_stream``).
+
+        The end that is dialled learns which stream is the peer's only from an authenticated packet;
+        a dummy once a second (for at most INTRODUCE_WINDOW seconds after the path was taken) gives it
+        one before any data flows. The outbound thread runs this: only it seals.
+        """
+        paths = self.tcp
+        if paths is None:
+            return
+        for tunnel in list(self.tunnels.values()):
+            sa = tunnel.outbound
+            if sa is None or tunnel.path not in TCP_PATHS or now - tunnel.path_since > INTRODUCE_WINDOW:
+                continue
+            if now - tunnel.last_probe < 1.0 or paths.is_bound(tunnel.peer) or not paths.can_send(tunnel.peer):
+                continue
+            try:
+                sealed = sa.seal_dummy()
+            except RekeyRequired:
+                continue
+            if paths.send(tunnel.peer, sealed):
+                tunnel.last_probe = tunnel.last_sent = now
+                self.counters["out_introduce_stream"] += 1
+
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
-        """Keepalives for UDP paths and flow expiry (the inbound thread's chores; it seals nothing)."""
+        """Hole punching and flow expiry (the inbound thread's chores; it seals nothing).
+
+        Punches are unauthenticated one-byte keepalives: they may go out before the SAs exist, and
+        they open NAT mappings without teaching the peer anything. Keepalives proper are
+        authenticated and sent by the outbound thread (``keepalives``).
+        """
         for tunnel in list(self.tunnels.values()):
-            if tunnel.path not in UDP_PATHS:
+            if tunnel.path != "punch" or not tunnel.punching(now):
                 continue
             address = tunnel.address(tunnel.path)
-            if address is None:
+            if address is None or now - tunnel.last_sent < PUNCH_INTERVAL:
                 continue
-            punching = now < tunnel.punch_until and tunnel.rx == 0
-            interval = PUNCH_INTERVAL if punching else self.keepalive
-            if (tunnel.outbound is not None or punching) and now - tunnel.last_sent >= interval:
-                low = punching and now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
-                self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
-                tunnel.last_sent = now
-                self.counters["out_punch" if punching else "out_keepalive"] += 1
+            low = now < tunnel.punch_until - PUNCH_SECONDS + PUNCH_LOW_TTL_SECONDS
+            self.wire.send_udp(KEEPALIVE, address, ttl=PUNCH_LOW_TTL if low else None)
+            tunnel.last_sent = now
+            self.counters["out_punch"] += 1
         self.flows.sweep(now)
+        if len(self.portmap):
+            self.portmap.sweep(now)
 
     # ------------------------------------------------------------------ threads
     def start(self) -> None:
@@ -512,10 +741,16 @@ class DataPlane:
         tun = self.tun
         assert tun is not None
         # Only this thread seals: an OutboundSA's counter is not shared between threads (no IV reuse).
+        next_probe = time.monotonic()
         while not self._stop.is_set():
             ready, _, _ = select.select([tun.fd, self._wake_r], [], [], TICK_INTERVAL)
             if self._wake_r in ready:
                 _drain(self._wake_r)
+            now = time.monotonic()
+            if now >= next_probe:
+                next_probe = now + TICK_INTERVAL
+                self.keepalives(now)
+                self.introduce_streams(now)
             if any(t.queue for t in list(self.tunnels.values())):
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if tun.fd in ready:
@@ -526,11 +761,20 @@ class DataPlane:
     def _inbound_loop(self) -> None:
         tun = self.tun
         assert tun is not None
-        sockets = self.wire.sockets()
+        sockets: list[Any] = list(self.wire.sockets())
+        paths = self.tcp
+        stream_fd = paths.fileno() if paths is not None else -1
+        if paths is not None:
+            sockets.append(stream_fd)
         next_tick = time.monotonic() + TICK_INTERVAL
         while not self._stop.is_set():
             ready, _, _ = select.select(sockets, [], [], TICK_INTERVAL)
             for sock in ready:
+                if paths is not None and sock == stream_fd:
+                    delivered = self.inbound_stream(paths.recv_batch(BATCH))
+                    if delivered:
+                        self.counters["tun_write_refused"] += tun.write_batch(delivered)
+                    continue
                 batch = self.wire.recv_batch(sock, BATCH)
                 delivered = self.inbound_udp(batch) if sock is self.wire.udp else self.inbound_esp(batch)
                 if delivered:
@@ -553,15 +797,24 @@ class DataPlane:
                 "tx_packets": tunnel.tx,
                 "rx_packets": tunnel.rx,
                 "queued": len(tunnel.queue),
+                "peer_class": tunnel.peer_class,
             }
+            if tunnel.path in TCP_PATHS:
+                peers[name]["stream"] = self.tcp.peer_state(name) if self.tcp is not None else "no TCP paths"
         return {
             "tun": self.tun.name if self.tun else None,
             "mtu": self.mtu,
             "udp_port": self.wire.port,
             "path": self.forced_path or "auto",
             "peers": peers,
+            "portmap": [
+                {"peer": m.peer, "proto": m.proto, "original": m.original, "public": m.public}
+                for m in self.portmap.mappings()
+            ],
             "counters": dict(sorted(self.counters.items())),
+            "rate_limited_sources": len(self.source_limiter),
             "batching": self._batching(),
+            **({"tcp": self.tcp.status()} if self.tcp is not None else {}),
         }
 
     def _batching(self) -> dict[str, int]:

@@ -31,6 +31,7 @@ ANSWER_SIZE = _ANSWER.size
 PROBE_WAIT = 1.5  # seconds to wait for both answers before concluding
 PROBE_INTERVAL = 30.0  # seconds between probes (a NAT may remap; roaming changes everything)
 PROBE_TRIES = 3  # probes sent before concluding that UDP is blocked
+BLOCKED_INTERVAL = 10.0  # seconds between probes while UDP is blocked: its return moves peers back to UDP sooner
 
 OPEN = "open"  # the other port's answer arrived: unsolicited packets get in (public host or 1:1 NAT)
 RESTRICTED = "restricted"  # only answers from where we sent get in (a PAT, or a stateful firewall)
@@ -119,7 +120,7 @@ class NatProbe:
         else:
             new = NatReport("", BLOCKED)
         self._nonce, self._tries = b"", 0
-        self._next = now + PROBE_INTERVAL
+        self._next = now + (BLOCKED_INTERVAL if new.filtering == BLOCKED else PROBE_INTERVAL)
         changed = new != self.report
         self.report = new
         return changed

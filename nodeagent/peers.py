@@ -10,6 +10,11 @@ A node in several VPNs has one address per VPN; the table also keeps, per
 VPN, which destinations this node accepts (its own address there and the
 subnets it is the gateway for), which is what keeps one VPN's traffic from
 being forwarded into another.
+
+Native addressing: a peer's address is its real one as this node reaches
+it, so two peers behind one PAT share an address. Such an address is kept
+with every peer that has it (``shared``): any of them may send from it,
+and outbound the PAT-ambiguity map (nodeagent/patmap.py) picks the peer.
 """
 
 from __future__ import annotations
@@ -71,13 +76,19 @@ class PeerTable:
         self.local_address: dict[str, int] = {}
         self._accepts: dict[str, list[tuple[int, int, int, int]]] = {}  # VPN -> (version, network, mask, length)
         self.exit_node = exit_node
+        # (version, address) -> peer -> route: native addresses several peers share (behind one PAT)
+        self.shared: dict[tuple[int, int], dict[str, Route]] = {}
+        native = {name for name, vpn in view.vpns.items() if vpn.addressing == "native"}
         for name, vpn in view.vpns.items():
+            if not vpn.vip:
+                continue  # native, and this node has not reported its address yet
             self.local_address[name] = int(ipaddress.ip_address(vpn.vip))
             networks = [_network(vpn.vip)] + [_network(cidr) for cidr in vpn.routes]
             self._accepts[name] = [(n.version, int(n.network_address), int(n.netmask), n.prefixlen) for n in networks]
         for peer in view.peers.values():
             for vpn, vip in peer.vips.items():
-                self._add(_network(vip), Route(peer.name, vpn, 32 if ":" not in vip else 128))
+                route = Route(peer.name, vpn, 32 if ":" not in vip else 128)
+                self._add(_network(vip), route, shareable=vpn in native)
             for route in peer.routes:
                 network = _network(route.cidr)
                 if network.prefixlen == 0 and peer.name != exit_node:
@@ -86,9 +97,16 @@ class PeerTable:
                     continue
                 self._add(network, Route(peer.name, route.vpn, network.prefixlen))
 
-    def _add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, route: Route) -> None:
+    def _add(
+        self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, route: Route, shareable: bool = False
+    ) -> None:
         table = self._v4 if network.version == 4 else self._v6
         if not table.add(network, route):
+            key = (network.version, int(network.network_address))
+            first = table.lookup(key[1])
+            if shareable and first is not None and first.prefix_length == route.prefix_length:
+                self.shared.setdefault(key, {first.peer: first})[route.peer] = route
+                return
             self.conflicts.append(f"{network} claimed by {route.peer} in {route.vpn} and by another peer")
             log.warning("route conflict: %s", self.conflicts[-1])
 
@@ -105,6 +123,8 @@ class PeerTable:
     def sender_owns(self, peer: str, version: int, source: int) -> Route | None:
         """The route by which *peer* may send from *source*, or None (cryptokey routing, inbound)."""
         route = self.lookup(version, source)
+        if route is not None and route.peer != peer and self.shared:
+            route = self.shared.get((version, source), {}).get(peer)
         return route if route is not None and route.peer == peer else None
 
     def accepts(self, vpn: str, version: int, destination: int) -> bool:

@@ -2,9 +2,14 @@
 
 Implements RFC 4303 section 3.4.3 (sequence number verification) and
 appendix A2 (extended sequence numbers: the window over 64-bit numbers, and
-A2.2, inferring the high 32 bits from the 32 on the wire), with the window
-kept as in RFC 6479: a ring of 64-bit words, one more than the window needs,
-so that moving forward zeroes whole words and never shifts bits.
+A2.2, inferring the high 32 bits from the 32 on the wire). The window is a
+bitmap in one Python int: bit ``i`` says whether ``top - i`` was accepted.
+Moving forward is one shift, checking one shift and one AND: a few integer
+operations done in C per packet, where a ring of words (RFC 6479) costs
+several interpreted steps. Bits above the window are never read, so they
+are trimmed only when ``top`` crosses a multiple of the size (the bitmap
+stays under 2 x size + 1 bits without a mask per packet). Sizes stay whole 64-bit words,
+as in the kernel and RFC 6479 implementations, so configurations carry over.
 
 Stages, in the order an inbound packet meets them (esp.py drives them):
 
@@ -20,6 +25,9 @@ Stages, in the order an inbound packet meets them (esp.py drives them):
 
 The window covers the ``size`` numbers ``top - size + 1 .. top``; anything at
 or below ``top - size`` is too old. Verdicts are values; the caller counts them.
+The verdicts are also module constants (``OK``, ``TOO_OLD``, ...): on CPython
+3.11 reading ``ReplayVerdict.OK`` is a descriptor call of about 100 ns, a
+global is not, and the hot path compares against them per packet.
 """
 
 from __future__ import annotations
@@ -31,13 +39,9 @@ from nodeagent.constants import (
     REPLAY_WINDOW_MINIMUM,
     REPLAY_WORD_BITS,
     SEQ_FIRST,
-    SEQ_LOW_BITS,
     SEQ_LOW_MASK,
     SEQ_MAX_ESN,
 )
-
-_WORD_SHIFT = REPLAY_WORD_BITS.bit_length() - 1  # seq >> 6 is the word, seq & 63 the bit
-_BIT_MASK = REPLAY_WORD_BITS - 1
 
 
 class ReplayVerdict(enum.Enum):
@@ -49,36 +53,35 @@ class ReplayVerdict(enum.Enum):
     BEYOND_LIMIT = "beyond_limit"  # past the SA's last sequence number: the SA is spent
 
 
+OK = ReplayVerdict.OK
+TOO_OLD = ReplayVerdict.TOO_OLD
+DUPLICATE = ReplayVerdict.DUPLICATE
+BEYOND_LIMIT = ReplayVerdict.BEYOND_LIMIT
+
+
 def infer_esn(top: int, seq_low: int, size: int) -> int:
     """Return the candidate 64-bit sequence number for *seq_low* (RFC 4303 A2.2).
 
     *top* is the highest authenticated sequence number (64-bit), *size* the
-    window size W. With Tl, Th the low and high halves of *top* and
-    Bl = Tl - W + 1:
-
-    - case A, Tl >= W - 1 (the window lies within one 2**32 subspace):
-      Seql >= Bl -> Th, else Th + 1 (the packet is ahead, in the next subspace);
-    - case B, Tl < W - 1 (the window straddles a subspace boundary):
-      Seql >= Bl mod 2**32 -> Th - 1 (the older part of the window), else Th.
+    window size W. A2.2 distinguishes the window lying within one 2**32
+    subspace (Tl >= W - 1) from straddling a boundary; both cases say the
+    same thing: the number is the one whose low half is *seq_low* in the
+    2**32 numbers that start at the window's bottom edge ``top - W + 1``.
+    That is one subtraction modulo 2**32 from the edge
+    (tests/unit/test_replay.py checks it against the two cases spelled out).
 
     The result is the RFC's arithmetic without wrapping: it is below 1 when
     Th - 1 would precede the SA (Th = 0), and above 2**64 - 1 when Th + 1
     would follow the last subspace; ``ReplayWindow.check`` refuses both.
     """
-    top_low = top & SEQ_LOW_MASK
-    top_high = top >> SEQ_LOW_BITS
-    bottom_low = (top_low - size + 1) & SEQ_LOW_MASK
-    if top_low >= size - 1:
-        high = top_high if seq_low >= bottom_low else top_high + 1
-    else:
-        high = top_high - 1 if seq_low >= bottom_low else top_high
-    return (high << SEQ_LOW_BITS) + seq_low
+    bottom = top - size + 1
+    return bottom + ((seq_low - bottom) & SEQ_LOW_MASK)
 
 
 class ReplayWindow:
-    """The receive window of one inbound SA: a bitmap ring of 64-bit words."""
+    """The receive window of one inbound SA: a bitmap in an int, bit ``i`` for ``top - i``."""
 
-    __slots__ = ("_nwords", "_words", "limit", "size", "top")
+    __slots__ = ("_mask", "bits", "limit", "size", "top")
 
     def __init__(self, size: int = REPLAY_WINDOW_DEFAULT, limit: int = SEQ_MAX_ESN) -> None:
         if size < REPLAY_WINDOW_MINIMUM or size % REPLAY_WORD_BITS:
@@ -88,25 +91,23 @@ class ReplayWindow:
         self.size = size
         self.limit = limit
         self.top = 0  # RFC 4303 3.4.3: the receive counter starts at 0 (nothing received)
-        self._nwords = size // REPLAY_WORD_BITS + 1  # RFC 6479: one spare word
-        self._words = [0] * self._nwords
+        self.bits = 0
+        self._mask = (1 << size) - 1
 
     def infer(self, seq_low: int) -> int:
-        """The candidate 64-bit sequence number of a packet carrying *seq_low*."""
-        return infer_esn(self.top, seq_low, self.size)
+        """The candidate 64-bit sequence number of a packet carrying *seq_low* (see ``infer_esn``)."""
+        bottom = self.top - self.size + 1
+        return bottom + ((seq_low - bottom) & SEQ_LOW_MASK)
 
     def check(self, seq: int) -> ReplayVerdict:
         """May a packet with sequence number *seq* be authenticated? Changes nothing."""
-        if seq > self.limit:
-            return ReplayVerdict.BEYOND_LIMIT
-        if seq > self.top:
-            return ReplayVerdict.OK
-        if seq < SEQ_FIRST or seq <= self.top - self.size:
-            return ReplayVerdict.TOO_OLD
-        word = self._words[(seq >> _WORD_SHIFT) % self._nwords]
-        if word >> (seq & _BIT_MASK) & 1:
-            return ReplayVerdict.DUPLICATE
-        return ReplayVerdict.OK
+        top = self.top
+        if seq > top:
+            return OK if seq <= self.limit else BEYOND_LIMIT
+        offset = top - seq
+        if offset >= self.size or seq < SEQ_FIRST:
+            return TOO_OLD
+        return DUPLICATE if self.bits >> offset & 1 else OK
 
     def accept(self, seq: int) -> ReplayVerdict:
         """Record *seq* of a packet that authenticated; returns the verdict that applied.
@@ -114,26 +115,32 @@ class ReplayWindow:
         Anything but ``OK`` means the packet must be dropped after all (a copy
         or a far newer packet was accepted since ``check``) and nothing changed.
         """
-        verdict = self.check(seq)
-        if verdict is not ReplayVerdict.OK:
-            return verdict
-        if seq > self.top:
-            self._advance(seq)
-        index = (seq >> _WORD_SHIFT) % self._nwords
-        self._words[index] |= 1 << (seq & _BIT_MASK)
-        return verdict
+        top = self.top
+        if seq > top:
+            if seq > self.limit:
+                return BEYOND_LIMIT
+            shift = seq - top
+            if shift >= self.size:
+                self.bits = 1
+            elif (seq ^ top) < self.size:  # still in the same size-aligned block: no trim
+                self.bits = self.bits << shift | 1
+            else:  # crossing into the next block: drop the bits that fell out of the window
+                self.bits = (self.bits << shift | 1) & self._mask
+            self.top = seq
+            return OK
+        offset = top - seq
+        if offset >= self.size or seq < SEQ_FIRST:
+            return TOO_OLD
+        bit = 1 << offset
+        bits = self.bits
+        if bits & bit:
+            return DUPLICATE
+        self.bits = bits | bit
+        return OK
 
-    def _advance(self, seq: int) -> None:
-        """Move the top to *seq*, zeroing the words that come into the window (RFC 6479)."""
-        current = self.top >> _WORD_SHIFT
-        steps = min((seq >> _WORD_SHIFT) - current, self._nwords)
-        for step in range(1, steps + 1):
-            self._words[(current + step) % self._nwords] = 0
-        self.top = seq
-
-    def snapshot(self) -> tuple[int, tuple[int, ...]]:
-        """The whole state as a value (top and bitmap), to compare before and after."""
-        return self.top, tuple(self._words)
+    def snapshot(self) -> tuple[int, int]:
+        """The whole state as a value (top and the bitmap of the window), to compare before and after."""
+        return self.top, self.bits & self._mask
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, top={self.top})"

@@ -325,12 +325,20 @@ class TcpPaths:
         self.routes: dict[str, Route] = {}
         self._clients: dict[tuple[str, int], StreamClient] = {}  # one outbound stream per peer address
         self._bound: dict[str, int] = {}  # peer -> id of the stream its authenticated packets arrived on
+        # peer -> id of the newest accepted stream whose HELLO named it: where to send before anything
+        # authenticated (a peer that dials us may have nothing to send yet). Only a hint: a liar gets
+        # sealed packets it cannot read, until the real peer's first authenticated packet binds its stream.
+        self._hinted: dict[str, int] = {}
         self.relay: RelayClient | None = None
         self.server: StreamServer | None = None
+        self.loop.start()
         if listen is not None:
             host, port = listen
-            self.server = StreamServer(self.loop, lambda: self, host=host, port=port, cert=cert, key=key, mark=mark)
-        self.loop.start()
+            try:
+                self.server = StreamServer(self.loop, lambda: self, host=host, port=port, cert=cert, key=key, mark=mark)
+            except OSError:
+                self.close()  # the port is taken: nothing of this object stays behind
+                raise
 
     @property
     def port(self) -> int | None:
@@ -395,7 +403,67 @@ class TcpPaths:
                 return self._count(True)
         if route.relay and relay is not None:  # also the fallback while a direct stream is down
             return self._count(relay.send_to(peer, esp))
+        hinted = self._hinted_stream(peer)
+        if hinted is not None:
+            return self._count(hinted.enqueue(esp))
         return self._count(False)
+
+    def _hinted_stream(self, peer: str) -> Stream | None:
+        sid = self._hinted.get(peer)
+        stream = self.loop.streams.get(sid) if sid is not None else None
+        return stream if stream is not None and stream.open else None
+
+    def can_send(self, peer: str) -> bool:
+        """Whether ``send`` has somewhere to put *peer*'s packets now (a stream open or connecting, the relay
+        authenticated): the data plane holds packets briefly instead of sealing them for nothing."""
+        relay = self.relay
+        sid = self._bound.get(peer)
+        if sid is not None:
+            if relay is not None and sid == relay.stream_id:
+                return True
+            stream = self.loop.streams.get(sid)
+            if stream is not None and stream.open:
+                return True
+        route = self.routes.get(peer)
+        if route is None:
+            return False
+        if route.address is not None:
+            client = self._clients.get(route.address)
+            if client is not None and client.stream is not None:
+                return True
+        if route.relay and relay is not None and relay.authenticated:
+            return True
+        return self._hinted_stream(peer) is not None
+
+    def peer_state(self, peer: str) -> str:
+        """One line for `agent status`: which stream carries *peer*'s packets and in what state."""
+        relay = self.relay
+        sid = self._bound.get(peer)
+        route = self.routes.get(peer)
+        if sid is not None and relay is not None and sid == relay.stream_id:
+            return f"via relay {relay.settings.host}:{relay.settings.port} (authenticated)"
+        stream = self.loop.streams.get(sid) if sid is not None else None
+        if stream is not None and stream.open:
+            how = "dialled" if stream.initiator else "accepted"
+            return f"stream {stream.id} {how} {stream.address[0]}:{stream.address[1]} ({stream.state})"
+        if route is None:
+            return "no route"
+        if route.address is not None:
+            client = self._clients.get(route.address)
+            state = client.stream.state if client is not None and client.stream is not None else "down"
+            error = f", last error: {client.last_error}" if client is not None and client.last_error else ""
+            return f"dialling {route.address[0]}:{route.address[1]} ({state}{error})"
+        hinted = self._hinted_stream(peer)
+        if hinted is not None:
+            return f"stream {hinted.id} accepted {hinted.address[0]}:{hinted.address[1]} (hello {peer}, unverified)"
+        if route.relay:
+            if relay is None:
+                return "relay not announced yet"
+            if relay.authenticated:
+                return f"via relay {relay.settings.host}:{relay.settings.port} (authenticated)"
+            refused = f", refused: {relay.refused}" if relay.refused else ""
+            return f"relay {relay.settings.host}:{relay.settings.port} (not authenticated{refused})"
+        return "waiting for the peer to dial us"
 
     def _count(self, sent: bool) -> bool:
         self.counters["out_packets" if sent else "out_dropped"] += 1
@@ -410,6 +478,15 @@ class TcpPaths:
         """Up to *limit* received ESP packets, each with the id of the stream it came on."""
         return self.inbound.pop(limit)
 
+    def is_bound(self, peer: str) -> bool:
+        """Whether an authenticated packet of *peer* arrived on a stream that is still open (or the relay)."""
+        sid = self._bound.get(peer)
+        if sid is None:
+            return False
+        relay = self.relay
+        stream = self.loop.streams.get(sid)
+        return (relay is not None and sid == relay.stream_id) or (stream is not None and stream.open)
+
     def bind(self, stream_id: int, peer: str) -> None:
         """An authenticated packet of *peer* came on *stream_id*: answer it there."""
         if self._bound.get(peer) != stream_id:
@@ -422,6 +499,8 @@ class TcpPaths:
 
     def on_close(self, stream: Stream, reason: str) -> None:
         self.counters["streams_closed"] += 1
+        if stream.tag is not None and self._hinted.get(stream.tag) == stream.id:
+            del self._hinted[stream.tag]
 
     def on_message(self, stream: Stream, message: bytes) -> None:
         if is_esp(message):
@@ -434,7 +513,9 @@ class TcpPaths:
             self.counters["in_malformed_control"] += 1
             return
         if kind == HELLO and body:
-            stream.tag = body[1:].decode(errors="replace")  # a hint for logs and status, never trusted
+            stream.tag = body[1:].decode(errors="replace")  # a hint for logs, status and first packets
+            if not stream.initiator:
+                self._hinted[stream.tag] = stream.id
         elif kind != KEEPALIVE:
             self.counters["in_unknown_control"] += 1
 

@@ -37,6 +37,9 @@ TUN_F_TSO6 = 0x04
 READ_SIZE = 65536 + segments.VNET_SIZE
 TUN_PATH = "/dev/net/tun"
 _FIB_RULE_INVERT = 0x2  # `ip rule add not fwmark ...`
+NATIVE_TABLE = 0x7872  # native addressing: host routes to peers' real addresses, for unmarked packets only
+IPPROTO_ESP = 50
+NATIVE_PRIORITY = 0x7860  # before the exit-node rules (0x786F..0x7871) and the main table (32766)
 
 
 class TunError(Exception):
@@ -90,6 +93,8 @@ class Tun:
         self._ipr.link("set", index=self.index, mtu=mtu, state="up")
         self._routes: set[tuple[str, str]] = set()  # (cidr, source address)
         self._exit_rules: list[dict[str, object]] = []
+        self._native_rules: list[dict[str, object]] = []
+        self._native_routes: set[tuple[str, str]] = set()  # (cidr, source address) in NATIVE_TABLE
         log.info("TUN device %s up (index %d, MTU %d)", name, self.index, mtu)
 
     # ------------------------------------------------------------------ configuration
@@ -144,6 +149,55 @@ class Tun:
         for rule in rules:
             self._ipr.rule("add", **rule)
             self._exit_rules.append(rule)
+
+    def set_native_routes(
+        self, routes: Iterable[tuple[str, str]], mark: int, exempt: list[str], udp_port: int = 0
+    ) -> None:
+        """Native addressing: capture what goes to these (cidr, source) peers' real addresses, unless marked.
+
+        A peer's real address is also where the agent's own encapsulated packets
+        go, so the host routes sit in a table of their own that only packets
+        *without* the agent's socket mark (*mark*) consult; the *exempt* hosts
+        (the control server) always use the main table. The encapsulated
+        traffic itself (ESP, and UDP from or to *udp_port*) is also sent to the
+        main table by protocol and port: incoming packets carry no mark, and
+        without that rule strict reverse-path filtering (rp_filter=1) would find
+        the peer's address behind the TUN and drop them. No routes: no rules.
+        """
+        wanted = {(str(ipaddress.ip_network(c, strict=False)), s) for c, s in routes}
+        for cidr, _ in self._native_routes - wanted:
+            with contextlib.suppress(NetlinkError):
+                self._ipr.route("del", dst=cidr, table=NATIVE_TABLE, oif=self.index)
+        for cidr, source in wanted - self._native_routes:
+            try:
+                self._ipr.route("replace", dst=cidr, table=NATIVE_TABLE, oif=self.index, prefsrc=source)
+            except NetlinkError as exc:
+                raise TunError(f"cannot route {cidr} via {self.name} (native addressing): {exc}") from None
+        self._native_routes = wanted
+        if bool(wanted) == bool(self._native_rules):
+            return
+        for rule in self._native_rules:
+            with contextlib.suppress(NetlinkError):
+                self._ipr.rule("del", **rule)
+        self._native_rules = []
+        if not wanted:
+            return
+        rules: list[dict[str, object]] = [
+            dict(table=254, priority=NATIVE_PRIORITY - 1, dst=host, dst_len=32) for host in exempt
+        ]
+        rules.append(dict(table=254, priority=NATIVE_PRIORITY - 2, ip_proto=IPPROTO_ESP))
+        if udp_port:
+            rules.append(
+                dict(table=254, priority=NATIVE_PRIORITY - 3, ip_proto=17, sport_range=f"{udp_port}:{udp_port}")
+            )
+        rules.append(
+            dict(table=NATIVE_TABLE, priority=NATIVE_PRIORITY, fwmark=mark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT)
+        )
+        for rule in rules:
+            with contextlib.suppress(NetlinkError):  # left by a crashed run (rules outlive the device)
+                self._ipr.rule("del", **rule)
+            self._ipr.rule("add", **rule)
+            self._native_rules.append(rule)
 
     def set_mtu(self, mtu: int) -> None:
         if mtu != self.mtu:
@@ -210,6 +264,10 @@ class Tun:
     def close(self) -> None:
         if self._exit_rules:  # rules are not tied to the device: the kernel would keep them
             self.route_all_through(None, int(self._exit_rules[-1]["table"]), [])  # type: ignore[call-overload]
+        for rule in self._native_rules:
+            with contextlib.suppress(NetlinkError):
+                self._ipr.rule("del", **rule)
+        self._native_rules = []
         if self.fd >= 0:
             os.close(self.fd)  # the kernel removes the device, its addresses and its routes
             self.fd = -1

@@ -67,6 +67,8 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
             # The UDP reflector for NAT discovery: two ports above the bus, advertised with the join host.
             "reflector": (config.listen, config.port + REFLECTOR_PORT_OFFSET),
             "reflector_advertise": urlsplit(config.join_endpoints[0]).hostname or "",
+            # The relay, announced in every heartbeat answer: its own listen address if set, else the join host.
+            "relay_advertise": f"{_relay_host(config)}:{config.relay_port}",
         },
         "keydist": {"database_url": url},
         "relay": {
@@ -78,6 +80,13 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
         },
     }
     return SERVICES[name](endpoint, keypair, server_key, **extra[name])
+
+
+def _relay_host(config: ServerConfig) -> str:
+    """The relay host nodes dial: `[relay] listen` when it names one address, else the join host."""
+    if config.relay_listen not in ("", "*", "0.0.0.0", "::"):
+        return config.relay_listen
+    return urlsplit(config.join_endpoints[0]).hostname or config.listen
 
 
 def run_process(name: str, config: ServerConfig, broker: str | None = None) -> None:

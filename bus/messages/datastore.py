@@ -38,6 +38,16 @@ class VpnCreate(_Mutation):
 
 
 @register
+class VpnSet(_Mutation):
+    """Change a VPN's tunnel settings; every member's view carries them (None: leave as is)."""
+
+    KIND = "vpn.set"
+    name: str
+    keepalive: int | None = Field(default=None, ge=1, le=3600)  # seconds between keepalives on UDP paths
+    mtu: int | None = Field(default=None, ge=1280, le=9000)  # the inner MTU (IPv6's minimum up)
+
+
+@register
 class VpnDelete(_Mutation):
     KIND = "vpn.delete"
     name: str
@@ -160,6 +170,8 @@ class VpnInfo(Message):
     topology: str
     members: int
     online: int
+    keepalive: int = 25
+    mtu: int = 1400
 
 
 class MemberInfo(Message):

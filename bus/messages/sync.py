@@ -42,7 +42,7 @@ class VpnView(_Part):
     cipher: str
     mtu: int
     keepalive: int
-    vip: str  # this node's virtual IP in the VPN
+    vip: str  # this node's virtual IP in the VPN; native addressing: its real address ("" until reported)
     role: str
     routes: list[str] = Field(default_factory=list)  # subnets this node is the gateway for
 
@@ -56,7 +56,9 @@ class PeerView(_Part):
     """Another node this node may talk to, with what it needs to reach it."""
 
     name: str
-    vips: dict[str, str]  # vpn -> virtual IP
+    # vpn -> virtual IP; native addressing: the peer's real address as this viewer reaches it (its public
+    # mapping, or its local address on the same site), absent until known
+    vips: dict[str, str]
     roles: dict[str, str]  # vpn -> role
     routes: list[RouteView] = Field(default_factory=list)  # subnets behind it (gateways)
     endpoints: list[str] = Field(default_factory=list)
@@ -232,3 +234,4 @@ class SyncStatus(Message):
     in_sync: bool
     revision: int
     reflector: str = ""  # "host:port" of the server's UDP reflector, for NAT discovery
+    relay: str = ""  # "host:port" of the server's TCP/443 relay (services/relay), for peers on path `relay`

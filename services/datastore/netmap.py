@@ -10,6 +10,14 @@ Who sees whom:
   - a VPN with ACL rules: a peer is listed only if some rule lets traffic
     flow between the two nodes in either direction.
 A peer seen through several VPNs is one entry with one address per VPN.
+
+Native addressing (a VPN created with ``--addressing native``): no virtual
+IPs. A node's address there is its real one (the first IPv4 local address it
+reported), and a peer's is where this viewer reaches it: its public mapping,
+or its local address when both sit behind the same public address (the same
+endpoint the path uses). A peer whose address is not known yet is listed
+without one. The agents' RNAT (nodeagent/rnat.py) makes the inner headers
+agree with these addresses.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from sqlmodel import Session
 
 from bus.messages.sync import AclView, NodeView, PeerView, RouteView, VpnView
 from services.datastore.models import AclRule, Change, GatewayRoute, Membership, Node, Vpn
-from services.datastore.paths import choose_path, pick_endpoint
+from services.datastore.paths import choose_path, native_address, own_native_address, pick_endpoint
 
 T = TypeVar("T")
 
@@ -84,7 +92,7 @@ class World:
         acl: list[AclView] = []
         for mine in self.by_node.get(node_id, []):
             vpn = self.vpns[mine.vpn_id]
-            vpns[vpn.name] = _vpn_view(vpn, mine, self.routes.get((mine.vpn_id, node_id), []))
+            vpns[vpn.name] = _vpn_view(vpn, mine, self.routes.get((mine.vpn_id, node_id), []), me)
             rules = self.rules.get(vpn.id or 0, [])
             acl += [acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
             for other in self._candidates(vpn, mine):
@@ -137,9 +145,13 @@ class World:
             for vpn in sorted(parts)
             for cidr in self.routes.get((name_to_id[vpn], peer.id or 0), [])
         ]
+        endpoint = pick_endpoint(me.public_endpoint, peer.public_endpoint, list(peer.endpoints))
+        native = {v.name for v in self.vpns.values() if v.addressing == "native"}
+        seen = native_address(endpoint)  # a native VPN's address for the peer: where this viewer reaches it
+        vips = {vpn: (seen if vpn in native else vip) for vpn, (vip, _) in sorted(parts.items())}
         return PeerView(
             name=peer.name,
-            vips={vpn: vip for vpn, (vip, _) in sorted(parts.items())},
+            vips={vpn: vip for vpn, vip in vips.items() if vip},
             roles={vpn: role for vpn, (_, role) in sorted(parts.items())},
             routes=routes,
             endpoints=list(peer.endpoints),
@@ -149,7 +161,7 @@ class World:
             sign_key=peer.sign_key,
             tags=sorted(peer.tags),
             path=choose_path(me.nat_class, _path_pin(me), peer.nat_class, _path_pin(peer)),
-            endpoint=pick_endpoint(me.public_endpoint, peer.public_endpoint, list(peer.endpoints)),
+            endpoint=endpoint,
         )
 
     def affected(self, change: Change) -> set[int]:
@@ -194,7 +206,10 @@ def _public_host(node: Node) -> str | None:
     return node.public_endpoint.rpartition(":")[0] if node.public_endpoint else None
 
 
-def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str]) -> VpnView:
+def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str], me: Node) -> VpnView:
+    vip = mine.vip
+    if vpn.addressing == "native":
+        vip = own_native_address(list(me.endpoints)) or ""  # "" until the node reports its addresses
     return VpnView(
         name=vpn.name,
         subnet=vpn.subnet,
@@ -203,7 +218,7 @@ def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str]) -> VpnView:
         cipher=vpn.cipher,
         mtu=vpn.mtu,
         keepalive=vpn.keepalive,
-        vip=mine.vip,
+        vip=vip,
         role=mine.role,
         routes=list(routes),
     )

@@ -72,3 +72,20 @@ def pick_endpoint(viewer_public: str | None, peer_public: str | None, peer_endpo
         if ":" in endpoint and "." in endpoint.rpartition(":")[0]:
             return endpoint
     return peer_public
+
+
+def native_address(endpoint: str | None) -> str | None:
+    """The host of an IPv4 "host:port" endpoint: a node's real address in a native VPN (None if unknown)."""
+    if not endpoint or ":" not in endpoint:
+        return None
+    host = endpoint.rpartition(":")[0]
+    return host if "." in host else None
+
+
+def own_native_address(endpoints: list[str]) -> str | None:
+    """A node's own real address: the first IPv4 local address it reported (what its applications use)."""
+    for endpoint in endpoints:
+        host = native_address(endpoint)
+        if host:
+            return host
+    return None

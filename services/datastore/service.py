@@ -47,6 +47,7 @@ from bus.messages.datastore import (
     VpnInfo,
     VpnList,
     VpnListRequest,
+    VpnSet,
     VpnShowRequest,
     _Mutation,
 )
@@ -103,6 +104,7 @@ class DatastoreService(Worker):
         mutations: dict[type, Callable[[Session, _Mutation], Outcome]] = {
             VpnCreate: self._vpn_create,
             VpnDelete: self._vpn_delete,
+            VpnSet: self._vpn_set,
             NodeAdd: self._node_add,
             NodeRemove: self._node_remove,
             NodeRename: self._node_rename,
@@ -163,6 +165,17 @@ class DatastoreService(Worker):
     def _vpn_create(self, s: Session, r: VpnCreate) -> Outcome:  # type: ignore[override]
         vpn, summary = repo.create_vpn(s, r.name, r.subnet, r.addressing, r.topology)
         return Outcome("vpn.create", summary, vpn_ids=[vpn.id or 0])
+
+    def _vpn_set(self, s: Session, r: VpnSet) -> Outcome:  # type: ignore[override]
+        vpn = repo.vpn_by_name(s, r.name)
+        changed = []
+        for field_name in ("keepalive", "mtu"):
+            value = getattr(r, field_name)
+            if value is not None and value != getattr(vpn, field_name):
+                setattr(vpn, field_name, value)
+                changed.append(f"{field_name} {value}")
+        s.add(vpn)
+        return Outcome("vpn.set", f"vpn {vpn.name}: {', '.join(changed) or 'no change'}", [vpn.id or 0])
 
     def _vpn_delete(self, s: Session, r: VpnDelete) -> Outcome:  # type: ignore[override]
         vpn_ids, node_ids, summary = repo.delete_vpn(s, r.name)
@@ -305,6 +318,8 @@ def _vpn_info(world: World, vpn: Vpn) -> VpnInfo:
         topology=vpn.topology,
         members=len(members),
         online=sum(1 for m in members if world.nodes[m.node_id].online),
+        keepalive=vpn.keepalive,
+        mtu=vpn.mtu,
     )
 
 

@@ -98,10 +98,12 @@ class FanoutService(Worker):
         presence_timeout: float,
         reflector: tuple[str, int] | None = None,
         reflector_advertise: str = "",
+        relay_advertise: str = "",
     ) -> None:
         super().__init__(endpoint, keypair, server_key)
         self.reflector: Reflector | None = None
         self.reflector_address = ""
+        self.relay_address = relay_advertise  # "host:port" nodes dial for the relay; "" when there is none
         if reflector is not None:
             try:
                 self.reflector = Reflector(*reflector).start()
@@ -279,11 +281,16 @@ class FanoutService(Worker):
         if stream is None:
             node_id = self._node_id(caller)
             self._seen(node_id, caller, request)
-            return SyncStatus(in_sync=False, revision=request.revision, reflector=self.reflector_address)
+            return self._status(False, request.revision)
         self._seen(stream.node_id, caller, request)
         self._acknowledge(stream, request.revision)
         in_sync = self._in_sync(stream, request.revision, request.digest)
-        return SyncStatus(in_sync=in_sync, revision=stream.revision, reflector=self.reflector_address)
+        return self._status(in_sync, stream.revision)
+
+    def _status(self, in_sync: bool, revision: int) -> SyncStatus:
+        """A heartbeat's answer, with where the reflector and the relay are (agents follow a moved server)."""
+        reflector, relay = self.reflector_address, self.relay_address
+        return SyncStatus(in_sync=in_sync, revision=revision, reflector=reflector, relay=relay)
 
     def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
         self._node(caller)

@@ -61,6 +61,9 @@ def test_init_honours_coterie_home(tmp_path: Path) -> None:
         ["init", "--port", "0"],
         ["service", "run", "nosuch", "--dir", "/nonexistent"],
         ["frobnicate"],
+        ["vpn", "set", "lab"],
+        ["vpn", "set", "lab", "--keepalive", "0"],
+        ["vpn", "set", "lab", "--mtu", "100000"],
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args: list[str]) -> None:

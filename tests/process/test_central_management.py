@@ -30,6 +30,7 @@ from bus.messages.datastore import (
     NodeRename,
     RouteAdd,
     VpnCreate,
+    VpnSet,
 )
 from bus.messages.sync import Snapshot, SnapshotRequest
 from tests.conftest import ROOT, wait_until
@@ -116,6 +117,13 @@ def test_changes_reach_exactly_the_affected_agents(server: CoterieServer, trio: 
     # a has no rules: n3x joining it reaches everyone.
     assert _reached_by(server, trio, MemberAdd, node="n3x", vpn="a") == {"n1", "n2", "n3"}
     assert _peers(trio["n1"]) == {"n2": {"a": "10.1.0.2"}, "n3x": {"a": "10.1.0.3"}}
+    # Tunnel settings of a VPN reach its members (all three are in b by now), and only them.
+    assert _reached_by(server, trio, VpnSet, name="b", keepalive=5, mtu=1300) == {"n1", "n2", "n3"}
+    assert trio["n2"].view is not None and (trio["n2"].view.vpns["b"].keepalive, trio["n2"].view.vpns["b"].mtu) == (
+        5,
+        1300,
+    )
+    assert trio["n2"].view.vpns["a"].keepalive == 25
 
 
 def test_removed_node_is_refused_and_forgotten_within_two_seconds(

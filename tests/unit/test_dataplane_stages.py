@@ -24,7 +24,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import raw
 
 from nodeagent.constants import SEQ_FIRST
-from nodeagent.dataplane import QUEUE_LIMIT, QUEUE_WAIT, UNDERLAY_MTU, DataPlane, tunnel_mtu
+from nodeagent.dataplane import INTRODUCE_WINDOW, QUEUE_LIMIT, QUEUE_WAIT, UNDERLAY_MTU, DataPlane, tunnel_mtu
 from nodeagent.esp import InboundSA, OutboundSA
 from nodeagent.packets import checksum
 from nodeagent.transport import MASQUERADE_MARKER, PATH_OVERHEAD, Wire
@@ -326,12 +326,13 @@ def test_a_spent_sa_holds_packets_until_a_new_one_is_installed(pair: Pair) -> No
 # -- other paths and chores -------------------------------------------------------------------------
 
 
-def test_raw_esp_is_opened_without_learning_an_endpoint(pair: Pair) -> None:
+def test_raw_esp_is_opened_and_teaches_only_the_host(pair: Pair) -> None:
     b = pair.planes["b"]
     sealed = OutboundSA(*sa_material("a", "b")).seal(ping())
     outer = raw(IP(src="192.0.2.1", dst="192.0.2.2", proto=50) / sealed)
     assert [bytes(p) for p in b.inbound_esp([(outer, ("192.0.2.1", 0))])] == [ping()]
-    assert b.tunnels["a"].learned is None  # the esp path goes to the netmap's address, not to sources
+    # Raw ESP has no port to learn; the host is learned, so a peer that moves keeps being reached (D9).
+    assert b.tunnels["a"].learned is None and b.tunnels["a"].learned_host == "192.0.2.1"
     assert b.inbound_esp([(outer, ("192.0.2.1", 0)), (outer[:30], ("192.0.2.1", 0))]) == []
     assert b.counters["in_replay_duplicate"] == 1 and b.counters["in_truncated"] == 1
 
@@ -345,16 +346,88 @@ def test_dummy_packets_are_counted_and_not_delivered(pair: Pair) -> None:
     assert b.counters["in_dummy"] == 1 and b.counters["in_packets"] == 1
 
 
-def test_keepalive_goes_to_a_quiet_peer_and_is_counted_there(pair: Pair) -> None:
+def test_an_authenticated_dummy_moves_the_endpoint_and_delivers_nothing(pair: Pair) -> None:
+    b = pair.planes["b"]
+    sealer = OutboundSA(*sa_material("a", "b"))
+    b.inbound_udp([(MASQUERADE_MARKER + sealer.seal(ping()), pair.address_of("a"))])
+    moved = ("127.0.0.1", 9)
+    forged = MASQUERADE_MARKER + sealer.seal_dummy()[:-1] + b"\0"  # a broken ICV from yet another address
+    assert b.inbound_udp([(forged, ("127.0.0.2", 9))]) == []
+    assert b.tunnels["a"].learned == pair.address_of("a")
+    assert b.inbound_udp([(MASQUERADE_MARKER + sealer.seal_dummy(), moved)]) == []
+    assert b.tunnels["a"].learned == moved and b.counters["endpoint_moved"] == 1
+    assert b.counters["in_dummy"] == 1 and b.tunnels["a"].rx == 1  # rx counts data only
+
+
+def test_a_new_tunnel_introduces_itself_until_the_peer_answers(pair: Pair) -> None:
+    a, b = pair.planes["a"], pair.planes["b"]
+    keyed = a.tunnels["b"].keyed_at
+    assert keyed > 0
+    a.tunnels["b"].last_sent = keyed  # (the very first keepalive is due at once; count introductions here)
+    a.keepalive = 100.0  # and no regular keepalive during this test
+    a.keepalives(keyed + 0.1)
+    a.keepalives(keyed + 0.5)  # at most one per LIVENESS_QUIET
+    ((datagram, _),) = pair.received("b", 1)
+    assert pair.nothing_sent_to("b") and a.counters["out_introduce"] == 1
+    # Authenticated: it teaches b where a is (the PAT mapping, when a sits behind one).
+    assert b.tunnels["a"].learned is None
+    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == [] and b.counters["in_dummy"] == 1
+    assert b.tunnels["a"].learned == pair.address_of("a")
+    a.keepalives(keyed + INTRODUCE_WINDOW + 1.0)
+    assert pair.nothing_sent_to("b"), "a peer that never answers is not introduced to forever"
+    b.outbound_batch([pong()])
+    pair.carry("b", 1)
+    a.keepalives(a.tunnels["b"].last_received + 0.5)
+    assert pair.nothing_sent_to("b"), "b answered: no more introductions"
+
+
+def test_liveness_dummies_go_to_a_peer_that_fell_silent_after_data(pair: Pair) -> None:
+    a, b = pair.planes["a"], pair.planes["b"]
+    b.outbound_batch([pong()])
+    assert [bytes(p) for p in pair.carry("b", 1)] == [pong()]
+    heard = a.tunnels["b"].last_data
+    a.tunnels["b"].last_sent = heard  # a just sent too: no keepalive due
+    a.keepalives(heard + 0.5)
+    assert pair.nothing_sent_to("b"), "b spoke half a second ago"
+    a.keepalives(heard + 1.5)
+    a.keepalives(heard + 2.0)  # at most one probe per LIVENESS_QUIET
+    assert b.inbound_udp(pair.received("b", 1)) == [] and b.counters["in_dummy"] == 1
+    assert pair.nothing_sent_to("b") and a.counters["out_liveness"] == 1
+    a.tunnels["b"].last_sent = heard + 25.0
+    a.keepalives(heard + 30.0)
+    assert pair.nothing_sent_to("b"), "past the window an idle tunnel sends nothing extra"
+
+
+def test_forged_packets_are_limited_per_source_but_never_the_peers_own_address(pair: Pair) -> None:
+    b = pair.planes["b"]
+    sealer = OutboundSA(*sa_material("a", "b"))
+    b.inbound_udp([(MASQUERADE_MARKER + sealer.seal(ping()), pair.address_of("a"))])  # a's address is known
+    forged = MASQUERADE_MARKER + sealer.seal(ping(seq=2))[:-1] + b"\0"
+    stranger = ("127.0.0.99", 4500)
+    assert b.inbound_udp([(forged, stranger)] * 50) == []
+    assert b.counters["in_auth_failed"] == 5 and b.counters["in_rate_limited"] == 45
+    assert b.inbound_udp([(forged, pair.address_of("a"))] * 10) == []  # spoofing a's address: decrypted, not limited
+    assert b.counters["in_auth_failed"] == 15 and b.counters["in_rate_limited"] == 45
+    assert [bytes(p) for p in b.inbound_udp([(MASQUERADE_MARKER + sealer.seal(ping(seq=3)), pair.address_of("a"))])]
+    assert b.status()["rate_limited_sources"] == 1
+
+
+def test_keepalive_is_authenticated_and_sent_to_a_quiet_peer(pair: Pair) -> None:
     a, b = pair.planes["a"], pair.planes["b"]
     tunnel = a.tunnels["b"]
-    a.tick(tunnel.last_sent + a.keepalive - 1.0)
+    tunnel.last_received = tunnel.last_sent = time.monotonic()  # introduced, and no data: no liveness either
+    a.keepalives(tunnel.last_sent + a.keepalive - 1.0)
     assert pair.nothing_sent_to("b")
-    a.tick(tunnel.last_sent + a.keepalive)
+    a.keepalives(tunnel.last_sent + a.keepalive)
     ((datagram, _),) = pair.received("b", 1)
-    assert datagram == b"\xff" and a.counters["out_keepalive"] == 1
-    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == []
-    assert b.counters["in_keepalive"] == 1 and b.tunnels["a"].learned is None  # unauthenticated: teaches nothing
+    assert datagram.startswith(MASQUERADE_MARKER) and a.counters["out_keepalive"] == 1
+    assert b.inbound_udp([(datagram, pair.address_of("a"))]) == [] and b.counters["in_dummy"] == 1
+
+
+def test_unauthenticated_keepalive_is_counted_and_teaches_nothing(pair: Pair) -> None:
+    b = pair.planes["b"]
+    assert b.inbound_udp([(b"\xff", pair.address_of("a"))]) == []
+    assert b.counters["in_keepalive"] == 1 and b.tunnels["a"].learned is None
 
 
 def test_default_route_goes_through_the_chosen_exit_node_only() -> None:

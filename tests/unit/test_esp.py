@@ -640,3 +640,81 @@ def test_we_open_what_scapy_seals(esn: bool, numbers: list[int]) -> None:
     assert replays[-1] is DropReason.REPLAY_DUPLICATE
     assert all(isinstance(result, DropReason) for result in replays)
     assert inbound.window.snapshot() == before
+
+
+# -- batch APIs: open_many and seal_many --------------------------------------------------------
+
+
+def test_open_many_drops_and_counts_bad_packets_and_delivers_the_rest() -> None:
+    """Wrong ICV, a replay inside the batch, bad padding and a dummy in the middle: each costs only itself."""
+    outbound, inbound = pair()
+    inners = [ipv4(bytes([n]) * n) for n in range(1, 9)] + [ipv6(b"six")]
+    sealed = [outbound.seal(inner) for inner in inners]  # seq 1 .. 9
+    dummy = outbound.seal_dummy(b"pad")  # seq 10
+    bad_padding = forge(INNER4 + b"\x02\x01\x02\x04", 11)
+    last = outbound.seal(INNER6)  # seq 11: the forged packet's number is still free when this arrives
+    batch = [
+        sealed[0],
+        flip(sealed[1], len(sealed[1]) * 8 - 1),  # wrong ICV: seq 2 stays unrecorded
+        sealed[2],
+        sealed[0],  # replay of a packet earlier in the same batch
+        bad_padding,
+        sealed[3],
+        dummy,
+        *sealed[4:],
+        sealed[8],  # replay of the packet just before
+        last,
+    ]
+    delivered, drops = inbound.open_many(batch)
+    assert [bytes(inner) for inner in delivered] == [inners[0], inners[2], *inners[3:], INNER6]
+    assert Counter(drops) == {
+        DropReason.AUTH_FAILED: 1,
+        DropReason.REPLAY_DUPLICATE: 2,
+        DropReason.BAD_PADDING: 1,
+        DropReason.DUMMY: 1,
+    }
+    assert inbound.window.top == 11
+    assert opened(inbound.open(sealed[1])).seq == 2  # the forged copy did not spend seq 2
+
+
+@pytest.mark.parametrize("esn", [True, False])
+def test_open_many_agrees_with_open_one_by_one(esn: bool) -> None:
+    outbound, batch_sa = pair(esn=esn, first_seq=B - 20 if esn else 1)
+    single_sa = InboundSA(SPI, KEY, SALT, esn=esn, window_size=64)
+    packets = [outbound.seal(ipv4(bytes(n))) for n in range(40)]
+    stream = packets[5:] + packets[:5] + packets[30:35] + [b"short", flip(packets[7], 200)]
+    expected = [single_sa.open(packet) for packet in stream]
+    delivered, drops = batch_sa.open_many(stream)
+    assert [bytes(inner) for inner in delivered] == [bytes(r.inner) for r in expected if isinstance(r, Opened)]
+    assert drops == [r for r in expected if isinstance(r, DropReason)]
+    assert batch_sa.window.snapshot() == single_sa.window.snapshot()
+
+
+def test_open_many_of_nothing_changes_nothing() -> None:
+    _, inbound = pair()
+    before = inbound.window.snapshot()
+    assert inbound.open_many([]) == ([], [])
+    assert inbound.window.snapshot() == before
+
+
+def test_seal_many_equals_seal_one_by_one() -> None:
+    inners = [ipv4(bytes(n)) for n in range(6)] + [ipv6(bytes(n)) for n in range(6)]
+    one_by_one = OutboundSA(SPI, KEY, SALT, first_seq=B - 3)
+    batch = OutboundSA(SPI, KEY, SALT, first_seq=B - 3)
+    assert batch.seal_many(inners) == [one_by_one.seal(inner) for inner in inners]
+    assert batch.next_seq == one_by_one.next_seq == B - 3 + len(inners)
+    _, inbound = pair()
+    inbound.window.accept(B - 4)
+    delivered, drops = inbound.open_many(batch.seal_many(inners))
+    assert drops == [] and [bytes(inner) for inner in delivered] == inners
+
+
+def test_seal_many_stops_at_the_limit_and_refuses_non_ip() -> None:
+    outbound = OutboundSA(SPI, KEY, SALT, limit=5, first_seq=3)
+    sealed = outbound.seal_many([INNER4] * 5)
+    assert [struct.unpack_from("!I", packet, 4)[0] for packet in sealed] == [3, 4, 5]  # the rest waits
+    assert outbound.seal_many([INNER4]) == []
+    with pytest.raises(EspParseError):
+        OutboundSA(SPI, KEY, SALT).seal_many([INNER4, b"\x50" + bytes(30)])
+    with pytest.raises(EspParseError):
+        OutboundSA(SPI, KEY, SALT).seal_many([b""])

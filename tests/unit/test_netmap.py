@@ -17,14 +17,14 @@ from typing import TypeVar
 
 import pytest
 from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from bus import errors
 from bus.errors import RemoteError
 from bus.messages.sync import NodeView, RouteView
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
-from services.datastore.models import Change
+from services.datastore.models import Change, Node, Vpn
 from services.datastore.netmap import World
 
 T = TypeVar("T")
@@ -462,3 +462,34 @@ def test_good_ports_are_accepted_and_normalised(truth: Truth) -> None:
         ("udp", "1-65535"),
         ("icmp", ""),
     ]
+
+
+# ---------------------------------------------------------------------- native addressing
+def test_native_vpn_gives_real_addresses_as_each_viewer_reaches_them(truth: Truth) -> None:
+    """Native: a node's address is its own local one; a peer's is its public mapping, or its LAN address
+    when both sit behind the same public address; unknown until reported (issue 6)."""
+    truth.vpn("nat-lab", "10.9.0.0/24")
+    with transaction(truth.engine) as session:
+        vpn = session.get(Vpn, 1)
+        assert vpn is not None
+        vpn.addressing = "native"
+    for name in ("pub", "p1", "p2", "late"):
+        truth.node(name, ("nat-lab",))
+    reports = {
+        "pub": (["198.18.0.2:4500"], "198.18.0.2:4500"),
+        "p1": (["192.168.1.10:4500"], "198.18.1.2:4500"),
+        "p2": (["192.168.1.11:4500"], "198.18.1.2:1024"),
+    }
+    with transaction(truth.engine) as session:
+        for node in session.exec(select(Node)).all():
+            if node.name in reports:
+                node.endpoints, node.public_endpoint = reports[node.name]
+        repo.record(session, "node.endpoints", "test", "operator:test", [], [])
+    pub, p1 = truth.view("pub"), truth.view("p1")
+    assert pub.vpns["nat-lab"].vip == "198.18.0.2"
+    assert p1.vpns["nat-lab"].vip == "192.168.1.10", "its own address, not its mapping"
+    assert pub.peers["p1"].vips == {"nat-lab": "198.18.1.2"} == pub.peers["p2"].vips, "both behind one PAT"
+    assert p1.peers["p2"].vips == {"nat-lab": "192.168.1.11"}, "same site: the LAN address"
+    assert p1.peers["pub"].vips == {"nat-lab": "198.18.0.2"}
+    assert pub.peers["late"].vips == {}, "not reported yet: no address"
+    assert truth.view("late").vpns["nat-lab"].vip == ""

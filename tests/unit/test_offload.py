@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 scapy_all = pytest.importorskip("scapy.all")
 IP, IPv6, TCP, UDP = scapy_all.IP, scapy_all.IPv6, scapy_all.TCP, scapy_all.UDP
-ICMP, Raw = scapy_all.ICMP, scapy_all.Raw
+ICMP, Raw, IPOption_NOP = scapy_all.ICMP, scapy_all.Raw, scapy_all.IPOption_NOP
 
 from nodeagent import offload  # noqa: E402
 from nodeagent.offload import (  # noqa: E402
@@ -212,3 +212,40 @@ def test_coalesce_never_raises_on_what_a_peer_may_send(tails: list[bytes], first
     packets = [(bytes(v4) if first >> 4 == 4 else v6) + tail for tail in tails]
     for write in coalesce(packets):
         assert sum(len(bytes(part)) for part in write) >= offload.VNET_SIZE
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("gso_size", [MSS, 1000, 7])
+def test_split_wraps_ids_and_sequence_numbers_and_places_the_flags(version: int, gso_size: int) -> None:
+    """IP id and TCP seq wrap; CWR only on the first segment, PSH and FIN only on the last; sums hold."""
+    payload = bytes(range(256)) * 12  # 3072 bytes: several segments for every size here
+    tcp = TCP(sport=1, dport=2, seq=0xFFFF_F000, ack=9, flags="FPAC", options=TS) / Raw(payload)
+    if version == 4:
+        packet = IP(src="10.0.0.1", dst="10.0.0.2", id=0xFFFE, flags="DF", options=[IPOption_NOP()] * 4) / tcp
+        l4, gso_type = 24, GSO_TCPV4
+    else:
+        packet, l4, gso_type = IPv6(src="fd00::1", dst="fd00::2") / tcp, 40, GSO_TCPV6
+    raw = as_partial(packet)
+    segments = split(raw, gso_type, gso_size, l4, complete=False)
+    count = -(-len(payload) // gso_size)
+    assert len(segments) == count
+    header_length = l4 + 32
+    assert b"".join(segment[header_length:] for segment in segments) == payload
+    for index, segment in enumerate(segments):
+        assert segment[l4 : l4 + 4] == raw[l4 : l4 + 4] and segment[l4 + 8 : l4 + 12] == raw[l4 + 8 : l4 + 12]
+        assert int.from_bytes(segment[l4 + 4 : l4 + 8], "big") == (0xFFFF_F000 + index * gso_size) & 0xFFFFFFFF
+        flags = segment[l4 + 13]
+        assert bool(flags & offload.TCP_CWR) == (index == 0)
+        assert bool(flags & offload.TCP_PSH) == bool(flags & offload.TCP_FIN) == (index == count - 1)
+        assert flags & offload.TCP_ACK
+        assert segment[header_length - 12 : header_length] == raw[header_length - 12 : header_length]  # options
+        l4_length = len(segment) - l4
+        assert int.from_bytes(segment[l4 + 16 : l4 + 18], "big") == pseudo_sum(segment, l4_length, 6)
+        if version == 4:
+            assert int.from_bytes(segment[2:4], "big") == len(segment)
+            assert int.from_bytes(segment[4:6], "big") == (0xFFFE + index) & 0xFFFF
+            assert ones_sum(segment[:l4]) == 0xFFFF  # a valid IPv4 header checksum, options included
+            assert segment[20:24] == raw[20:24]
+        else:
+            assert int.from_bytes(segment[4:6], "big") == len(segment) - 40
+            assert segment[6:40] == raw[6:40]

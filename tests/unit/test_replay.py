@@ -284,3 +284,29 @@ def test_inference_recovers_every_number_of_its_span(top: int, size: int, offset
     """A2.2 recovers any number in the 2**32 span that starts at the window's bottom edge."""
     seq = top - size + offset
     assert infer_esn(top, seq & SEQ_LOW_MASK, size) == seq
+
+
+def rfc_a22(top: int, seq_low: int, size: int) -> int:
+    """RFC 4303 A2.2 as written: case A (Tl >= W - 1) and case B, with Th + 1 and Th - 1."""
+    top_low, top_high = top & SEQ_LOW_MASK, top >> 32
+    bottom_low = (top_low - size + 1) & SEQ_LOW_MASK
+    if top_low >= size - 1:
+        high = top_high if seq_low >= bottom_low else top_high + 1
+    else:
+        high = top_high - 1 if seq_low >= bottom_low else top_high
+    return (high << 32) + seq_low
+
+
+@settings(max_examples=2000)
+@given(
+    top=st.one_of(st.integers(0, SEQ_MAX_ESN), st.integers(0, 8192).map(lambda n: (n >> 12) * B + (n & 4095) - 2048)),
+    seq_low=st.one_of(st.integers(0, SEQ_LOW_MASK), st.integers(0, 8192), st.integers(B - 8192, B - 1)),
+    size=st.sampled_from(SIZES),
+)
+def test_one_line_inference_is_the_rfc_case_analysis(top: int, seq_low: int, size: int) -> None:
+    """infer_esn counts from the window's bottom edge; the RFC's two cases must give the same number."""
+    top = max(top, 0)
+    assert infer_esn(top, seq_low, size) == rfc_a22(top, seq_low, size)
+    window = ReplayWindow(size)
+    window.top = top
+    assert window.infer(seq_low) == rfc_a22(top, seq_low, size)

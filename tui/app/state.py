@@ -59,10 +59,13 @@ class ServerState:
 
 def load_state(client: Client, timeout: float = 3.0) -> ServerState:
     """Read everything the dashboard shows; raises BusError when the server does not answer."""
+    # The head first: everything read after it is at least that new, so a change committed meanwhile
+    # has a later revision and its notice makes the link read again. Read last, the head could claim
+    # a change the lists below predate, and that change's notice would then be ignored as old.
+    head = client.request("datastore", EventsRequest(since=0, limit=1), expect=Events, timeout=timeout)
     vpns = client.request("datastore", VpnListRequest(), expect=VpnList, timeout=timeout)
     nodes = client.request("datastore", NodeListRequest(), expect=NodeList, timeout=timeout)
     acl = client.request("datastore", AclListRequest(), expect=AclList, timeout=timeout)
-    head = client.request("datastore", EventsRequest(since=0, limit=1), expect=Events, timeout=timeout)
     assert isinstance(vpns, VpnList) and isinstance(nodes, NodeList)
     assert isinstance(acl, AclList) and isinstance(head, Events)
     since = max(0, head.head - EVENT_HISTORY)
@@ -75,4 +78,4 @@ def load_state(client: Client, timeout: float = 3.0) -> ServerState:
             members[vpn.name] = detail.members
         elif isinstance(detail, BusError) and not (isinstance(detail, RemoteError) and detail.code == errors.NOT_FOUND):
             raise detail  # a VPN deleted meanwhile is fine; a silent server is not
-    return ServerState(vpns.vpns, nodes.nodes, members, acl.rules, events.events, max(head.head, events.head))
+    return ServerState(vpns.vpns, nodes.nodes, members, acl.rules, events.events, head.head)

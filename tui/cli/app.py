@@ -16,7 +16,7 @@ from bus.errors import BusError
 from nodeagent.cli import agent_app
 from services.config import ConfigError
 from services.supervisor.errors import PortInUseError
-from tui.cli import audit, bench, manage, server, setup, status, tokens, tui_cmd, users
+from tui.cli import audit, bench, lab, manage, server, setup, status, tokens, tui_cmd, users
 
 app = typer.Typer(
     name="coterie",
@@ -40,6 +40,7 @@ app.add_typer(users.user_app, name="user")
 app.add_typer(tokens.token_app, name="token")
 app.command()(audit.audit)
 app.command("tui")(tui_cmd.tui)
+app.add_typer(lab.lab_app, name="lab")
 app.add_typer(bench.bench_app, name="bench")
 
 

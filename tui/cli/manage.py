@@ -36,6 +36,7 @@ from bus.messages.datastore import (
     VpnDetail,
     VpnList,
     VpnListRequest,
+    VpnSet,
     VpnShowRequest,
 )
 from tui.cli.options import DirOption, JsonOption, KeyOption, ServerKeyOption, ServerOption
@@ -94,6 +95,31 @@ def vpn_create(
     _mutate(remote, VpnCreate, as_json, dry_run, name=name, subnet=subnet, addressing=addressing, topology=topology)
 
 
+@vpn_app.command("set")
+def vpn_set(
+    name: str,
+    keepalive: Annotated[
+        int | None, typer.Option("--keepalive", help="Seconds between keepalives on UDP paths (1..3600).")
+    ] = None,
+    mtu: Annotated[int | None, typer.Option("--mtu", help="Inner MTU of the VPN's tunnels (1280..9000).")] = None,
+    dry_run: DryRun = False,
+    as_json: JsonOption = False,
+    directory: DirOption = None,
+    server: ServerOption = None,
+    server_key: ServerKeyOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Change a VPN's tunnel settings (keepalive below the NAT's UDP timeout keeps PAT mappings open)."""
+    if keepalive is None and mtu is None:
+        raise typer.BadParameter("give --keepalive and/or --mtu")
+    if keepalive is not None and not 1 <= keepalive <= 3600:
+        raise typer.BadParameter("--keepalive must be 1..3600 seconds")
+    if mtu is not None and not 1280 <= mtu <= 9000:
+        raise typer.BadParameter("--mtu must be 1280..9000")
+    remote = Remote(directory, server, server_key, key)
+    _mutate(remote, VpnSet, as_json, dry_run, name=name, keepalive=keepalive, mtu=mtu)
+
+
 @vpn_app.command("list")
 def vpn_list(
     as_json: JsonOption = False,
@@ -108,8 +134,8 @@ def vpn_list(
     if as_json:
         print_json([v.model_dump(mode="json") for v in reply.vpns])
         return
-    rows = [[v.name, v.subnet, v.addressing, v.topology, v.members, v.online] for v in reply.vpns]
-    table("VPNs", ["name", "subnet", "addressing", "topology", "members", "online"], rows)
+    rows = [[v.name, v.subnet, v.addressing, v.topology, v.mtu, v.keepalive, v.members, v.online] for v in reply.vpns]
+    table("VPNs", ["name", "subnet", "addressing", "topology", "mtu", "keepalive", "members", "online"], rows)
 
 
 @vpn_app.command("show")
@@ -249,9 +275,7 @@ def node_remove(
 @node_app.command("set")
 def node_set(
     name: str,
-    path: Annotated[
-        str, typer.Option("--path", help="auto (the server decides per pair), esp, udp, tcp443 or relay.")
-    ],
+    path: Annotated[str, typer.Option("--path", help="auto (the server decides per pair), esp, udp, tcp443 or relay.")],
     dry_run: DryRun = False,
     as_json: JsonOption = False,
     directory: DirOption = None,
