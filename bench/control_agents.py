@@ -155,6 +155,8 @@ class AgentPool:
             _, index = heapq.heappop(self.beats)
             heapq.heappush(self.beats, (now + self.heartbeat, index))
             agent = self.agents[index]
+            if agent.replica.view is None:
+                continue  # as the real agent: no heartbeat before the first snapshot (it only adds to the storm)
             if agent.beat_id is not None:  # unanswered (one not sent, the connection not up yet, is not counted:
                 agent.missed += 1  # a new socket would start its handshake over, at the back of a storm)
                 if agent.missed >= MISSED_HEARTBEATS:
