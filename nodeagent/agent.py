@@ -203,11 +203,11 @@ class Agent:
 
     def _heartbeat(self, client: Client) -> SyncStatus | None:
         """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
-        endpoints, mapped, filtering = [], "", ""
+        endpoints, mapped, filtering, mapping = [], "", "", ""
         if self.tunnels is not None:
             endpoints = self.tunnels.endpoints()
             report = self.tunnels.nat_report()
-            mapped, filtering = report.mapped, report.filtering
+            mapped, filtering, mapping = report.mapped, report.filtering, report.mapping
         beat = SyncHeartbeat(
             revision=self.replica.revision,
             digest=self.replica.digest,
@@ -215,6 +215,7 @@ class Agent:
             endpoints=endpoints,
             mapped=mapped,
             filtering=filtering,
+            mapping=mapping,
         )
         try:
             status = client.request("fanout", beat, expect=SyncStatus)

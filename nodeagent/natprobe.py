@@ -5,14 +5,21 @@ mapping the reflector observes is the one peers will meet. The reflector
 answers twice: from the port probed, and from the next port. The first
 answer tells the mapped address and port; whether the second one arrives
 tells whether the NAT lets in packets the node never sent to (a 1:1 NAT
-does, a PAT's connection tracking does not). No answer at all means UDP does
-not get out: the node is firewalled.
+does, a PAT's connection tracking does not). The same probe also goes to a
+third port (the first + 2; never the second, whose answers must stay
+unsolicited), which answers with what it saw: a different mapped port there
+means the NAT maps per destination ("hard", endpoint-dependent mapping), so
+the port the server saw is not the one a peer will meet, and hole punching
+between two such nodes cannot work. No answer at all means UDP does not get
+out: the node is firewalled.
 
 Messages travel after the RFC 3948 non-ESP marker (four zero bytes), so the
 data plane's demultiplexer never takes them for ESP:
 
     probe:  0000 0000 "CTRP" nonce(8)
-    answer: 0000 0000 "CTRA" nonce(8) kind(1: 0 main, 1 other port) ipv4(4) port(2)
+    answer: 0000 0000 "CTRA" nonce(8) kind(1) ipv4(4) port(2)
+            kind 0: from the main port, to a probe there; 1: from the other port (+1), to that
+            same probe; 2: from the mapping port (+2), to a probe sent there
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ BLOCKED_INTERVAL = 10.0  # seconds between probes while UDP is blocked: its retu
 OPEN = "open"  # the other port's answer arrived: unsolicited packets get in (public host or 1:1 NAT)
 RESTRICTED = "restricted"  # only answers from where we sent get in (a PAT, or a stateful firewall)
 BLOCKED = "blocked"  # no answer: UDP does not get out
+INDEPENDENT = "independent"  # both ports saw one mapping: peers meet the port the server saw
+DEPENDENT = "dependent"  # the NAT maps per destination (hard): no one can predict the port toward a peer
 
 
 def probe(nonce: bytes) -> bytes:
@@ -58,7 +67,7 @@ def parse_answer(datagram: bytes) -> tuple[bytes, int, str] | None:
     if len(datagram) != ANSWER_SIZE:
         return None
     marker, magic, nonce, kind, ip, port = _ANSWER.unpack(datagram)
-    if marker != NON_ESP_MARKER or magic != ANSWER_MAGIC or kind not in (0, 1):
+    if marker != NON_ESP_MARKER or magic != ANSWER_MAGIC or kind not in (0, 1, 2):
         return None
     return nonce, kind, f"{'.'.join(map(str, ip))}:{port}"
 
@@ -67,6 +76,7 @@ def parse_answer(datagram: bytes) -> tuple[bytes, int, str] | None:
 class NatReport:
     mapped: str = ""  # "ip:port" the reflector saw; "" before the first answer
     filtering: str = ""  # OPEN, RESTRICTED, BLOCKED; "" before the first conclusion
+    mapping: str = ""  # INDEPENDENT, DEPENDENT; "" when the second port did not answer
 
 
 class NatProbe:
@@ -79,6 +89,7 @@ class NatProbe:
         self._tries = 0
         self._mapped = ""
         self._other = False
+        self._second = ""  # the mapping the other port saw
         self._next = 0.0
 
     def due(self, now: float) -> bool:
@@ -92,7 +103,7 @@ class NatProbe:
     def start(self, now: float) -> bytes:
         """A probe to send now (a new nonce per round; the same round retries up to PROBE_TRIES)."""
         if not self._nonce or self._tries >= PROBE_TRIES:
-            self._nonce, self._tries, self._mapped, self._other = os.urandom(8), 0, "", False
+            self._nonce, self._tries, self._mapped, self._other, self._second = os.urandom(8), 0, "", False, ""
         self._tries += 1
         self._sent_at = now
         self._next = now + PROBE_WAIT
@@ -105,8 +116,10 @@ class NatProbe:
             return False
         if parsed[1] == 0:
             self._mapped = parsed[2]
-        else:
+        elif parsed[1] == 1:
             self._other = True
+        else:
+            self._second = parsed[2]
         return True
 
     def conclude(self, now: float) -> bool:
@@ -114,7 +127,8 @@ class NatProbe:
         if not self._nonce or now - self._sent_at < PROBE_WAIT:
             return False
         if self._mapped:
-            new = NatReport(self._mapped, OPEN if self._other else RESTRICTED)
+            mapping = "" if not self._second else INDEPENDENT if self._second == self._mapped else DEPENDENT
+            new = NatReport(self._mapped, OPEN if self._other else RESTRICTED, mapping)
         elif self._tries < PROBE_TRIES:
             return False  # try again before calling it blocked
         else:

@@ -163,7 +163,10 @@ class Tunnels:
             report = self.nat_probe.report
             log.info("NAT discovery: mapped %s, filtering %s", report.mapped or "-", report.filtering)
         if self.nat_probe.due(now):
-            self.dataplane.wire.send_udp(self.nat_probe.start(now), self.reflector)
+            probe = self.nat_probe.start(now)
+            host, port = self.reflector
+            self.dataplane.wire.send_udp(probe, (host, port))
+            self.dataplane.wire.send_udp(probe, (host, port + 2))  # the same probe at the mapping port
 
     def _silent_peer(self, now: float) -> str | None:
         """A peer on a UDP path (esp, udp, punch) that sent data lately, is being sent to, and has gone quiet."""

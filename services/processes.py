@@ -28,7 +28,7 @@ from services.keydist.service import KeydistService
 from services.logsetup import setup_logging
 from services.relay.service import RelayService
 
-REFLECTOR_PORT_OFFSET = 2  # the reflector answers on port + 2 and port + 3
+REFLECTOR_PORT_OFFSET = 2  # the reflector answers on port + 2, + 3 (filtering) and + 4 (mapping)
 
 SERVICES: dict[str, type[Worker]] = {
     "auth": AuthService,

@@ -215,6 +215,7 @@ class SyncHeartbeat(Message):
     endpoints: list[str] = Field(default_factory=list)
     mapped: str = ""  # "ip:port" the server's UDP reflector saw (nodeagent/natprobe.py)
     filtering: str = ""  # open | restricted | blocked: what got through from the reflector
+    mapping: str = ""  # independent | dependent: whether the reflector's second port saw the same mapping
 
 
 @register

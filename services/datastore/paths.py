@@ -8,15 +8,19 @@ read the same decision from their views.
 
 Classes: ``public`` (the reflector saw a local address: nothing translates),
 ``nat`` (translated, but unsolicited packets get in: a 1:1 NAT), ``pat``
-(translated and only answers get in: port translation), ``firewalled`` (no
-UDP gets out), ``unknown`` (not probed yet).
+(translated and only answers get in: port translation), ``hard`` (a PAT
+that maps per destination, so the port toward a peer cannot be known in
+advance), ``firewalled`` (no UDP gets out), ``unknown`` (not probed yet).
 
 Paths: ``esp`` (raw IP protocol 50) when neither end is behind PAT or a
 firewall; ``udp`` (masquerade) when one end is behind PAT: that end sends
 first and its keepalives hold the mapping, the other end answers to where
 the first authenticated packet came from; ``punch`` (udp after coordinated
 hole punching: both ends learn each other's mapped address from the same view
-update and send at once) when both are behind PAT; ``tcp443`` when one end is
+update and send at once) when both are behind PAT, neither of them hard (a
+hard end's mapping toward the peer is unknowable, so punching cannot meet:
+those pairs take the relay; a hard end with a reachable peer sends first on
+``udp``, which needs no prediction); ``tcp443`` when one end is
 firewalled and the other is reachable; ``relay`` (through the server, which
 forwards sealed ESP it cannot read) when neither of a firewalled pair can be
 reached. An operator's pin (``node set NODE --path P``) wins for any pair
@@ -25,14 +29,14 @@ with that node.
 
 from __future__ import annotations
 
-PUBLIC, NAT, PAT, FIREWALLED, UNKNOWN = "public", "nat", "pat", "firewalled", "unknown"
-CLASSES = (PUBLIC, NAT, PAT, FIREWALLED, UNKNOWN)
+PUBLIC, NAT, PAT, HARD, FIREWALLED, UNKNOWN = "public", "nat", "pat", "hard", "firewalled", "unknown"
+CLASSES = (PUBLIC, NAT, PAT, HARD, FIREWALLED, UNKNOWN)
 PATHS = ("esp", "udp", "punch", "tcp443", "relay")
 PINNABLE = ("esp", "udp", "tcp443", "relay")
 REACHABLE = (PUBLIC, NAT)
 
 
-def classify(endpoints: list[str], mapped: str, filtering: str) -> str:
+def classify(endpoints: list[str], mapped: str, filtering: str, mapping: str = "") -> str:
     """The class of a node from its report (see the module docstring)."""
     if filtering == "blocked":
         return FIREWALLED
@@ -40,7 +44,9 @@ def classify(endpoints: list[str], mapped: str, filtering: str) -> str:
         return UNKNOWN
     if mapped in endpoints:
         return PUBLIC
-    return NAT if filtering == "open" else PAT
+    if filtering == "open":
+        return NAT
+    return HARD if mapping == "dependent" else PAT
 
 
 def choose_path(mine: str, my_pin: str | None, theirs: str, their_pin: str | None) -> str:
@@ -55,9 +61,9 @@ def choose_path(mine: str, my_pin: str | None, theirs: str, their_pin: str | Non
         return "tcp443" if other in REACHABLE else "relay"
     if "udp" in pins:
         return "udp"
-    if mine == PAT and theirs == PAT:
-        return "punch"
-    if PAT in (mine, theirs) or UNKNOWN in (mine, theirs):
+    if mine in (PAT, HARD) and theirs in (PAT, HARD):
+        return "relay" if HARD in (mine, theirs) else "punch"
+    if PAT in (mine, theirs) or HARD in (mine, theirs) or UNKNOWN in (mine, theirs):
         return "udp"  # also before classification: masquerade works wherever raw ESP does, and more
     return "esp"
 

@@ -26,7 +26,8 @@ class Reflector:
     def __init__(self, host: str, port: int = DEFAULT_REFLECTOR_PORT) -> None:
         self.main = self._bind(host, port)
         self.port = self.main.getsockname()[1]
-        self.other = self._bind(host, self.port + 1)
+        self.other = self._bind(host, self.port + 1)  # answers from here test filtering: never probed
+        self.mapping = self._bind(host, self.port + 2)  # probed too: the mapping it sees tests the NAT's mapping
         self.answered = 0
         self.ignored = 0
         self._stop = threading.Event()
@@ -40,31 +41,39 @@ class Reflector:
 
     def start(self) -> Reflector:
         self._thread.start()
-        log.info("UDP reflector on %s (answers also from port %d)", self.main.getsockname(), self.port + 1)
+        log.info(
+            "UDP reflector on %s (answers also from port %d; mapping probes on %d)",
+            self.main.getsockname(),
+            self.port + 1,
+            self.port + 2,
+        )
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self.main.close()
-        self.other.close()
+        for sock in (self.main, self.other, self.mapping):
+            sock.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self.main], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                datagram, source = self.main.recvfrom(64)
-            except OSError:
-                continue
-            nonce = parse_probe(datagram)
-            if nonce is None:
-                self.ignored += 1
-                continue
-            for kind, sock in ((0, self.main), (1, self.other)):
+            ready, _, _ = select.select([self.main, self.mapping], [], [], 0.5)
+            for sock in ready:
                 try:
-                    sock.sendto(answer(nonce, kind, source), source)
-                except OSError as exc:
-                    log.debug("reflector answer to %s: %s", source, exc)
-            self.answered += 1
+                    datagram, source = sock.recvfrom(64)
+                except OSError:
+                    continue
+                nonce = parse_probe(datagram)
+                if nonce is None:
+                    self.ignored += 1
+                    continue
+                # A probe at the main port: answered from it and from the other one (filtering: the node
+                # never sends to the other port, so only a NAT that lets anyone in passes that answer).
+                # A probe at the mapping port: answered from there only, with the mapping it saw.
+                replies = ((0, self.main), (1, self.other)) if sock is self.main else ((2, self.mapping),)
+                for kind, via in replies:
+                    try:
+                        via.sendto(answer(nonce, kind, source), source)
+                    except OSError as exc:
+                        log.debug("reflector answer to %s: %s", source, exc)
+                self.answered += 1

@@ -344,7 +344,13 @@ class FanoutService(Worker):
         now = time.monotonic()
         reported = None
         if heartbeat is not None:
-            reported = (tuple(heartbeat.endpoints), heartbeat.agent_version, heartbeat.mapped, heartbeat.filtering)
+            reported = (
+                tuple(heartbeat.endpoints),
+                heartbeat.agent_version,
+                heartbeat.mapped,
+                heartbeat.filtering,
+                heartbeat.mapping,
+            )
         fresh = now - self._written.get(node_id, float("-inf")) < LAST_SEEN_WRITE
         unchanged = reported is None or self._reported.get(node_id) == reported
         known = node_id in self.last_seen
@@ -381,7 +387,7 @@ class FanoutService(Worker):
         before = (node.endpoints, node.nat_class, node.public_endpoint)
         if heartbeat is not None:
             node.endpoints = list(heartbeat.endpoints)
-            node.nat_class = classify(node.endpoints, heartbeat.mapped, heartbeat.filtering)
+            node.nat_class = classify(node.endpoints, heartbeat.mapped, heartbeat.filtering, heartbeat.mapping)
             node.public_endpoint = heartbeat.mapped or None
             node.agent_version = heartbeat.agent_version or node.agent_version
         node.last_seen = utcnow()

@@ -27,6 +27,8 @@ PAIRS = {
     ("public", "pat"): ("public", "pat", "udp"),
     ("nat", "pat"): ("nat", "pat", "udp"),
     ("pat", "pat"): ("pat", "pat", "punch"),
+    ("pat-random", "public"): ("hard", "public", "udp"),  # a PAT that maps per destination: it sends first
+    ("pat-random", "pat"): ("hard", "pat", "relay"),  # punching cannot meet a port no one can predict
 }
 
 

@@ -86,6 +86,7 @@ def test_compose_file_publishes_the_ports_the_server_uses(tmp_path: Path) -> Non
         (config.port, "tcp"),
         (config.port + REFLECTOR_PORT_OFFSET, "udp"),
         (config.port + REFLECTOR_PORT_OFFSET + 1, "udp"),
+        (config.port + REFLECTOR_PORT_OFFSET + 2, "udp"),
         (config.relay_port, "tcp"),
     }
     assert set(published) == wanted

@@ -1,0 +1,71 @@
+"""Central NAT knowledge: a node's class from its report, and each pair's path (services/datastore/paths.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from services.datastore.paths import CLASSES, PINNABLE, choose_path, classify
+
+LOCAL = ["192.168.1.10:7871", "10.0.0.5:7871"]
+
+
+@pytest.mark.parametrize(
+    ("mapped", "filtering", "mapping", "expected"),
+    [
+        ("", "blocked", "", "firewalled"),
+        ("", "", "", "unknown"),
+        ("198.51.100.7:7871", "", "", "unknown"),
+        ("192.168.1.10:7871", "open", "independent", "public"),
+        ("198.51.100.7:7871", "open", "independent", "nat"),
+        ("198.51.100.7:40000", "restricted", "independent", "pat"),
+        ("198.51.100.7:40000", "restricted", "", "pat"),  # the second port never answered: no verdict
+        ("198.51.100.7:40000", "restricted", "dependent", "hard"),
+        ("198.51.100.7:7871", "open", "dependent", "nat"),  # open filtering: peers get in anyway
+    ],
+)
+def test_classify(mapped: str, filtering: str, mapping: str, expected: str) -> None:
+    assert classify(LOCAL, mapped, filtering, mapping) == expected
+
+
+EXPECTED = {
+    ("public", "public"): "esp",
+    ("public", "nat"): "esp",
+    ("nat", "nat"): "esp",
+    ("public", "pat"): "udp",
+    ("nat", "pat"): "udp",
+    ("pat", "pat"): "punch",
+    ("public", "hard"): "udp",  # the hard end sends first; the peer learns its mapping from that
+    ("nat", "hard"): "udp",
+    ("pat", "hard"): "relay",  # punching needs a predictable port on both ends
+    ("hard", "hard"): "relay",
+    ("public", "firewalled"): "tcp443",
+    ("nat", "firewalled"): "tcp443",
+    ("pat", "firewalled"): "relay",
+    ("hard", "firewalled"): "relay",
+    ("firewalled", "firewalled"): "relay",
+    ("unknown", "public"): "udp",
+}
+
+
+@pytest.mark.parametrize(("pair", "path"), list(EXPECTED.items()), ids=["-".join(p) for p in EXPECTED])
+def test_choose_path_per_pair_of_classes(pair: tuple[str, str], path: str) -> None:
+    assert choose_path(pair[0], None, pair[1], None) == path
+    assert choose_path(pair[1], None, pair[0], None) == path  # both ends read the same decision
+
+
+def test_every_pair_and_pin_gets_a_path_and_it_is_symmetric() -> None:
+    pins = [None, *PINNABLE]
+    for mine, theirs in itertools.product(CLASSES, repeat=2):
+        for my_pin, their_pin in itertools.product(pins, repeat=2):
+            path = choose_path(mine, my_pin, theirs, their_pin)
+            assert path in ("esp", "udp", "punch", "tcp443", "relay")
+            assert path == choose_path(theirs, their_pin, mine, my_pin)
+
+
+def test_pins_win() -> None:
+    assert choose_path("public", "relay", "public", None) == "relay"
+    assert choose_path("public", "tcp443", "public", None) == "tcp443"
+    assert choose_path("pat", "tcp443", "pat", None) == "relay"  # nobody to dial: the relay carries it
+    assert choose_path("public", "udp", "public", None) == "udp"
