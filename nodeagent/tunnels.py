@@ -41,11 +41,16 @@ SILENCE_AFTER_DATA = 15.0  # only a pair that carried data this recently: idle p
 
 
 def timing_for(rekey_interval: float) -> Timing:
-    """The key schedule for a rekey interval: lead and grace shrink with short intervals (tests, paranoia)."""
+    """The key schedule for a rekey interval: lead and grace shrink with short intervals (tests, paranoia).
+
+    They shrink no more than they must: lead is the time a peer has to receive a new key before packets
+    sealed with it arrive, grace the time a sender has to switch before the old key stops opening, and
+    a busy machine stretches both (a 5 s interval once left lead at 1.25 s: unknown SPIs under load).
+    """
     return Timing(
         rekey_interval=rekey_interval,
-        lead=min(REKEY_LEAD, rekey_interval / 4),
-        grace=min(REKEY_GRACE, rekey_interval / 2),
+        lead=min(REKEY_LEAD, rekey_interval * 0.4),
+        grace=min(REKEY_GRACE, rekey_interval * 0.8),
     )
 
 
