@@ -109,6 +109,17 @@ class Node:
         self.client.close()
 
 
+def wait_all_online(nodes: list[Node]) -> None:
+    """Presence is written in batches (every 0.25 s), and keydist pushes only to peers shown online."""
+
+    def all_online() -> bool:
+        for node in nodes:
+            node.refresh_view()
+        return all(p.online for node in nodes for p in node.view.peers.values())
+
+    assert wait_until(all_online, 10), "the nodes never showed online"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoterieServer]:
     srv = CoterieServer(tmp_path_factory.mktemp("keydist"), presence_timeout=120.0).start(timeout=90.0)
@@ -133,6 +144,7 @@ def nodes(server: CoterieServer, tmp_path: Path) -> Iterator[dict[str, Node]]:
     for node in made.values():  # everyone enrolled: every netmap now holds its peers' identity keys
         node.refresh_view()
         assert all(p.sign_key for p in node.view.peers.values())
+    wait_all_online(list(made.values()))
     yield made
     for node in made.values():
         node.close()
@@ -192,8 +204,7 @@ def test_in_a_hub_spoke_vpn_spokes_get_the_hub_keys_only(server: CoterieServer, 
     context = shared()
     made = {name: Node(tmp_path / name, join, context) for name, join in joins.items()}
     try:
-        for node in made.values():
-            node.refresh_view()
+        wait_all_online(list(made.values()))
         s1, s2, hub = made["hs-s1"], made["hs-s2"], made["hs-hub"]
         s1.exchange()
         assert [r.relayed for r in s1.replies if isinstance(r, KeyPublished)] == [1]
