@@ -73,6 +73,7 @@ BATCH = 64  # packets per read; the unit every stage works on
 QUEUE_LIMIT = 64  # packets held per peer while its keys or endpoint are not ready
 QUEUE_WAIT = 3.0  # seconds a held packet waits before it is answered with ICMP unreachable
 UNDERLAY_MTU = 1500
+DISCARDED = b""  # _seal_one's answer for a packet that cannot be sealed at all (counted, never sent)
 TICK_INTERVAL = 0.25
 PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
 UDP_PATHS = ("udp", "punch")
@@ -414,14 +415,9 @@ class DataPlane:
         address = tunnel.address(path)
         if sa is None or address is None:
             return False
-        try:
-            sealed = sa.seal(packet)
-        except RekeyRequired:
-            self.counters["out_rekey_wait"] += 1
-            return False
-        except EspParseError:
-            self.counters["out_malformed"] += 1
-            return True
+        sealed = self._seal_one(sa, packet)
+        if not sealed:  # None: held until the SA is renewed (False); DISCARDED: consumed as malformed (True)
+            return sealed is not None
         if path in UDP_PATHS:
             self.wire.send_udp(MASQUERADE_MARKER + sealed, address)
         else:
@@ -430,6 +426,17 @@ class DataPlane:
         tunnel.tx += 1
         self.counters["out_packets"] += 1
         return True
+
+    def _seal_one(self, sa: OutboundSA, packet: bytes) -> bytes | None:
+        """One packet sealed; None when the SA is spent (hold it), DISCARDED when it is no IP packet."""
+        try:
+            return sa.seal(packet)
+        except RekeyRequired:
+            self.counters["out_rekey_wait"] += 1
+            return None
+        except EspParseError:
+            self.counters["out_malformed"] += 1
+            return DISCARDED
 
     def _send_stream(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         """TCP/443 or relay: seal as on every path, hand to the stream; False holds the packet for later."""
@@ -442,14 +449,9 @@ class DataPlane:
         if not paths.can_send(tunnel.peer):
             self.counters[f"out_{path}_waiting"] += 1  # stream still connecting / relay not authenticated: held
             return False
-        try:
-            sealed = sa.seal(packet)
-        except RekeyRequired:
-            self.counters["out_rekey_wait"] += 1
-            return False
-        except EspParseError:
-            self.counters["out_malformed"] += 1
-            return True
+        sealed = self._seal_one(sa, packet)
+        if not sealed:  # None: held until the SA is renewed (False); DISCARDED: consumed as malformed (True)
+            return sealed is not None
         if paths.send(tunnel.peer, sealed):
             tunnel.last_sent = now
             tunnel.tx += 1
