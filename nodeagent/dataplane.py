@@ -305,51 +305,73 @@ class DataPlane:
 
     # ------------------------------------------------------------------ outbound
     def outbound_batch(self, packets: list[bytes]) -> list[bytes]:
-        """Send what can be sent; returns the ICMP answers to write back to the TUN."""
+        """Send what can be sent; returns the ICMP answers to write back to the TUN.
+
+        The routing decision depends only on the summary, so a packet with the summary of the one before
+        (the next packet of the same flow) takes the same tunnel without deciding again; only packets to
+        an address several peers share (the port map rewrites each) are decided one by one.
+        """
         answers: list[bytes] = []
-        peers, policy, flows, counters = self.peers, self.policy, self.flows, self.counters
+        counters = self.counters
         now = time.monotonic()
-        largest_mss = {4: self.mtu - 40, 6: self.mtu - 60}  # MTU minus the IP and TCP headers
         ready: list[tuple[Tunnel, bytes]] = []
+        decided: Summary | None = None
+        decided_tunnel: Tunnel | None = None
         for packet in packets:
             try:
                 summary = summarize(packet)
             except PacketError:
                 counters["out_malformed"] += 1
                 continue
-            route = peers.outbound(summary.version, summary.dst)
-            if route is not None and peers.shared and (summary.version, summary.dst) in peers.shared:
-                route, packet = self._disambiguate(packet, summary, now)
-                if route is None:
-                    counters["out_native_ambiguous"] += 1  # no flow from one of the peers behind that PAT
+            if summary == decided:
+                tunnel = decided_tunnel
+            else:
+                tunnel, packet, again = self._route_outbound(packet, summary, now, answers)
+                if tunnel is None:
                     continue
-            if route is None:
-                counters["out_no_route"] += 1
-                answer = self._unreachable(packet, summary.version)
-                if answer is not None:
-                    answers.append(answer)
-                continue
-            if not peers.may_send_from(route.vpn, summary.version, summary.src):
-                counters["out_vpn_isolation"] += 1  # a packet of another VPN, forwarded here by the kernel
-                continue
-            if policy.restricted(route.vpn):
-                flows.note(flows.key_outbound(summary), now)
-            if summary.proto == 6 and _is_syn(packet, summary.header_length):
+                decided, decided_tunnel = (summary, tunnel) if again else (None, None)
+            if summary.proto == PROTO_TCP and _is_syn(packet, summary.header_length):
                 mutable = bytearray(packet)
-                if clamp_mss(mutable, summary, largest_mss[summary.version]):
-                    counters["out_mss_clamped"] += 1
+                if clamp_mss(mutable, summary, self.mtu - (40 if summary.version == 4 else 60)):
+                    counters["out_mss_clamped"] += 1  # MTU minus the IP and TCP headers
                     packet = bytes(mutable)
-            tunnel = self.tunnels.get(route.peer)
-            if tunnel is None:
-                counters["out_no_route"] += 1
-                continue
-            ready.append((tunnel, packet))
+            ready.append((tunnel, packet))  # type: ignore[arg-type]
         for tunnel, packet in self._send_batch(ready, now):
             if len(tunnel.queue) == QUEUE_LIMIT:
                 counters["out_queue_full"] += 1
             tunnel.queue.append((now, packet))
             counters["out_queued"] += 1
         return answers
+
+    def _route_outbound(
+        self, packet: bytes, summary: Summary, now: float, answers: list[bytes]
+    ) -> tuple[Tunnel | None, bytes, bool]:
+        """The tunnel for one packet (None: dropped, counted, maybe answered), the packet (the port map may
+        rewrite it), and whether the next packet with the same summary may take the same tunnel."""
+        peers, counters = self.peers, self.counters
+        route = peers.outbound(summary.version, summary.dst)
+        again = True
+        if route is not None and peers.shared and (summary.version, summary.dst) in peers.shared:
+            again = False
+            route, packet = self._disambiguate(packet, summary, now)
+            if route is None:
+                counters["out_native_ambiguous"] += 1  # no flow from one of the peers behind that PAT
+                return None, packet, False
+        if route is None:
+            counters["out_no_route"] += 1
+            answer = self._unreachable(packet, summary.version)
+            if answer is not None:
+                answers.append(answer)
+            return None, packet, False
+        if not peers.may_send_from(route.vpn, summary.version, summary.src):
+            counters["out_vpn_isolation"] += 1  # a packet of another VPN, forwarded here by the kernel
+            return None, packet, False
+        if self.policy.restricted(route.vpn):
+            self.flows.note(self.flows.key_outbound(summary), now)  # once per flow and batch is enough
+        tunnel = self.tunnels.get(route.peer)
+        if tunnel is None:
+            counters["out_no_route"] += 1
+        return tunnel, packet, again
 
     def _disambiguate(self, packet: bytes, summary: Summary, now: float) -> tuple[Route | None, bytes]:
         """A packet to a native address several peers share: the port map names the peer (nodeagent/patmap.py)."""
@@ -366,52 +388,71 @@ class DataPlane:
     def _send_batch(self, batch: list[tuple[Tunnel, bytes]], now: float) -> list[tuple[Tunnel, bytes]]:
         """Seal and send a batch; returns what could not be sent yet (to hold), in order.
 
-        A TSO super-packet is split here, into one ESP packet per segment. UDP
-        paths gather each peer address's sealed packets and send them with as
-        few system calls as UDP GSO allows; other paths go through ``_send``
+        A TSO super-packet is split here, into one ESP packet per segment.
+        Consecutive packets for one tunnel are sealed as one run (``seal_many``);
+        UDP paths gather each peer address's sealed packets and send them with
+        as few system calls as UDP GSO allows; other paths go through ``_send``
         one packet at a time. Only the outbound thread calls this.
         """
         unsent: list[tuple[Tunnel, bytes]] = []
         groups: dict[tuple[str, int], list[bytes]] = {}
-        counters = self.counters
-        sent = 0
+        run: list[bytes] = []
+        current: Tunnel | None = None
         for tunnel, packet in batch:
-            try:
-                pieces = packet.segments() if type(packet) is SuperPacket else (packet,)
-            except OffloadError:
-                counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
-                continue
-            path = tunnel.path
-            if path not in UDP_PATHS:
-                unsent += [(tunnel, piece) for piece in pieces if not self._send(tunnel, piece, now)]
-                continue
-            sa, address = tunnel.outbound, tunnel.address(path)
-            if sa is None or address is None:
-                unsent += [(tunnel, piece) for piece in pieces]
-                continue
-            group = groups.get(address)
-            if group is None:
-                group = groups[address] = []
-            sealed_before = len(group)
-            for piece in pieces:
+            if tunnel is not current:
+                if run:
+                    self._seal_run(current, run, groups, unsent, now)  # type: ignore[arg-type]
+                    run = []
+                current = tunnel
+            if type(packet) is SuperPacket:
                 try:
-                    group += (MASQUERADE_MARKER, sa.seal(piece))
-                except RekeyRequired:
-                    counters["out_rekey_wait"] += 1
-                    unsent.append((tunnel, piece))
-                except EspParseError:
-                    counters["out_malformed"] += 1
-            count = (len(group) - sealed_before) // 2
-            if count:
-                tunnel.last_sent = now
-                tunnel.tx += count
-                sent += count
+                    run += packet.segments()
+                except OffloadError:
+                    self.counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
+            else:
+                run.append(packet)
+        if run:
+            self._seal_run(current, run, groups, unsent, now)  # type: ignore[arg-type]
         for address, parts in groups.items():
             if parts:
                 self.wire.send_udp_batch(parts, address)
-        if sent:
-            counters["out_packets"] += sent
         return unsent
+
+    def _seal_run(
+        self,
+        tunnel: Tunnel,
+        pieces: list[bytes],
+        groups: dict[tuple[str, int], list[bytes]],
+        unsent: list[tuple[Tunnel, bytes]],
+        now: float,
+    ) -> None:
+        """Packets for one tunnel: sealed into their address's group (UDP paths) or sent one by one."""
+        path = tunnel.path
+        if path not in UDP_PATHS:
+            unsent += [(tunnel, piece) for piece in pieces if not self._send(tunnel, piece, now)]
+            return
+        sa, address = tunnel.outbound, tunnel.address(path)
+        if sa is None or address is None:
+            unsent += [(tunnel, piece) for piece in pieces]
+            return
+        try:
+            sealed = sa.seal_many(pieces)
+            held = pieces[len(sealed) :]  # the SA used its last number: the rest waits for the next SA
+        except EspParseError:  # no IP packet among them (summarize lets none through): seal one by one
+            sealed, held = self._seal_each(sa, pieces)
+        if held:
+            self.counters["out_rekey_wait"] += len(held)
+            unsent += [(tunnel, piece) for piece in held]
+        if not sealed:
+            return
+        group = groups.get(address)
+        if group is None:
+            group = groups[address] = []
+        for packet in sealed:
+            group += (MASQUERADE_MARKER, packet)
+        tunnel.last_sent = now
+        tunnel.tx += len(sealed)
+        self.counters["out_packets"] += len(sealed)
 
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         sa = tunnel.outbound
@@ -432,6 +473,18 @@ class DataPlane:
         tunnel.tx += 1
         self.counters["out_packets"] += 1
         return True
+
+    def _seal_each(self, sa: OutboundSA, pieces: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """Seal one by one, dropping (and counting) what is no IP packet: (sealed, held for the next SA)."""
+        sealed: list[bytes] = []
+        for index, piece in enumerate(pieces):
+            try:
+                sealed.append(sa.seal(piece))
+            except RekeyRequired:
+                return sealed, pieces[index:]
+            except EspParseError:
+                self.counters["out_malformed"] += 1
+        return sealed, []
 
     def _seal_one(self, sa: OutboundSA, packet: bytes) -> bytes | None:
         """One packet sealed; None when the SA is spent (hold it), DISCARDED when it is no IP packet."""
