@@ -257,13 +257,15 @@ def expand(packets: Sequence[bytes]) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- writing (inbound)
 _RUN_KEYS: dict[tuple[int, int, int], struct.Struct] = {}
+_SEQ_FLAGS = struct.Struct("!L5xB")  # from the TCP header's sequence number: seq, then the flags byte
 
 
-def _tcp_run_key(packet: Buffer, l4: int, header_length: int) -> tuple[bytes, ...]:
-    """What must be equal for two segments to join: the IP header bar length/id/checksum, ports, ack, options.
+def _run_key_struct(packet: Buffer, l4: int, header_length: int) -> struct.Struct:
+    """The unpack that reads what must be equal for two segments to join, for this header shape.
 
-    One precompiled unpack per header shape reads exactly those fields (pad
-    bytes skip the rest): cheaper than slicing them out one by one.
+    The IP header bar length/id/checksum, the ports, the ack, the TCP data offset and the options;
+    one precompiled unpack (pad bytes skip the rest) is cheaper than slicing them out one by one.
+    A candidate whose key equals the run's has the run's header shape too (IHL and data offset are in it).
     """
     version = packet[0] >> 4
     shape = (version, l4, header_length)
@@ -273,9 +275,9 @@ def _tcp_run_key(packet: Buffer, l4: int, header_length: int) -> tuple[bytes, ..
         # IPv4: version, tos | length, id | flags, ttl, proto | checksum | addresses, options;
         # IPv6: version, class, flow | payload length | next header, hops, addresses.
         ip = f"2s4x4s2x{l4 - 12}s" if version == 4 else "4s2x34s"
-        # ports | seq | ack | offset, flags, window, checksum, urgent | options
-        key = _RUN_KEYS[shape] = struct.Struct(f"!{ip}4s4x4s8x{options}s")
-    return key.unpack_from(packet)
+        # ports | seq | ack | data offset | flags, window, checksum, urgent | options
+        key = _RUN_KEYS[shape] = struct.Struct(f"!{ip}4s4x4s1s7x{options}s")
+    return key
 
 
 def _partial_header(packet: Buffer, l4: int, header_length: int, proto: int, l4_length: int) -> bytearray:
@@ -296,51 +298,54 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
     """
     writes: list[list[Buffer]] = []
     run: list[Buffer] = []  # payloads of the open run
-    run_header = b""
-    run_key = b""
-    run_meta = (0, 0, 0)  # l4 offset, header length, segment size
+    run_header = bytearray()
+    run_key: tuple[bytes, ...] = ()
+    key_struct = _SEQ_FLAGS  # the open run's _run_key_struct
+    l4 = header_length = size_limit = 0  # the open run's shape and segment size
     next_seq = 0
     total = 0
 
     def close_run() -> None:
         if run:
-            writes.append(_write_run(run_header, run_meta, run))
+            writes.append(_write_run(run_header, (l4, header_length, size_limit), run))
             run.clear()
 
     for packet in packets:
+        if run:
+            # The next segment of the open run? Its key (which fixes the shape) first, then seq and flags.
+            size = len(packet) - header_length
+            if size > 0 and key_struct.unpack_from(packet) == run_key:
+                seq, flags = _SEQ_FLAGS.unpack_from(packet, l4 + 4)
+                if (
+                    seq == next_seq
+                    and not flags & ~(TCP_ACK | TCP_PSH)
+                    and size <= size_limit
+                    and len(run[-1]) == size_limit
+                    and not run_header[l4 + 13] & TCP_PSH
+                    and total + size <= MAX_COALESCED
+                    and len(run) < MAX_SEGMENTS
+                ):
+                    run.append(memoryview(packet)[header_length:])
+                    next_seq = (seq + size) & 0xFFFFFFFF
+                    total += size
+                    if flags & TCP_PSH:
+                        run_header[l4 + 13] |= TCP_PSH
+                    continue
+            close_run()
         shape = _tcp_shape(packet)
         if shape is None:
-            close_run()
             writes.append(_single(packet))
             continue
         l4, header_length, seq, flags = shape
         size = len(packet) - header_length
-        if run:
-            if (
-                seq == next_seq
-                and not flags & ~(TCP_ACK | TCP_PSH)
-                and 0 < size <= run_meta[2]
-                and len(run[-1]) == run_meta[2]
-                and not run_header[run_meta[0] + 13] & TCP_PSH
-                and total + size <= MAX_COALESCED
-                and len(run) < MAX_SEGMENTS
-                and _tcp_run_key(packet, l4, header_length) == run_key
-            ):
-                view = memoryview(packet)
-                run.append(view[header_length:])
-                next_seq = (seq + size) & 0xFFFFFFFF
-                total += size
-                if flags & TCP_PSH:
-                    run_header[l4 + 13] |= TCP_PSH
-                continue
-            close_run()
         if size == 0 or flags & ~(TCP_ACK | TCP_PSH):
             writes.append(_single(packet))
             continue
         view = memoryview(packet)
         run_header = bytearray(view[:header_length])
-        run_key = _tcp_run_key(packet, l4, header_length)
-        run_meta = (l4, header_length, size)
+        key_struct = _run_key_struct(packet, l4, header_length)
+        run_key = key_struct.unpack_from(packet)
+        size_limit = size
         run.append(view[header_length:])
         next_seq = (seq + size) & 0xFFFFFFFF
         total = header_length + size

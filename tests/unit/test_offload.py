@@ -183,6 +183,31 @@ def test_coalesce_keeps_apart_what_must_not_join() -> None:
     assert writes[-1][0] == PLAIN
 
 
+def test_a_segment_joins_only_a_run_of_its_own_shape_ack_and_fragmenting() -> None:
+    """The run test compares one key that fixes the header shape: anything else starts a new write."""
+    seq = 1000
+    first = bytes(tcp4(b"a" * MSS, seq=seq, flags="A"))
+    joins = bytes(tcp4(b"b" * MSS, seq=seq + MSS, flags="A", ident=8))
+    no_options = bytes(  # the same flow and next seq, but a 20-byte TCP header: another shape
+        IP(src="100.64.0.1", dst="100.64.0.2", id=9, flags="DF")
+        / TCP(sport=40000, dport=5201, seq=seq + 2 * MSS, ack=555, flags="A")
+        / Raw(b"c" * (MSS + 12))
+    )
+    other_ack = bytes(
+        IP(src="100.64.0.1", dst="100.64.0.2", id=10, flags="DF")
+        / TCP(sport=40000, dport=5201, seq=seq + 3 * MSS + 12, ack=556, flags="A", options=TS)
+        / Raw(b"d" * MSS)
+    )
+    fragment = bytearray(bytes(tcp4(b"e" * MSS, seq=seq + 4 * MSS + 12, flags="A", ident=11)))
+    fragment[6] |= 0x20  # MF: a first fragment that looks like the next segment
+    writes = coalesce([first, joins, no_options, other_ack, bytes(fragment)])
+    assert len(writes) == 4
+    vnet, packet = _resolve(writes[0])
+    assert vnet[1] == GSO_TCPV4 and len(packet) == 52 + 2 * MSS
+    assert [_finish(*_resolve(w)) for w in writes[1:3]] == [no_options, other_ack]
+    assert writes[3][0] == PLAIN and bytes(writes[3][1]) == fragment  # written as it is
+
+
 def test_short_segment_ends_a_run() -> None:
     short = bytes(tcp4(b"s" * 100, seq=1000))
     after = bytes(tcp4(b"t" * 100, seq=1100))
