@@ -398,6 +398,30 @@ def test_liveness_dummies_go_to_a_peer_that_fell_silent_after_data(pair: Pair) -
     assert pair.nothing_sent_to("b"), "past the window an idle tunnel sends nothing extra"
 
 
+def test_a_batch_is_opened_as_one_run_yet_every_packet_is_still_checked(pair: Pair) -> None:
+    """A GRO read's run of one SA: the flow decided once, but a spoofed source, a replay, a forged tag
+    and a dummy in the middle of it are each refused and counted, and the rest arrive in order."""
+    b = pair.planes["b"]
+    sealer = OutboundSA(*sa_material("a", "b"))
+
+    def tcp(seq: int, src: str = A) -> bytes:
+        return raw(IP(src=src, dst=B) / TCP(sport=40000, dport=5201, seq=seq, flags="A") / (b"x" * 100))
+
+    good = [tcp(n * 100) for n in range(5)]
+    sealed = [MASQUERADE_MARKER + sealer.seal(p) for p in good[:2]]
+    sealed.append(MASQUERADE_MARKER + sealer.seal(tcp(200, src="10.9.9.9")))  # not a's address (D7)
+    sealed.append(sealed[0])  # a replay
+    sealed.append(MASQUERADE_MARKER + sealer.seal(good[2])[:-1] + b"\0")  # a forged tag
+    sealed.append(MASQUERADE_MARKER + sealer.seal_dummy())
+    sealed += [MASQUERADE_MARKER + sealer.seal(p) for p in good[3:]]
+    delivered = b.inbound_udp([(packet, pair.address_of("a")) for packet in sealed])
+    assert [bytes(p) for p in delivered] == good[:2] + good[3:]
+    counters = b.counters
+    assert counters["in_packets"] == 4 and counters["in_source_not_allowed"] == 1
+    assert counters["in_replay_duplicate"] == 1 and counters["in_auth_failed"] == 1 and counters["in_dummy"] == 1
+    assert b.tunnels["a"].rx == 5  # authenticated inner packets (the spoofed one too), dummies apart
+
+
 def test_forged_packets_are_limited_per_source_but_never_the_peers_own_address(pair: Pair) -> None:
     b = pair.planes["b"]
     sealer = OutboundSA(*sa_material("a", "b"))
