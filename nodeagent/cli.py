@@ -273,6 +273,8 @@ def status(
     nat = (doc["dataplane"] or {}).get("nat")
     if nat and nat.get("filtering"):  # what the server classes this node from (peers show their class)
         typer.echo(f"  nat: seen as {nat['mapped'] or '-'}, UDP {nat['filtering']}")
+    if doc["dataplane"]:  # what this node reports to the server; peers' paths and checksums follow it
+        typer.echo(f"  offloads: {', '.join(doc['dataplane'].get('caps', [])) or 'none'}")
     for name, peer in doc["peers"].items():
         addresses = ", ".join(f"{v} {ip}" for v, ip in peer["vips"].items())
         tunnel = tunnels.get(name)
