@@ -79,7 +79,7 @@ def test_operator_pins_a_node_to_a_path(lab: Lab) -> None:
     sent = tcp_send(hosts["x"], overlay.vip("y"), 5201, total=4 * MB)
     received = read_result(out)
     assert received is not None and received["sha256"] == sent["sha256"] and received["bytes"] == 4 * MB
-    assert overlay.counters("x").get("out_packets", 0) > 1000
+    assert wait_until(lambda: overlay.counters("x").get("out_packets", 0) > 1000, 10)  # status: every heartbeat
     shown = overlay.server.cli("node", "show", "y").stdout
     assert "path pin: esp" in shown
 
