@@ -203,11 +203,12 @@ class Agent:
 
     def _heartbeat(self, client: Client) -> SyncStatus | None:
         """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
-        endpoints, mapped, filtering, mapping = [], "", "", ""
+        endpoints, mapped, filtering, mapping, caps = [], "", "", "", []
         if self.tunnels is not None:
             endpoints = self.tunnels.endpoints()
             report = self.tunnels.nat_report()
             mapped, filtering, mapping = report.mapped, report.filtering, report.mapping
+            caps = self.tunnels.dataplane.capabilities()  # as it runs now: a refused GSO send drops "gso"
         beat = SyncHeartbeat(
             revision=self.replica.revision,
             digest=self.replica.digest,
@@ -216,6 +217,7 @@ class Agent:
             mapped=mapped,
             filtering=filtering,
             mapping=mapping,
+            caps=caps,
         )
         try:
             status = client.request("fanout", beat, expect=SyncStatus)

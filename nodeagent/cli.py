@@ -88,6 +88,14 @@ def up(
     control_only: Annotated[
         bool, typer.Option("--control-only", help="Keep the view current but move no traffic (no TUN, no root).")
     ] = False,
+    offload: Annotated[
+        bool,
+        typer.Option(
+            "--offload/--no-offload",
+            help="TUN offloads (super-packets, checksum offload). Off: one packet per read and write, and peers "
+            "complete inner checksums for this node.",
+        ),
+    ] = True,
 ) -> None:
     """Enroll (join string or token) or log in (user and password) on first run, then keep the view current
     and carry this node's traffic."""
@@ -115,7 +123,16 @@ def up(
         if not control_only:
             exempt = [urlsplit(e).hostname or "" for e in server.endpoints]
             tunnels = _start_tunnels(
-                state, server.node, tun, port, path, exit_node, rekey_interval, exempt, tcp_port=tcp_port
+                state,
+                server.node,
+                tun,
+                port,
+                path,
+                exit_node,
+                rekey_interval,
+                exempt,
+                tcp_port=tcp_port,
+                offload=offload,
             )
         agent = Agent(state, heartbeat=heartbeat, tunnels=tunnels)
     except (StateError, TunError, OSError) as exc:
@@ -143,6 +160,7 @@ def _start_tunnels(
     rekey_interval: float,
     exempt: list[str],
     tcp_port: int = TCP_PORT,
+    offload: bool = True,
 ) -> Tunnels:
     from bus.signing import load_signing_key
 
@@ -151,7 +169,8 @@ def _start_tunnels(
     except OSError as exc:
         raise TunError(f"cannot open the data plane's sockets (UDP port {port}): {exc.strerror}") from None
     try:
-        plane = DataPlane(wire, Tun(tun, 1400), path=path, exit_node=exit_node, exempt=_ipv4_only(exempt))
+        device = Tun(tun, 1400, offload=offload)
+        plane = DataPlane(wire, device, path=path, exit_node=exit_node, exempt=_ipv4_only(exempt))
     except TunError:
         wire.close()
         raise
@@ -254,6 +273,8 @@ def status(
     nat = (doc["dataplane"] or {}).get("nat")
     if nat and nat.get("filtering"):  # what the server classes this node from (peers show their class)
         typer.echo(f"  nat: seen as {nat['mapped'] or '-'}, UDP {nat['filtering']}")
+    if doc["dataplane"]:  # what this node reports to the server; peers' paths and checksums follow it
+        typer.echo(f"  offloads: {', '.join(doc['dataplane'].get('caps', [])) or 'none'}")
     for name, peer in doc["peers"].items():
         addresses = ", ".join(f"{v} {ip}" for v, ip in peer["vips"].items())
         tunnel = tunnels.get(name)
@@ -262,7 +283,8 @@ def status(
             keys = "keys ready" if tunnel["spi_out"] else "waiting for keys"
             where = tunnel.get("stream") or f"to {tunnel['endpoint'] or 'no endpoint yet'}"
             why = f" (peer {tunnel['peer_class']})" if tunnel.get("peer_class") else ""
-            path = f"; {tunnel['path']}{why} {where}, {keys}"
+            checksums = f", {tunnel['inner_checksums']} checksums" if tunnel.get("inner_checksums") else ""
+            path = f"; {tunnel['path']}{why} {where}, {keys}{checksums}"
         typer.echo(f"  peer {name}: {addresses}, {'online' if peer['online'] else 'offline'}{path}")
     if not doc["peers"]:
         typer.echo("  no peers")

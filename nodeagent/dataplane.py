@@ -33,12 +33,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bus.messages.sync import NodeView
+from bus.messages.sync import CAP_CSUM, CAP_GSO, NodeView
 from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_MIN_PACKET_SIZE, ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired
 from nodeagent.natprobe import NatProbe
-from nodeagent.offload import OffloadError, SuperPacket
+from nodeagent.offload import OffloadError, Partial, SuperPacket, finish
 from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     PROTO_TCP,
@@ -124,6 +124,7 @@ class Tunnel:
     learned: tuple[str, int] | None = None  # source of the last authenticated UDP packet (PAT, roaming)
     learned_host: str | None = None  # source of the last authenticated raw ESP packet (roaming on the esp path)
     peer_class: str = "unknown"  # the peer's NAT class from the view: why the server chose this path
+    takes_partial: bool = False  # inner checksums may reach this peer partial: it reported CAP_CSUM (and we allow it)
     path_since: float = 0.0  # when the tunnel took its current path (a stream path introduces itself after)
     outbound: OutboundSA | None = None
     inbound_spis: set[int] = field(default_factory=set)
@@ -174,8 +175,9 @@ class DataPlane:
             raise ValueError("the esp path needs the raw ESP socket")
         self.wire = wire
         self.tun = tun
-        # Inner TCP/UDP checksums may leave this node partial (TUN checksum offload) only when every peer
-        # finishes them on its side: Coterie agents do (they write NEEDS_CSUM). Off: completed here.
+        # Inner TCP/UDP checksums may leave this node partial (TUN checksum offload), toward peers that
+        # finish them on their side: agents that report CAP_CSUM (they write NEEDS_CSUM). Toward any other
+        # peer they are completed before sealing. Off: completed at the TUN for every peer.
         self.partial_checksums = partial_checksums
         if tun is not None:
             tun.complete_checksums = not partial_checksums
@@ -216,6 +218,7 @@ class DataPlane:
             previous = tunnel.address(tunnel.path)
             tunnel.endpoint, tunnel.port = _pick_endpoint([peer.endpoint] if peer.endpoint else peer.endpoints)
             tunnel.peer_class = peer.nat_class
+            tunnel.takes_partial = self.partial_checksums and CAP_CSUM in peer.caps
             path = self.forced_path or peer.path or "udp"
             if path == "esp" and self.wire.esp is None:
                 path = "udp"
@@ -296,6 +299,21 @@ class DataPlane:
         tunnel.outbound = None
         log.info("peer %s removed: its SAs are gone", peer)
 
+    def capabilities(self) -> list[str]:
+        """What this data plane can do as it runs now, for the server (SyncHeartbeat.caps, paths.py).
+
+        CAP_GSO: UDP GSO and GRO on the socket (GSO may be turned off by a refused send) and TSO on the
+        TUN; CAP_CSUM: the TUN carries the virtio_net_hdr, so every TCP/UDP packet is written NEEDS_CSUM
+        and a partial checksum from a peer is completed by this kernel.
+        """
+        tun, wire = self.tun, self.wire
+        caps = []
+        if tun is not None and tun.offload:
+            caps.append(CAP_CSUM)
+            if tun.tso and wire.gso and wire.gro:
+                caps.append(CAP_GSO)
+        return sorted(caps)
+
     def endpoints(self) -> list[str]:
         """This node's addresses with its UDP port, for the server (what peers will send to)."""
         found = []
@@ -334,7 +352,7 @@ class DataPlane:
                 mutable = bytearray(packet)
                 if clamp_mss(mutable, summary, self.mtu - (40 if summary.version == 4 else 60)):
                     counters["out_mss_clamped"] += 1  # MTU minus the IP and TCP headers
-                    packet = bytes(mutable)
+                    packet = Partial(mutable) if type(packet) is Partial else bytes(mutable)
             ready.append((tunnel, packet))  # type: ignore[arg-type]
         for tunnel, packet in self._send_batch(ready, now):
             if len(tunnel.queue) == QUEUE_LIMIT:
@@ -376,11 +394,13 @@ class DataPlane:
     def _disambiguate(self, packet: bytes, summary: Summary, now: float) -> tuple[Route | None, bytes]:
         """A packet to a native address several peers share: the port map names the peer (nodeagent/patmap.py)."""
         mutable = bytearray(packet)
-        superpacket = type(packet) is SuperPacket
-        peer = self.portmap.outbound(mutable, summary, now, adjust=not (self.partial_checksums or superpacket))
+        kind = type(packet)
+        partial = kind is SuperPacket or kind is Partial  # ports are not in a partial sum: nothing to adjust
+        peer = self.portmap.outbound(mutable, summary, now, adjust=not partial)
         if peer is None:
             return None, packet
-        rewritten = SuperPacket(mutable) if superpacket else bytes(mutable)
+        superpacket = kind is SuperPacket
+        rewritten = kind(mutable) if partial else bytes(mutable)
         if superpacket:
             rewritten.gso = packet.gso  # type: ignore[attr-defined]
         return self.peers.shared[(summary.version, summary.dst)].get(peer), rewritten
@@ -388,31 +408,32 @@ class DataPlane:
     def _send_batch(self, batch: list[tuple[Tunnel, bytes]], now: float) -> list[tuple[Tunnel, bytes]]:
         """Seal and send a batch; returns what could not be sent yet (to hold), in order.
 
-        A TSO super-packet is split here, into one ESP packet per segment.
-        Consecutive packets for one tunnel are sealed as one run (``seal_many``);
-        UDP paths gather each peer address's sealed packets and send them with
-        as few system calls as UDP GSO allows; other paths go through ``_send``
-        one packet at a time. Only the outbound thread calls this.
+        A TSO super-packet is split here, into one ESP packet per segment, and
+        inner checksums are completed for peers that do not take them partial
+        (``_inner``). Consecutive packets for one tunnel are sealed as one run
+        (``seal_many``); UDP paths gather each peer address's sealed packets and
+        send them with as few system calls as UDP GSO allows; other paths go
+        through ``_send`` one packet at a time. Only the outbound thread calls this.
         """
         unsent: list[tuple[Tunnel, bytes]] = []
         groups: dict[tuple[str, int], list[bytes]] = {}
         run: list[bytes] = []
         current: Tunnel | None = None
+        current_held: Callable[[bytes], bytes] = _same
         for tunnel, packet in batch:
-            if tunnel is not current:
+            # Held segments keep the mark of their partial checksums, for a peer whose capabilities change.
+            held = Partial if type(packet) is SuperPacket and tunnel.takes_partial else _same
+            if tunnel is not current or held is not current_held:
                 if run:
-                    self._seal_run(current, run, groups, unsent, now)  # type: ignore[arg-type]
+                    self._seal_run(current, run, current_held, groups, unsent, now)  # type: ignore[arg-type]
                     run = []
-                current = tunnel
-            if type(packet) is SuperPacket:
-                try:
-                    run += packet.segments()
-                except OffloadError:
-                    self.counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
-            else:
-                run.append(packet)
+                current, current_held = tunnel, held
+            try:
+                run += self._inner(tunnel, packet)
+            except OffloadError:
+                self.counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
         if run:
-            self._seal_run(current, run, groups, unsent, now)  # type: ignore[arg-type]
+            self._seal_run(current, run, current_held, groups, unsent, now)  # type: ignore[arg-type]
         for address, parts in groups.items():
             if parts:
                 self.wire.send_udp_batch(parts, address)
@@ -422,18 +443,21 @@ class DataPlane:
         self,
         tunnel: Tunnel,
         pieces: list[bytes],
+        held_as: Callable[[bytes], bytes],
         groups: dict[tuple[str, int], list[bytes]],
         unsent: list[tuple[Tunnel, bytes]],
         now: float,
     ) -> None:
-        """Packets for one tunnel: sealed into their address's group (UDP paths) or sent one by one."""
+        """Packets for one tunnel: sealed into their address's group (UDP paths) or sent one by one.
+
+        What cannot be sent yet is held as *held_as* makes it (segments keep their partial-checksum mark)."""
         path = tunnel.path
         if path not in UDP_PATHS:
-            unsent += [(tunnel, piece) for piece in pieces if not self._send(tunnel, piece, now)]
+            unsent += [(tunnel, held_as(piece)) for piece in pieces if not self._send(tunnel, piece, now)]
             return
         sa, address = tunnel.outbound, tunnel.address(path)
         if sa is None or address is None:
-            unsent += [(tunnel, piece) for piece in pieces]
+            unsent += [(tunnel, held_as(piece)) for piece in pieces]
             return
         try:
             sealed = sa.seal_many(pieces)
@@ -442,7 +466,7 @@ class DataPlane:
             sealed, held = self._seal_each(sa, pieces)
         if held:
             self.counters["out_rekey_wait"] += len(held)
-            unsent += [(tunnel, piece) for piece in held]
+            unsent += [(tunnel, held_as(piece)) for piece in held]
         if not sealed:
             return
         group = groups.get(address)
@@ -454,9 +478,25 @@ class DataPlane:
         tunnel.tx += len(sealed)
         self.counters["out_packets"] += len(sealed)
 
+    @staticmethod
+    def _inner(tunnel: Tunnel, packet: bytes) -> list[bytes]:
+        """The inner packets to seal for *tunnel*: a super-packet's segments, checksums as the peer takes them.
+
+        Partial toward a peer that completes them (CAP_CSUM: it writes them NEEDS_CSUM); complete
+        toward any other, whose kernel would drop a packet with a partial checksum.
+        """
+        kind = type(packet)
+        if kind is SuperPacket:
+            return packet.segments(complete=not tunnel.takes_partial)  # type: ignore[attr-defined]
+        if kind is Partial and not tunnel.takes_partial:
+            return [finish(packet)]
+        return [packet]
+
     def _send(self, tunnel: Tunnel, packet: bytes, now: float) -> bool:
         sa = tunnel.outbound
         path = tunnel.path
+        if type(packet) is Partial and not tunnel.takes_partial:
+            packet = finish(packet)  # held in the queue since before the peer's capabilities changed
         if path in TCP_PATHS:
             return self._send_stream(tunnel, packet, now)
         address = tunnel.address(path)
@@ -949,6 +989,7 @@ class DataPlane:
                 "rx_packets": tunnel.rx,
                 "queued": len(tunnel.queue),
                 "peer_class": tunnel.peer_class,
+                "inner_checksums": "partial" if tunnel.takes_partial else "complete",
             }
             if tunnel.path in TCP_PATHS:
                 peers[name]["stream"] = self.tcp.peer_state(name) if self.tcp is not None else "no TCP paths"
@@ -957,6 +998,7 @@ class DataPlane:
             "mtu": self.mtu,
             "udp_port": self.wire.port,
             "path": self.forced_path or "auto",
+            "caps": self.capabilities(),
             "peers": peers,
             "portmap": [
                 {"peer": m.peer, "proto": m.proto, "original": m.original, "public": m.public}
@@ -985,6 +1027,10 @@ class DataPlane:
                 tun_read_errors=tun.read_errors,
             )
         return found
+
+
+def _same(packet: bytes) -> bytes:
+    return packet
 
 
 def _is_syn(packet: bytes, header_length: int) -> bool:

@@ -99,6 +99,34 @@ def complete_checksum(packet: bytearray, start: int, offset: int, proto: int) ->
     packet[start + offset : start + offset + 2] = _H.pack(value)
 
 
+class Partial(bytes):
+    """A TCP/UDP packet whose checksum the TUN left partial (NEEDS_CSUM): the field holds the pseudo-header sum.
+
+    Its transport header starts right after the IP header (IPv4's IHL, IPv6's 40 bytes). The type is
+    the mark: whether a packet's checksum is partial cannot be told from its bytes, and whether it may
+    leave partial is decided per peer, after routing (``finish`` for a peer without ``csum``).
+    """
+
+    __slots__ = ()
+
+
+def finish(packet: Buffer) -> bytes:
+    """*packet* (a Partial) with its TCP/UDP checksum complete, computed afresh.
+
+    Afresh, not from the field: the MSS clamp adjusts a checksum as if it were complete, so a partial
+    one it touched no longer holds the pseudo-header sum. Anything but TCP/UDP is returned as it is.
+    """
+    mutable = bytearray(packet)
+    l4 = _l4_start(mutable)
+    proto = mutable[9] if mutable[0] >> 4 == 4 else mutable[6]
+    offset = TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET if proto == PROTO_UDP else -1
+    if offset < 0 or len(mutable) < l4 + offset + 2:
+        return bytes(mutable)
+    _H.pack_into(mutable, l4 + offset, pseudo_sum(mutable, len(mutable) - l4, proto))
+    complete_checksum(mutable, l4, offset, proto)
+    return bytes(mutable)
+
+
 # ---------------------------------------------------------------------------- reading (outbound)
 def parse_vnet(buffer: Buffer) -> tuple[int, int, int, int, int, int]:
     """The virtio_net_hdr at the start of a TUN read."""
@@ -217,15 +245,17 @@ class SuperPacket(bytes):
 
     gso: tuple[int, int, int, bool]
 
-    def segments(self) -> list[bytes]:
-        gso_type, gso_size, csum_start, complete = self.gso
-        return split(self, gso_type, gso_size, csum_start, complete=complete)
+    def segments(self, complete: bool = False) -> list[bytes]:
+        """The segments, their checksums complete if *complete* or the read asked for it, else partial."""
+        gso_type, gso_size, csum_start, completed = self.gso
+        return split(self, gso_type, gso_size, csum_start, complete=complete or completed)
 
 
 def unpack_read(buffer: Buffer, *, complete: bool) -> bytes:
     """One TUN read (virtio_net_hdr + packet) as the IP packet to send, checksums as *complete* says.
 
-    A TSO read comes back as a SuperPacket.
+    A TSO read comes back as a SuperPacket; a TCP/UDP packet whose checksum stays partial as a Partial
+    (anything else with NEEDS_CSUM, such as IPv6 with extension headers before TCP/UDP, is completed here).
     """
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET.unpack_from(buffer)
     packet = memoryview(buffer)[VNET_SIZE:]
@@ -235,7 +265,11 @@ def unpack_read(buffer: Buffer, *, complete: bool) -> bytes:
         found = SuperPacket(packet)
         found.gso = (gso_type, gso_size, csum_start, complete)
         return found
-    if flags & NEEDS_CSUM and complete and len(packet) >= csum_start + csum_offset + 2:
+    if not flags & NEEDS_CSUM:
+        return bytes(packet)
+    if not complete and len(packet) >= 28 and packet[9 if packet[0] >> 4 == 4 else 6] in (PROTO_TCP, PROTO_UDP):
+        return Partial(packet)  # (for IPv4 the kernel's csum_start is always the IHL, as Partial assumes)
+    if len(packet) >= csum_start + csum_offset + 2:
         mutable = bytearray(packet)
         complete_checksum(mutable, csum_start, csum_offset, mutable[9] if mutable[0] >> 4 == 4 else mutable[6])
         return bytes(mutable)

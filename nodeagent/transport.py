@@ -101,7 +101,8 @@ class Wire:
             if mark:  # policy routing keeps the agent's own encapsulated packets out of its tunnel
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         self.send_errors = 0
-        self.gso = True  # off after the kernel refused a GSO send: then datagrams go one by one
+        # off when the kernel lacks UDP_SEGMENT, or refused a GSO send: then datagrams go one by one
+        self.gso = _supported(self.udp, UDP_SEGMENT)
         self.gro = _enable(self.udp, UDP_GRO)
         self._buffers: list[bytearray] = []  # receive buffers, reused by every recv_batch
         self.udp_sends = self.udp_datagrams_sent = self.udp_reads = self.udp_datagrams_read = 0
@@ -248,6 +249,15 @@ def _set_buffer(sock: socket.socket, force: int, plain: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def _supported(sock: socket.socket, option: int) -> bool:
+    """Whether the kernel knows this UDP option (reading it changes nothing; ENOPROTOOPT if unknown)."""
+    try:
+        sock.getsockopt(socket.SOL_UDP, option)
+    except OSError:
+        return False
+    return True
 
 
 def _enable(sock: socket.socket, option: int) -> bool:

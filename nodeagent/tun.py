@@ -82,9 +82,11 @@ class Tun:
         self.reads = self.writes = self.packets_written = 0  # how well batching works
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
+        self.tso = False  # the kernel took TUNSETOFFLOAD: reads may be super-packets (a capability, paths.GSO)
         if offload:
             try:
                 fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                self.tso = True
             except OSError as exc:  # an old kernel: the header stays, the kernel just sends no super-packets
                 log.warning("TUN offloads unavailable (%s); packets go one by one", exc.strerror)
         self._ipr = IPRoute()

@@ -217,6 +217,7 @@ class NodeInfo(Message):
     public_endpoint: str | None
     agent_version: str | None
     last_seen: datetime | None
+    caps: list[str] = Field(default_factory=list)  # data-plane capabilities its agent reported (gso, csum)
 
 
 @register

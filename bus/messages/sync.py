@@ -18,10 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import cached_property
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from bus.messages import Message, register
+
+Cap = Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,16}$")]  # one capability token, e.g. "gso"
+# The data-plane capabilities an agent reports (SyncHeartbeat.caps) and its peers see (PeerView.caps):
+CAP_GSO = "gso"  # its UDP socket segments and coalesces (UDP_SEGMENT, UDP_GRO) and its TUN has VNET_HDR offloads
+CAP_CSUM = "csum"  # it takes inner TCP/UDP packets with partial checksums and completes them (NEEDS_CSUM writes)
 
 
 def _canonical(value: object) -> bytes:
@@ -69,11 +75,18 @@ class PeerView(_Part):
     tags: list[str] = Field(default_factory=list)  # for ACL selectors `tag:TAG`, checked by the receiving agent
     path: str = ""  # the server's choice for this pair (services/datastore/paths.py); "" = not decided
     endpoint: str | None = None  # where this viewer sends to the peer ("host:port"), chosen by the server
+    caps: list[str] = Field(default_factory=list)  # the peer's data-plane capabilities (paths.CAPS), as it reported
 
     @cached_property
     def fingerprint(self) -> bytes:
-        """SHA-256 of this entry's canonical JSON; cached, as a view's digest hashes every peer."""
-        return hashlib.sha256(_canonical(self.model_dump(mode="json"))).digest()
+        """SHA-256 of this entry's canonical JSON; cached, as a view's digest hashes every peer.
+
+        ``caps`` is left out when empty, so entries of peers that report none keep the digests they always had.
+        """
+        entry = self.model_dump(mode="json")
+        if not entry["caps"]:
+            del entry["caps"]
+        return hashlib.sha256(_canonical(entry)).digest()
 
 
 class AclView(_Part):
@@ -216,6 +229,8 @@ class SyncHeartbeat(Message):
     mapped: str = ""  # "ip:port" the server's UDP reflector saw (nodeagent/natprobe.py)
     filtering: str = ""  # open | restricted | blocked: what got through from the reflector
     mapping: str = ""  # independent | dependent: whether the reflector's second port saw the same mapping
+    # What the running data plane can do (services/datastore/paths.py CAPS: "gso", "csum"); old agents send none.
+    caps: list[Cap] = Field(default_factory=list, max_length=16)
 
 
 @register

@@ -44,6 +44,8 @@ class Node(SQLModel, table=True):
     public_endpoint: str | None = Field(default=None, max_length=80)
     nat_class: str = Field(default="unknown", max_length=16)  # public | nat | pat | firewalled | unknown
     path_pin: str | None = Field(default=None, max_length=16)  # esp | udp | tcp443 | relay: an operator's choice
+    # what the agent's data plane reported it can do (services/datastore/paths.py CAPS)
+    caps: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     online: bool = False
     last_seen: datetime | None = None
     agent_version: str | None = Field(default=None, max_length=32)

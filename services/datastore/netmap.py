@@ -32,7 +32,7 @@ from sqlmodel import Session
 
 from bus.messages.sync import AclView, NodeView, PeerView, RouteView, VpnView
 from services.datastore.models import AclRule, Change, GatewayRoute, Membership, Node, Vpn
-from services.datastore.paths import choose_path, native_address, own_native_address, pick_endpoint
+from services.datastore.paths import GSO, choose_path, native_address, own_native_address, pick_endpoint
 
 T = TypeVar("T")
 
@@ -99,8 +99,8 @@ class World:
                 if other.node_id != node_id and self._visible(vpn, mine, other, rules):
                     peer_parts[other.node_id][vpn.name] = (other.vip, other.role)
         peers = {}
-        # The path and endpoint depend on the viewer only through its class, pin and public address.
-        viewer = (me.nat_class, _path_pin(me), _public_host(me))
+        # The path and endpoint depend on the viewer only through its class, pin, offloads and public address.
+        viewer = (me.nat_class, _path_pin(me), GSO in me.caps, _public_host(me))
         for peer_id, parts in peer_parts.items():
             # Most viewers see a peer the same way: build each distinct entry once per World.
             key = (peer_id, tuple(sorted(parts.items())), viewer)
@@ -160,8 +160,9 @@ class World:
             online=peer.online,
             sign_key=peer.sign_key,
             tags=sorted(peer.tags),
-            path=choose_path(me.nat_class, _path_pin(me), peer.nat_class, _path_pin(peer)),
+            path=choose_path(me.nat_class, _path_pin(me), peer.nat_class, _path_pin(peer), me.caps, peer.caps),
             endpoint=endpoint,
+            caps=list(peer.caps),
         )
 
     def affected(self, change: Change) -> set[int]:

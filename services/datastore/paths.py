@@ -25,15 +25,28 @@ firewalled and the other is reachable; ``relay`` (through the server, which
 forwards sealed ESP it cannot read) when neither of a firewalled pair can be
 reached. An operator's pin (``node set NODE --path P``) wins for any pair
 with that node.
+
+Capabilities (what each agent's running data plane reports in its
+heartbeat, see CAPS): when both ends report ``gso``, a pair that would take
+raw ``esp`` takes ``udp`` instead. A raw socket sends and receives one
+packet per system call; UDP has GSO and GRO (tens of packets per call), so
+between offloading agents it is several times faster (docs/performance.md:
+48 Mbit/s on raw ESP against 400+ on udp). A pin to ``esp`` still wins.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
+
+from bus.messages.sync import CAP_CSUM, CAP_GSO
 
 PUBLIC, NAT, PAT, HARD, FIREWALLED, UNKNOWN = "public", "nat", "pat", "hard", "firewalled", "unknown"
 CLASSES = (PUBLIC, NAT, PAT, HARD, FIREWALLED, UNKNOWN)
 PATHS = ("esp", "udp", "punch", "tcp443", "relay")
 PINNABLE = ("esp", "udp", "tcp443", "relay")
 REACHABLE = (PUBLIC, NAT)
+GSO, CSUM = CAP_GSO, CAP_CSUM  # what agents report (bus/messages/sync.py); only GSO matters to the path
+CAPS = (GSO, CSUM)
 
 
 def classify(endpoints: list[str], mapped: str, filtering: str, mapping: str = "") -> str:
@@ -49,8 +62,15 @@ def classify(endpoints: list[str], mapped: str, filtering: str, mapping: str = "
     return HARD if mapping == "dependent" else PAT
 
 
-def choose_path(mine: str, my_pin: str | None, theirs: str, their_pin: str | None) -> str:
-    """The path between two nodes of these classes and pins; symmetric in its two ends."""
+def choose_path(
+    mine: str,
+    my_pin: str | None,
+    theirs: str,
+    their_pin: str | None,
+    my_caps: Collection[str] = (),
+    their_caps: Collection[str] = (),
+) -> str:
+    """The path between two nodes of these classes, pins and capabilities; symmetric in its two ends."""
     pins = {p for p in (my_pin, their_pin) if p}
     if "relay" in pins:
         return "relay"
@@ -65,6 +85,8 @@ def choose_path(mine: str, my_pin: str | None, theirs: str, their_pin: str | Non
         return "relay" if HARD in (mine, theirs) else "punch"
     if PAT in (mine, theirs) or HARD in (mine, theirs) or UNKNOWN in (mine, theirs):
         return "udp"  # also before classification: masquerade works wherever raw ESP does, and more
+    if "esp" not in pins and GSO in my_caps and GSO in their_caps:
+        return "udp"  # raw ESP has no GSO/GRO: one system call per packet
     return "esp"
 
 

@@ -338,6 +338,7 @@ def _node_info(world: World, node: Node) -> NodeInfo:
         public_endpoint=node.public_endpoint,
         agent_version=node.agent_version,
         last_seen=node.last_seen,
+        caps=list(node.caps),
     )
 
 

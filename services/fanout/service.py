@@ -350,6 +350,7 @@ class FanoutService(Worker):
                 heartbeat.mapped,
                 heartbeat.filtering,
                 heartbeat.mapping,
+                tuple(heartbeat.caps),
             )
         fresh = now - self._written.get(node_id, float("-inf")) < LAST_SEEN_WRITE
         unchanged = reported is None or self._reported.get(node_id) == reported
@@ -384,20 +385,22 @@ class FanoutService(Worker):
 
     def _write_seen(self, session, node: Node, heartbeat: SyncHeartbeat | None) -> bool:  # type: ignore[no-untyped-def]
         """Write one node's sign of life; True if it just came online (the caller records that, for all at once)."""
-        before = (node.endpoints, node.nat_class, node.public_endpoint)
+        before = (node.endpoints, node.nat_class, node.public_endpoint, node.caps)
         if heartbeat is not None:
             node.endpoints = list(heartbeat.endpoints)
             node.nat_class = classify(node.endpoints, heartbeat.mapped, heartbeat.filtering, heartbeat.mapping)
             node.public_endpoint = heartbeat.mapped or None
             node.agent_version = heartbeat.agent_version or node.agent_version
+            node.caps = sorted(set(heartbeat.caps))  # peers' paths and checksums follow them (paths.py)
         node.last_seen = utcnow()
         if not node.online:
             node.online = True
             return True
-        if heartbeat is not None and (node.endpoints, node.nat_class, node.public_endpoint) != before:
+        if heartbeat is not None and (node.endpoints, node.nat_class, node.public_endpoint, node.caps) != before:
             seen = f", seen as {node.public_endpoint}" if node.public_endpoint else ""
             endpoints = ", ".join(node.endpoints) or "none"
-            summary = f"node {node.name} reports endpoints {endpoints}{seen}: {node.nat_class}"
+            caps = ", ".join(node.caps) or "none"
+            summary = f"node {node.name} reports endpoints {endpoints}{seen}: {node.nat_class}; offloads {caps}"
             repo.record(session, "node.endpoints", summary, "service:fanout", [], [node.id or 0])
         return False
 

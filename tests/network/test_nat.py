@@ -20,10 +20,12 @@ pytestmark = pytest.mark.timeout(600)  # real processes in namespaces, on a shar
 
 MB = 1 << 20
 
-# (site kind of x, site kind of y) -> (class of x, class of y, path)
+# (site kind of x, site kind of y) -> (class of x, class of y, path). Both agents offload (the default, and
+# they report "gso"), so pairs that raw ESP would serve take udp: raw ESP has no GSO/GRO (paths.py).
+# Raw ESP chosen by class is covered with agents without offloads in test_caps.py, pinned below.
 PAIRS = {
-    ("public", "public"): ("public", "public", "esp"),
-    ("public", "nat"): ("public", "nat", "esp"),
+    ("public", "public"): ("public", "public", "udp"),
+    ("public", "nat"): ("public", "nat", "udp"),
     ("public", "pat"): ("public", "pat", "udp"),
     ("nat", "pat"): ("nat", "pat", "udp"),
     ("pat", "pat"): ("pat", "pat", "punch"),
@@ -60,21 +62,28 @@ def test_pair_gets_the_expected_path_and_carries_traffic(lab: Lab, kinds: tuple[
 
 
 def test_operator_pins_a_node_to_a_path(lab: Lab) -> None:
+    """Offloading public agents get udp; a pin to raw ESP wins over that, for both ends, and traffic flows."""
     sites = sites_behind(lab, ["public", "public"])
     hosts = {"x": sites[0].hosts[0], "y": sites[1].hosts[0]}
     overlay = start_overlay(lab, hosts, sites.r, sites.server_addr, {"x": ["lab"], "y": ["lab"]})
     overlay.wait_synced("x", ["y"])
-    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "esp", 60)
+    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "udp", 60)
 
-    overlay.server.cli("node", "set", "y", "--path", "udp")
-    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "udp", 20), "x follows y's pin"
-    assert wait_until(lambda: overlay.status("y")["peers"]["x"]["path"] == "udp", 20), "and so does y"
+    overlay.server.cli("node", "set", "y", "--path", "esp")
+    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "esp", 20), "x follows y's pin"
+    assert wait_until(lambda: overlay.status("y")["peers"]["x"]["path"] == "esp", 20), "and so does y"
     overlay.wait_ping("x", overlay.vip("y"))
-    assert wait_until(lambda: overlay.dataplane("x")["peers"]["y"]["path"] == "udp", 10)
+    assert wait_until(lambda: overlay.dataplane("x")["peers"]["y"]["path"] == "esp", 10)
+    out = lab.workdir / "sink.json"
+    tcp_sink(hosts["y"], overlay.vip("y"), 5201, out)
+    sent = tcp_send(hosts["x"], overlay.vip("y"), 5201, total=4 * MB)
+    received = read_result(out)
+    assert received is not None and received["sha256"] == sent["sha256"] and received["bytes"] == 4 * MB
+    assert wait_until(lambda: overlay.counters("x").get("out_packets", 0) > 1000, 10)  # status: every heartbeat
     shown = overlay.server.cli("node", "show", "y").stdout
-    assert "path pin: udp" in shown
+    assert "path pin: esp" in shown
 
     overlay.server.cli("node", "set", "y", "--path", "auto")
-    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "esp", 20), "auto gives the choice back"
+    assert wait_until(lambda: overlay.status("x")["peers"]["y"]["path"] == "udp", 20), "auto gives the choice back"
     bad = overlay.server.cli("node", "set", "y", "--path", "carrier-pigeon", check=False)
     assert bad.returncode == 2 and "--path must be" in bad.stderr

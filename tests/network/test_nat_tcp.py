@@ -12,7 +12,7 @@ The transfer rate is printed (run with -s to see it), never asserted.
 D17's switch: a public pair on raw ESP; an nft rule in one node's namespace
 drops its UDP and ESP; its periodic NAT probe finds UDP blocked, the server
 reclasses it `firewalled` and both ends move to tcp443; without the rule
-they return to a UDP path (raw ESP).
+they return to a UDP path (udp: both agents offload, see paths.py).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def test_blocked_udp_moves_a_pair_to_tcp443_and_back(lab: Lab) -> None:
     def paths() -> tuple[str, str]:
         return overlay.dataplane("x")["peers"]["y"]["path"], overlay.dataplane("y")["peers"]["x"]["path"]
 
-    assert wait_until(lambda: paths() == ("esp", "esp"), 30), paths()
+    assert wait_until(lambda: paths() == ("udp", "udp"), 30), paths()
     vip_x, vip_y = overlay.vip("x"), overlay.vip("y")
     overlay.wait_ping("x", vip_y)
 
@@ -148,10 +148,10 @@ def test_blocked_udp_moves_a_pair_to_tcp443_and_back(lab: Lab) -> None:
     hosts["x"].run(["nft", "delete", "table", "inet", "cotblock"])
     unblocked = time.monotonic()
     assert wait_until(lambda: _classes(overlay)["x"] == "public", 90, interval=1.0), _classes(overlay)
-    assert wait_until(lambda: paths() == ("esp", "esp"), 30), paths()
+    assert wait_until(lambda: paths() == ("udp", "udp"), 30), paths()
     overlay.wait_ping("x", vip_y)
     overlay.wait_ping("y", vip_x)
-    print(f"\n[time] UDP unblocked to ping over esp: {time.monotonic() - unblocked:.1f}s")
+    print(f"\n[time] UDP unblocked to ping over udp: {time.monotonic() - unblocked:.1f}s")
     time.sleep(1.5)  # a few status writes: the counters settle
     before = overlay.counters("x").get("out_tcp443", 0)
     assert hosts["x"].ping(vip_y, timeout=2)

@@ -10,7 +10,9 @@ together.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -493,3 +495,29 @@ def test_native_vpn_gives_real_addresses_as_each_viewer_reaches_them(truth: Trut
     assert p1.peers["pub"].vips == {"nat-lab": "198.18.0.2"}
     assert pub.peers["late"].vips == {}, "not reported yet: no address"
     assert truth.view("late").vpns["nat-lab"].vip == ""
+
+
+def test_capabilities_reach_peers_and_offloading_public_pairs_take_udp(truth: Truth) -> None:
+    """What an agent reports in caps is in every peer's entry for it, and steers the pair's path (issue 8)."""
+    truth.vpn("office")
+    caps = {"a": ["csum", "gso"], "b": ["csum", "gso"], "c": ["csum"], "d": []}
+    for name in caps:
+        truth.node(name, ("office",))
+    with transaction(truth.engine) as session:
+        for number, node in enumerate(session.exec(select(Node)).all()):
+            address = f"198.18.0.{number + 2}:7871"
+            node.endpoints, node.public_endpoint, node.nat_class = [address], address, "public"
+            node.caps = caps[node.name]
+        repo.record(session, "node.endpoints", "test", "operator:test", [], [])
+    views = {name: truth.view(name) for name in caps}
+    for viewer, view in views.items():
+        for name, entry in view.peers.items():
+            assert entry.caps == caps[name]
+            both_offload = "gso" in caps[viewer] and "gso" in caps[name]
+            assert entry.path == ("udp" if both_offload else "esp"), (viewer, name)
+            assert entry.path == views[name].peers[viewer].path  # both ends read the same decision
+    legacy = views["a"].peers["d"]  # reports nothing (an old agent): its entry hashes as it always did
+    dump = legacy.model_dump(mode="json")
+    del dump["caps"]
+    canonical = json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()
+    assert legacy.fingerprint == hashlib.sha256(canonical).digest()

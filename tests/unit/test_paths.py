@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from services.datastore.paths import CLASSES, PINNABLE, choose_path, classify
+from services.datastore.paths import CAPS, CLASSES, CSUM, GSO, PINNABLE, choose_path, classify
 
 LOCAL = ["192.168.1.10:7871", "10.0.0.5:7871"]
 
@@ -55,13 +55,34 @@ def test_choose_path_per_pair_of_classes(pair: tuple[str, str], path: str) -> No
     assert choose_path(pair[1], None, pair[0], None) == path  # both ends read the same decision
 
 
-def test_every_pair_and_pin_gets_a_path_and_it_is_symmetric() -> None:
+CAP_SETS = [(), (GSO,), (CSUM,), CAPS]
+
+
+def test_every_pair_pin_and_caps_gets_a_path_and_it_is_symmetric() -> None:
     pins = [None, *PINNABLE]
     for mine, theirs in itertools.product(CLASSES, repeat=2):
         for my_pin, their_pin in itertools.product(pins, repeat=2):
-            path = choose_path(mine, my_pin, theirs, their_pin)
-            assert path in ("esp", "udp", "punch", "tcp443", "relay")
-            assert path == choose_path(theirs, their_pin, mine, my_pin)
+            for my_caps, their_caps in itertools.product(CAP_SETS, repeat=2):
+                path = choose_path(mine, my_pin, theirs, their_pin, my_caps, their_caps)
+                assert path in ("esp", "udp", "punch", "tcp443", "relay")
+                assert path == choose_path(theirs, their_pin, mine, my_pin, their_caps, my_caps)
+                without = choose_path(mine, my_pin, theirs, their_pin)
+                # offloads change one thing only: raw ESP becomes udp, when both ends offload and no one pins esp
+                if path != without:
+                    assert (without, path) == ("esp", "udp")
+                    assert GSO in my_caps and GSO in their_caps and "esp" not in (my_pin, their_pin)
+
+
+@pytest.mark.parametrize("pair", [("public", "public"), ("public", "nat"), ("nat", "nat")])
+def test_offloading_agents_take_udp_where_they_would_take_raw_esp(pair: tuple[str, str]) -> None:
+    mine, theirs = pair
+    assert choose_path(mine, None, theirs, None, CAPS, CAPS) == "udp"
+    assert choose_path(mine, None, theirs, None, (GSO,), (GSO,)) == "udp"
+    assert choose_path(mine, None, theirs, None, CAPS, (CSUM,)) == "esp"  # one end without GSO: raw ESP costs nothing
+    assert choose_path(mine, None, theirs, None, CAPS, ()) == "esp"  # an old agent reports nothing
+    assert choose_path(mine, "esp", theirs, None, CAPS, CAPS) == "esp"  # the operator's pin wins
+    assert choose_path(mine, None, theirs, "esp", CAPS, CAPS) == "esp"
+    assert choose_path(mine, "relay", theirs, None, CAPS, CAPS) == "relay"
 
 
 def test_pins_win() -> None:

@@ -252,6 +252,7 @@ def node_show(
         ("nat class", n.nat_class),
         ("path pin", n.path_pin or "none (the server decides per pair)"),
         ("endpoints", ", ".join(n.endpoints)),
+        ("offloads", ", ".join(n.caps) or "none reported"),
         ("agent", n.agent_version),
         ("last seen", n.last_seen),
     ]:
