@@ -141,6 +141,11 @@ class Wire:
         A GSO send needs all datagrams but the last of one size, so runs of
         equal size go together, each closed by at most one shorter datagram.
         """
+        if len(parts) == 2:  # one datagram (a ping, an ACK): no run to find
+            self._send(self.udp, parts[0] + parts[1], address)
+            self.udp_sends += 1
+            self.udp_datagrams_sent += 1
+            return
         if not self.gso:
             for index in range(0, len(parts), 2):
                 self._send(self.udp, parts[index] + parts[index + 1], address)
