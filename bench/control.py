@@ -27,8 +27,9 @@ Measured, in this order:
   e. a burst of --burst changes within one second (routes behind the hub):
      time until every agent holds the view the database gives it, and how
      the fanout batched them;
-  d. a full server restart: time from starting the server again until every
-     agent has reconnected, been told it is out of sync, and taken a snapshot.
+  d. a full server restart: time from stopping the server until every agent
+     has reconnected and been told by the new server that its view is current
+     (resumed from its own revision, or after a new snapshot).
 """
 
 from __future__ import annotations
@@ -387,11 +388,17 @@ def restart(server: CoterieServer, workers: Workers, n: int, timeout: float) -> 
     with open(server.log_path, "ab") as log:
         argv = [sys.executable, "-m", "tui.cli", "server", "up", "--dir", str(server.home)]
         server.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log)
-    # Resynchronised: a snapshot and an answered heartbeat since the old server was gone.
+    # Resynchronised: the new server answered a heartbeat "in sync" (it holds a stream that agrees with the agent).
     if not wait_until(lambda: workers.total("resynced", down) >= n, timeout, interval=0.2):
         resynced = workers.total("resynced", down)
         raise SystemExit(f"only {resynced} of {n} agents resynchronised within {timeout:.0f}s of the restart")
-    return {"all_resynced_s": time.monotonic() - down}
+    took = time.monotonic() - down
+    counters = fanout_counters(server)
+    return {
+        "all_resynced_s": took,
+        "snapshots_after": workers.total("snapshots_since", down),
+        "resumed": counters.get("resumed", 0),
+    }
 
 
 # ---------------------------------------------------------------------- the run
@@ -503,7 +510,13 @@ def table(r: dict[str, Any]) -> str:
         )
     if "restart" in r:
         d = r["restart"]
-        lines.append(row("d. server restart", note=f"all agents resynced {d['all_resynced_s']:.1f} s after the stop"))
+        lines.append(
+            row(
+                "d. server restart",
+                note=f"all agents resynced {d['all_resynced_s']:.1f} s after the stop"
+                f" ({d['resumed']} resumed their streams, {d['snapshots_after']} took snapshots)",
+            )
+        )
     return "\n".join(lines)
 
 

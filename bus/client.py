@@ -233,11 +233,13 @@ class Client:
         )
 
     def _send(self, frames: list[bytes], timeout: float) -> bool:
-        """Send once the connection is up (IMMEDIATE queues nothing before); False on timeout."""
-        started = time.monotonic()
-        if not self._connect_when_due(timeout):
+        """Send once the connection is up (IMMEDIATE queues nothing before); False on timeout.
+
+        A blocking send (timeout > 0) first sleeps out the reconnect backoff (at most RECONNECT_MAX); the timeout
+        is the attempt's own. A non-blocking one (an event loop's) fails until the backoff has passed.
+        """
+        if not self._connect_when_due(c.RECONNECT_MAX if timeout > 0 else 0.0):
             return False
-        timeout = max(0.0, timeout - (time.monotonic() - started))
         if not self._socket.poll(int(timeout * 1000), zmq.POLLOUT):
             return False
         try:
