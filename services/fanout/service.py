@@ -72,9 +72,13 @@ log = logging.getLogger(__name__)
 # enough that a busy agent is never pushed into snapshot storms, short enough that a lost tail
 # (an outbox that overflowed) is found in seconds.
 IN_FLIGHT_GRACE = 10.0
+# One receipt by its primary key (revision, node_id). "node_id = ? AND revision <= ?" cannot use that key: each
+# such update scanned the whole delivery table, and 1,000 of them after a change to all held SQLite's write lock
+# for over 10 s (the datastore's commits failed "database is locked", the broker dropped both workers).
 APPLY_RECEIPTS = text(
-    "UPDATE delivery SET applied_at = :now WHERE node_id = :node AND revision <= :revision AND applied_at IS NULL"
+    "UPDATE delivery SET applied_at = :now WHERE revision = :revision AND node_id = :node AND applied_at IS NULL"
 )
+PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
@@ -133,7 +137,10 @@ class FanoutService(Worker):
         self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
         self._next_batch = 0.0
-        self._acks: dict[int, int] = {}  # node id -> newest revision acknowledged, not yet written
+        self._acks: list[tuple[int, int]] = []  # (node id, revision) receipts acknowledged, not yet written
+        # node id -> revisions with a receipt row the node has not acknowledged (kept across its streams: a node
+        # that went offline and came back acknowledges them with its first heartbeat)
+        self.unacked: dict[int, list[int]] = {}
         self._next_ack_flush = 0.0
         self.watchers: dict[str, float] = {}  # operator CURVE key -> monotonic time its lease ends
         self.world_head = -1  # the revision self.world was read at
@@ -224,6 +231,7 @@ class FanoutService(Worker):
             node = world.nodes.get(stream.node_id)
             if node is None or node.curve_key != stream.key:
                 self._drop_stream(stream.node_id)  # removed or re-keyed: revoked, nothing more to send
+                self.unacked.pop(stream.node_id, None)
         touched: dict[int, list[int]] = defaultdict(list)  # node id -> revisions that may concern it
         for change in changes:
             for node_id in world.affected(change) | set(change.node_ids):
@@ -250,6 +258,7 @@ class FanoutService(Worker):
             self.counters["updates"] += 1
             with self._lock:
                 stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
+                self.unacked[node_id] = (self.unacked.get(node_id, []) + revisions)[-PENDING_RECEIPTS:]
             pushed_at = utcnow()
             receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
         return receipts
@@ -391,14 +400,17 @@ class FanoutService(Worker):
     def _acknowledge(self, stream: Stream, revision: int) -> None:
         if revision > stream.acked:
             stream.acked = revision
-            self._acks[stream.node_id] = revision
+            pending = self.unacked.get(stream.node_id)
+            if pending and pending[0] <= revision:
+                self._acks += [(stream.node_id, r) for r in pending if r <= revision]
+                self.unacked[stream.node_id] = [r for r in pending if r > revision]
 
     def flush_receipts(self) -> None:
         """Mark acknowledged deliveries applied, for every node at once."""
         with self._lock:
-            acks, self._acks = self._acks, {}
+            acks, self._acks = self._acks, []
         now = utcnow()
-        rows = [{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks.items()]
+        rows = [{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks]
         with transaction(self.engine) as session:
             session.execute(APPLY_RECEIPTS, rows)
 
