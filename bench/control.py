@@ -242,8 +242,16 @@ def expected_digests(server: CoterieServer) -> dict[str, str]:
 
 
 def fanout_counters(server: CoterieServer) -> dict[str, int]:
-    reply = server.request(HealthRequest(), service="fanout")
-    return dict(reply.counters) if isinstance(reply, Health) else {}
+    """The fanout's counters; a busy fanout may answer `service_unavailable` a few times first."""
+    from bus.errors import BusError
+
+    for _ in range(10):
+        try:
+            reply = server.request(HealthRequest(), service="fanout")
+            return dict(reply.counters) if isinstance(reply, Health) else {}
+        except BusError:
+            time.sleep(1.0)
+    return {}
 
 
 def server_rss(server: CoterieServer) -> dict[str, int]:

@@ -175,8 +175,8 @@ class Broker:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            key = frames[-1].get("User-Id")
-            self._on_message(frames[0].bytes, key, [f.bytes for f in frames[1:]], _peer_address(frames[-1]))
+            last = frames[-1]
+            self._on_message(frames[0].bytes, last.get("User-Id"), [f.bytes for f in frames[1:]], last)
         self._backlog = True
 
     def _forgive_stall(self, now: float) -> None:
@@ -188,10 +188,12 @@ class Broker:
             for worker in self.workers.values():
                 worker.expires += stalled
 
-    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], address: str = "") -> None:
+    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], last: zmq.Frame | None = None) -> None:
         identity = self.registry.lookup(key) or Identity.anonymous(key)
-        if address:
-            identity = replace(identity, address=address)
+        if last is not None and len(frames) >= 2 and frames[1] == c.REQUEST:  # only requests carry the address
+            address = _peer_address(last)
+            if address:
+                identity = replace(identity, address=address)
         self._learn_client(key, routing_id)
         if frames == [b""]:
             return  # connection probe
@@ -314,8 +316,9 @@ class Broker:
             return
         if command == c.REPLY and len(rest) == 3:
             self._on_reply(worker, *rest)
-        elif command == c.PUSH and len(rest) == 2:
-            self._push(rest[0].decode("ascii", "replace"), worker.service, rest[1])
+        elif command == c.PUSH and rest and len(rest) % 2 == 0:
+            for i in range(0, len(rest), 2):
+                self._push(rest[i].decode("ascii", "replace"), worker.service, rest[i + 1])
         elif command == c.DISCONNECT:
             self._drop_worker(worker, "disconnected")
         else:
@@ -368,7 +371,8 @@ class Broker:
             return
         worker.busy.remove(pending)
         self.counters["replies"] += 1
-        self._send([client, c.CLIENT, c.REPLY, worker.service.encode(), request_id, body])
+        if request_id != c.NOTIFY_ID:  # nobody waits for a notification's reply: do not send it
+            self._send([client, c.CLIENT, c.REPLY, worker.service.encode(), request_id, body])
         lane = self.services[worker.service].lanes[worker.lane]
         lane.idle.append(worker.routing_id)
         self._dispatch(lane)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", bound=Message)
 
 #: The request id of notifications: their replies are dropped on arrival.
-NOTIFY_ID = b"\x00" * 8
+NOTIFY_ID = c.NOTIFY_ID
 
 #: A ZeroMQ context, for callers that share one among many clients (simulated agents).
 Context = zmq.Context

@@ -16,12 +16,18 @@ Worker <-> broker (a DEALER connected to the same ROUTER)::
 
     worker -> broker  READY      [WORKER, READY, body(WorkerReady)]
     worker -> broker  REPLY      [WORKER, REPLY, client_id, request_id, body]
-    worker -> broker  PUSH       [WORKER, PUSH, target_key_z85, body]
+    worker -> broker  PUSH       [WORKER, PUSH, target_key_z85, body, (target_key_z85, body)...]
     worker -> broker  HEARTBEAT  [WORKER, HEARTBEAT]
     worker -> broker  DISCONNECT [WORKER, DISCONNECT]
     broker -> worker  REQUEST    [WORKER, REQUEST, client_id, request_id, caller, body, address]
     broker -> worker  HEARTBEAT  [WORKER, HEARTBEAT]
     broker -> worker  DISCONNECT [WORKER, DISCONNECT]
+
+A REQUEST whose request_id is NOTIFY_ID is a notification: the worker answers
+it (which frees its slot) but the broker does not forward that reply.
+A worker's PUSH may carry several ``target_key_z85, body`` pairs in one
+message (a change to all is thousands of pushes: one message per hundred
+costs the broker one receive instead of a hundred).
 
 ``body`` is one message encoded by :mod:`bus.codec`; ``caller`` is the
 authenticated identity of the client as ``role;key;name``; ``address``
@@ -59,6 +65,9 @@ ZAP_DOMAIN = b"coterie"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
 
+#: The request id of notifications (bus.client.Client.notify): the broker drops their replies.
+NOTIFY_ID = b"\x00" * 8
+
 #: The broker's own service: health of the broker and the service directory.
 BROKER_SERVICE = "broker"
 
@@ -86,4 +95,5 @@ MAX_WORKER_CAPACITY = 256  # requests one worker may hold at once (WorkerReady.c
 RECONNECT_BASE = 0.5
 RECONNECT_MAX = 5.0
 OUTBOX_LIMIT = 1000  # pushes kept per disconnected identity
+PUSH_BATCH = 100  # pushes per PUSH message from a worker (Worker.push_many)
 IO_THREADS = max(1, min(4, os.cpu_count() or 1))

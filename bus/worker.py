@@ -118,6 +118,16 @@ class Worker:
             raise RemoteError(errors.SERVICE_UNAVAILABLE, "not connected to the broker")
         self._socket.send_multipart([c.WORKER, c.PUSH, target_key.encode(), codec.encode(message)])
 
+    def push_many(self, pushes: list[tuple[str, Message]]) -> None:
+        """Send several pushes, PUSH_BATCH to a message: the broker then receives once per batch, not per push."""
+        if self._socket is None:
+            raise RemoteError(errors.SERVICE_UNAVAILABLE, "not connected to the broker")
+        for start in range(0, len(pushes), c.PUSH_BATCH):
+            frames = [c.WORKER, c.PUSH]
+            for key, message in pushes[start : start + c.PUSH_BATCH]:
+                frames += [key.encode(), codec.encode(message)]
+            self._socket.send_multipart(frames)
+
     def _session(self) -> None:
         """One connection to the broker, until it is lost or we are stopped."""
         sock = curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint)

@@ -42,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from bus import errors
+from bus.constants import PUSH_BATCH
 from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
@@ -238,6 +239,7 @@ class FanoutService(Worker):
                 if node_id in self.streams:
                     touched[node_id].append(change.revision)
         receipts = []
+        outgoing: list[tuple[str, Update]] = []  # sent PUSH_BATCH at a time: the first nodes need not wait for all
         for node_id, revisions in touched.items():
             self.keepalive()  # a batch for thousands of nodes takes seconds: the broker must not drop us meanwhile
             stream = self.streams.get(node_id)
@@ -254,13 +256,17 @@ class FanoutService(Worker):
                 digest=digest,
                 seal=seal(self.signing_key, stream.key, head, digest),
             )
-            self.push(stream.key, update_)
+            outgoing.append((stream.key, update_))
+            if len(outgoing) >= PUSH_BATCH:
+                self.push_many(outgoing)
+                outgoing = []
             self.counters["updates"] += 1
             with self._lock:
                 stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
                 self.unacked[node_id] = (self.unacked.get(node_id, []) + revisions)[-PENDING_RECEIPTS:]
             pushed_at = utcnow()
             receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
+        self.push_many(outgoing)
         return receipts
 
     # ------------------------------------------------------------------ operators watching

@@ -13,9 +13,11 @@ import threading
 import time
 
 from bus import constants as c
+from bus.identity import Identity, Role
+from bus.keys import KeyPair
 from bus.messages.common import Ping, Pong
 from tests.conftest import BusHarness, wait_until
-from tests.helpers.messages import Sleep, Slept
+from tests.helpers.messages import Ack, Note, PushTo, Sleep, Slept
 from tests.helpers.workers import worker_class
 
 
@@ -98,3 +100,30 @@ def test_a_worker_silent_longer_than_three_heartbeats_is_not_dropped(bus: BusHar
     assert isinstance(client.request("echo", Ping()), Pong)
     assert bus.broker.counters["workers_dropped"] == dropped, "the silent worker was dropped"
     assert bus.wait_workers("echo", 1)
+
+
+def test_several_pushes_in_one_message_each_reach_their_client_in_order(bus: BusHarness) -> None:
+    def on_push_to(self, request: PushTo, caller: Identity) -> Ack:  # type: ignore[no-untyped-def]
+        self.push_many([(request.key, Note(text=f"{request.text}{i}")) for i in range(250)])  # three PUSH messages
+        return Ack()
+
+    cls = type("BatchWorker", (worker_class("vault"),), {"on_push_to": on_push_to})
+    bus._spawn(cls(bus.endpoint, bus.service_key("vault"), bus.server.public))
+    assert bus.wait_workers("vault", 1)
+    node = KeyPair.generate()
+    bus.registry.add(Identity(Role.NODE, "n1", node.public_text))
+    listener = bus.client(node)
+    assert listener.heartbeat()
+    assert isinstance(bus.client().request("vault", PushTo(key=node.public_text, text="m")), Ack)
+    received = [listener.next_push(10.0) for _ in range(250)]
+    assert [r[1] for r in received if r] == [Note(text=f"m{i}") for i in range(250)], "in order, none lost"
+
+
+def test_a_notification_is_served_but_its_reply_is_not_forwarded(bus: BusHarness) -> None:
+    worker = bus.thread_worker("echo")
+    assert bus.wait_workers("echo", 1)
+    client = bus.client()
+    assert client.notify("echo", Ping()) or wait_until(lambda: client.notify("echo", Ping()), 10)
+    assert wait_until(lambda: worker.counters["requests"] >= 1, 10), "the notification was not served"
+    assert isinstance(client.request("echo", Ping()), Pong)  # a reply that is forwarded comes after it
+    assert client.counters["notify_replies"] == 0, "the broker forwarded a notification's reply"
