@@ -269,6 +269,7 @@ def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int
     """(a) route behind the hub added and removed in turn; every agent's time to apply each change."""
     each: list[float] = []
     everyone: list[float] = []
+    fanout_ms: list[float] = []  # the fanout's own time for the batch: load the world, compute, seal and send
     revision = 0
     for i in range(changes):
         kind = RouteAdd if i % 2 == 0 else RouteRemove
@@ -279,11 +280,15 @@ def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int
         times = [t - started for t in workers.flat("reached", reply.revision)]
         each += times
         everyone.append(max(times))
+        counters = fanout_counters(server)
+        if counters.get("last_batch_updates") == n:
+            fanout_ms.append(counters["last_batch_ms"] / 1e3)
         time.sleep(0.3)
     at_last = workers.total("count_reached", revision)
     return {
         "each_ms": spread(each),
         "all_applied_ms": spread(everyone),
+        "fanout_batch_ms": spread(fanout_ms),
         "changes": changes,
         "at_last_revision": at_last,
     }
@@ -493,6 +498,7 @@ def table(r: dict[str, Any]) -> str:
         row("connect + first snapshot, all agents (s)", note=f"{r['connect_and_sync_s']:.1f} s"),
         row("a. change to every node: per agent, ms", r["to_all"]["each_ms"], f"{r['to_all']['changes']} changes"),
         row("a. change to every node: last agent, ms", r["to_all"]["all_applied_ms"]),
+        row("a. change to every node: the fanout's batch, ms", r["to_all"].get("fanout_batch_ms")),
         row(
             "b. change to one node, ms",
             r["to_one"]["ms"],
