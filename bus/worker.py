@@ -177,7 +177,8 @@ class Worker:
                     sock.send_multipart([c.WORKER, c.HEARTBEAT])
                     self._last_sent = now
                     next_heartbeat = now + interval
-            sock.send_multipart([c.WORKER, c.DISCONNECT], zmq.NOBLOCK)
+            with contextlib.suppress(zmq.ZMQError):  # stopping: a broker already gone need not hear it
+                sock.send_multipart([c.WORKER, c.DISCONNECT], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("%s: socket error %s, reconnecting", self.service, exc)
         finally:

@@ -181,8 +181,12 @@ class FanoutService(Worker):
     def tick(self, now: float) -> None:
         if now >= self._next_batch:
             # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
-            self._next_batch = now + BATCH_INTERVAL
+            # And at least as long between batches as the last one took: at 10,000 nodes loading the world
+            # takes a second, and back-to-back batches (presence changes while thousands connect) left no time
+            # for the snapshots they were waiting on.
             self.catch_up()
+            done = time.monotonic()
+            self._next_batch = done + max(BATCH_INTERVAL, done - now)
         if (self._acks or self._unwritten) and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
             if self._unwritten:
