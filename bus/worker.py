@@ -67,6 +67,8 @@ class Worker:
         self._socket: zmq.Socket | None = None
         self._table = self.handlers()
         self._last_sent = 0.0  # when this worker last sent the broker anything (keepalive skips sooner ones)
+        #: When this worker last had nothing to read (no backlog here, so none waiting for it in the broker either).
+        self.idle_at = time.monotonic()
 
     def handlers(self) -> dict[type[Message], Handler]:
         """The handler table: request class -> bound method. Subclasses extend it."""
@@ -149,6 +151,7 @@ class Worker:
         try:
             # IMMEDIATE: nothing can be sent until the CURVE handshake is done.
             while not sock.poll(100, zmq.POLLOUT):
+                self.idle_at = time.monotonic()  # not registered: the broker sends this worker's kinds elsewhere
                 if self._stop.is_set() or time.monotonic() >= connect_deadline:
                     if not self._stop.is_set():
                         log.warning("%s: cannot reach broker %s, retrying", self.service, self.endpoint)
@@ -162,6 +165,8 @@ class Worker:
                         log.info("%s: broker asked to reconnect", self.service)
                         return
                     broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
+                else:
+                    self.idle_at = time.monotonic()
                 now = time.monotonic()
                 # A stall of this loop (a long handler or tick, or no CPU) is not the broker's silence.
                 broker_deadline += max(0.0, now - last_loop - interval)
@@ -198,6 +203,7 @@ class Worker:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self.idle_at = time.monotonic()
                 return True
             if not self._on_frames(sock, frames):
                 return False

@@ -82,6 +82,7 @@ APPLY_RECEIPTS = text(
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
+BEATS_BACKLOG = 1.0  # seconds the heartbeat thread may go without running dry before presence waits longer
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
 
 
@@ -511,8 +512,16 @@ class FanoutService(Worker):
     def check_presence(self, now: float) -> None:
         if self._unwritten:
             self.flush_presence()  # online before offline: a node seen just now is written first
+        # Silence while the heartbeat thread has had a backlog is not (only) the nodes': their heartbeats may be
+        # waiting in the broker. At 10,000 agents such waits expired, live nodes were marked offline by the
+        # hundred, lost their streams and came back for snapshots, which made the backlog worse. Wait one more
+        # timeout then, never longer (a server cut off from every node still marks them offline).
+        limit = self.presence_timeout
+        if now - self.beats.idle_at > BEATS_BACKLOG:
+            limit *= 2
+            self.counters["presence_deferred"] += 1
         with self._lock:
-            silent = [n for n, seen in self.last_seen.items() if now - seen > self.presence_timeout]
+            silent = [n for n, seen in self.last_seen.items() if now - seen > limit]
             for node_id in silent:
                 del self.last_seen[node_id]
                 self._written.pop(node_id, None)
