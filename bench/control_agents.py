@@ -10,7 +10,8 @@ with the same messages and the real replica (nodeagent.sync.Replica):
      snapshot on a gap or a digest mismatch;
   4. heartbeat at the real interval (nodeagent.agent.HEARTBEAT_INTERVAL), take a
      snapshot when the fanout says "not in sync", and reconnect after
-     MISSED_HEARTBEATS unanswered heartbeats.
+     MISSED_HEARTBEATS unanswered heartbeats, after the client's backoff
+     (bus.client.Backoff, as the real agent).
 
 What is not simulated: the data plane, key distribution, files. One process
 runs all its agents from one poll loop (bus.client.ClientPoller), so what the
@@ -64,6 +65,7 @@ class SimAgent:
     missed: int = 0
     last_snapshot: float = 0.0
     last_status: float = 0.0
+    last_in_sync: float = 0.0  # when the fanout last said this agent's view is current
 
     def moved(self, revision: int, now: float) -> None:
         self.history.append((revision, now))
@@ -137,7 +139,9 @@ class AgentPool:
                 self.counters["bad_snapshots"] += 1
         elif isinstance(message, SyncStatus) and incoming.request_id == agent.beat_id:
             agent.beat_id, agent.missed, agent.last_status = None, 0, now
-            if not message.in_sync and agent.snapshot_id is None:
+            if message.in_sync:
+                agent.last_in_sync = now
+            elif agent.snapshot_id is None:
                 agent.wants_snapshot = True
                 self.counters["told_to_resync"] += 1
 
@@ -220,9 +224,11 @@ def _command(pool: AgentPool, request: tuple) -> object:  # type: ignore[type-ar
         return [a.pushes for a in pool.agents]
     if verb == "digests":  # per agent: (name, digest held, time of its last view change)
         return [(a.name, a.replica.digest, a.history[-1][1] if a.history else None) for a in pool.agents]
-    if verb == "resynced":  # agents with a snapshot and an answered heartbeat after monotonic time args[0]
+    if verb == "resynced":  # agents the fanout has said are current (resumed or from a new snapshot) since args[0]
         since = args[0]
-        return sum(1 for a in pool.agents if a.last_snapshot >= since and a.last_status >= since)
+        return sum(1 for a in pool.agents if a.last_in_sync >= since)
+    if verb == "snapshots_since":  # agents that took a snapshot after monotonic time args[0]
+        return sum(1 for a in pool.agents if a.last_snapshot >= args[0])
     raise ValueError(f"unknown command {verb!r}")
 
 

@@ -8,12 +8,17 @@ Request path, in order:
   2. The User-Id (a public key) is looked up again in the key registry, so a
      revoked key loses its rights on a live connection.
   3. The service must be known, and must allow the caller's role.
-  4. The request waits (up to SERVICE_WAIT) for an idle worker of that
-     service; idle workers are used least recently used first.
+  4. The request joins its lane: the service's workers that registered for
+     its message kind (the fanout's heartbeats), else the service's general
+     workers. It waits there (up to SERVICE_WAIT) for a free slot; a worker
+     has as many slots as the capacity it registered with, used least
+     recently used first.
   5. The worker's reply goes back to the client's current connection.
 
-Heartbeats run both ways with workers; a silent worker is dropped, and a
-request it held is answered with a retriable ``worker_lost`` error. Pushes
+Heartbeats run both ways with workers; any message is a sign of life, and a
+stall of the broker's own loop does not count against them. A silent worker
+is dropped, and the requests it held are answered with a retriable
+``worker_lost`` error. Pushes
 from workers to a node are routed by the node's key; when the node is not
 connected they wait in a bounded per-node outbox until it reconnects.
 """
@@ -71,15 +76,39 @@ class WorkerRecord:
     service: str
     pid: int
     expires: float
-    busy: PendingRequest | None = None
+    lane: str = ""
+    capacity: int = 1
+    busy: list[PendingRequest] = field(default_factory=list)  # handed to the worker, not answered yet
+
+
+@dataclass
+class Lane:
+    """Workers of one service that serve the same message kinds, and the requests waiting for them."""
+
+    idle: deque[bytes] = field(default_factory=deque)  # one entry per free slot of a worker
+    requests: deque[PendingRequest] = field(default_factory=deque)
+    workers: set[bytes] = field(default_factory=set)
+
+
+#: The lane of a service's general workers (those that registered no kinds).
+GENERAL = ""
 
 
 @dataclass
 class ServiceRecord:
     name: str
     allow: frozenset[Role]
-    idle: deque[bytes] = field(default_factory=deque)
-    requests: deque[PendingRequest] = field(default_factory=deque)
+    lanes: dict[str, Lane] = field(default_factory=lambda: {GENERAL: Lane()})
+    routes: dict[str, str] = field(default_factory=dict)  # message kind -> lane name
+
+    def lane_for(self, body: bytes) -> Lane:
+        """The lane a request goes to: its kind's own workers while any are registered, else the general ones."""
+        if self.routes:
+            name = self.routes.get(codec.peek_kind(body) or "", GENERAL)
+            lane = self.lanes.get(name)
+            if lane is not None and lane.workers:
+                return lane
+        return self.lanes[GENERAL]
 
 
 class Broker:
@@ -107,6 +136,8 @@ class Broker:
         self.outbox: OrderedDict[str, deque[list[bytes]]] = OrderedDict()
         self._stop = threading.Event()
         self._next_heartbeat = 0.0
+        self._backlog = False  # the last drain stopped at its bound: signs of life may still be unread
+        self._last_loop = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -119,9 +150,12 @@ class Broker:
                 ready = dict(poller.poll(100))
                 if self.zap.socket in ready:
                     self.zap.handle_pending()
+                self._backlog = False
                 if self.socket in ready:
                     self._drain()
-                self._tick(time.monotonic())
+                now = time.monotonic()
+                self._forgive_stall(now)
+                self._tick(now)
         finally:
             self.close()
             log.info("broker stopped")
@@ -141,13 +175,25 @@ class Broker:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            key = frames[-1].get("User-Id")
-            self._on_message(frames[0].bytes, key, [f.bytes for f in frames[1:]], _peer_address(frames[-1]))
+            last = frames[-1]
+            self._on_message(frames[0].bytes, last.get("User-Id"), [f.bytes for f in frames[1:]], last)
+        self._backlog = True
 
-    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], address: str = "") -> None:
+    def _forgive_stall(self, now: float) -> None:
+        """Time this loop did not run (the process starved of CPU) is not the workers' silence: extend them."""
+        stalled = now - self._last_loop - c.HEARTBEAT_INTERVAL
+        self._last_loop = now
+        if stalled > 0:
+            self.counters["stalls"] += 1
+            for worker in self.workers.values():
+                worker.expires += stalled
+
+    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], last: zmq.Frame | None = None) -> None:
         identity = self.registry.lookup(key) or Identity.anonymous(key)
-        if address:
-            identity = replace(identity, address=address)
+        if last is not None and len(frames) >= 2 and frames[1] == c.REQUEST:  # only requests carry the address
+            address = _peer_address(last)
+            if address:
+                identity = replace(identity, address=address)
         self._learn_client(key, routing_id)
         if frames == [b""]:
             return  # connection probe
@@ -190,8 +236,9 @@ class Broker:
             self._refuse(rid, who, service_raw, request_id)
             return
         deadline = time.monotonic() + c.SERVICE_WAIT
-        record.requests.append(PendingRequest(rid, request_id, who, body, deadline, who.address))
-        self._dispatch(record)
+        lane = record.lane_for(body)
+        lane.requests.append(PendingRequest(rid, request_id, who, body, deadline, who.address))
+        self._dispatch(lane)
 
     def _refuse(self, rid: bytes, who: Identity, service: bytes, request_id: bytes) -> None:
         self.counters["forbidden"] += 1
@@ -264,13 +311,14 @@ class Broker:
             # Unknown worker (expired while stopped, say): tell it to register anew.
             self._send([rid, c.WORKER, c.DISCONNECT])
             return
-        worker.expires = time.monotonic() + c.HEARTBEAT_INTERVAL * c.HEARTBEAT_LIVENESS
+        worker.expires = time.monotonic() + c.HEARTBEAT_INTERVAL * c.HEARTBEAT_LIVENESS  # any message is life
         if command == c.HEARTBEAT:
             return
         if command == c.REPLY and len(rest) == 3:
             self._on_reply(worker, *rest)
-        elif command == c.PUSH and len(rest) == 2:
-            self._push(rest[0].decode("ascii", "replace"), worker.service, rest[1])
+        elif command == c.PUSH and rest and len(rest) % 2 == 0:
+            for i in range(0, len(rest), 2):
+                self._push(rest[i].decode("ascii", "replace"), worker.service, rest[i + 1])
         elif command == c.DISCONNECT:
             self._drop_worker(worker, "disconnected")
         else:
@@ -296,30 +344,55 @@ class Broker:
         if record is None:
             record = self.services[ready.service] = ServiceRecord(ready.service, frozenset(ready.allow))
         record.allow = frozenset(ready.allow)
+        name = ",".join(sorted(set(ready.kinds)))
+        lane = record.lanes.setdefault(name, Lane())
+        for kind in ready.kinds:
+            record.routes[kind] = name
         expires = time.monotonic() + c.HEARTBEAT_INTERVAL * c.HEARTBEAT_LIVENESS
-        self.workers[rid] = WorkerRecord(rid, ready.service, ready.pid, expires)
-        record.idle.append(rid)
-        log.info("worker of %s registered (pid %d, version %s)", ready.service, ready.pid, ready.version)
-        self._dispatch(record)
+        self.workers[rid] = WorkerRecord(rid, ready.service, ready.pid, expires, name, ready.capacity)
+        lane.workers.add(rid)
+        lane.idle.extend([rid] * ready.capacity)
+        log.info(
+            "worker of %s registered (pid %d, version %s%s, capacity %d)",
+            ready.service,
+            ready.pid,
+            ready.version,
+            f", kinds {name}" if name else "",
+            ready.capacity,
+        )
+        if name != GENERAL:  # requests of these kinds that waited for the general workers are now this lane's
+            self._move_requests(record, record.lanes[GENERAL], lane)
+        self._dispatch(lane)
 
     def _on_reply(self, worker: WorkerRecord, client: bytes, request_id: bytes, body: bytes) -> None:
-        pending, worker.busy = worker.busy, None
-        if pending is None or pending.client != client or pending.request_id != request_id:
+        pending = next((p for p in worker.busy if p.request_id == request_id and p.client == client), None)
+        if pending is None:
             self.counters["stray_replies"] += 1
-        else:
-            self.counters["replies"] += 1
+            return
+        worker.busy.remove(pending)
+        self.counters["replies"] += 1
+        if request_id != c.NOTIFY_ID:  # nobody waits for a notification's reply: do not send it
             self._send([client, c.CLIENT, c.REPLY, worker.service.encode(), request_id, body])
-        record = self.services[worker.service]
-        record.idle.append(worker.routing_id)
-        self._dispatch(record)
+        lane = self.services[worker.service].lanes[worker.lane]
+        lane.idle.append(worker.routing_id)
+        self._dispatch(lane)
 
-    def _dispatch(self, record: ServiceRecord) -> None:
-        while record.idle and record.requests:
-            rid = record.idle.popleft()
+    def _move_requests(self, record: ServiceRecord, source: Lane, target: Lane) -> None:
+        """Hand the requests in *source* that belong to *target* (by the service's routes) over to it."""
+        if not source.requests:
+            return
+        kept: deque[PendingRequest] = deque()
+        for request in source.requests:
+            (target.requests if record.lane_for(request.body) is target else kept).append(request)
+        source.requests = kept
+
+    def _dispatch(self, lane: Lane) -> None:
+        while lane.idle and lane.requests:
+            rid = lane.idle.popleft()
             worker = self.workers.get(rid)
             if worker is None:
                 continue
-            request = record.requests.popleft()
+            request = lane.requests.popleft()
             frames = [
                 rid,
                 c.WORKER,
@@ -331,20 +404,27 @@ class Broker:
                 request.address.encode(),
             ]
             if self._send(frames):
-                worker.busy = request
+                worker.busy.append(request)
             else:
-                record.requests.appendleft(request)
+                lane.requests.appendleft(request)
                 self._drop_worker(worker, "unreachable")
 
     def _drop_worker(self, worker: WorkerRecord, why: str) -> None:
-        self.workers.pop(worker.routing_id, None)
+        rid = worker.routing_id
+        self.workers.pop(rid, None)
         record = self.services.get(worker.service)
-        if record is not None and worker.routing_id in record.idle:
-            record.idle.remove(worker.routing_id)
+        if record is not None:
+            lane = record.lanes[worker.lane]
+            lane.workers.discard(rid)
+            lane.idle = deque(r for r in lane.idle if r != rid)
+            if worker.lane != GENERAL and not lane.workers:  # its kinds fall back to the general workers
+                general = record.lanes[GENERAL]
+                general.requests.extend(lane.requests)
+                lane.requests.clear()
+                self._dispatch(general)
         log.warning("worker of %s (pid %d) dropped: %s", worker.service, worker.pid, why)
         self.counters["workers_dropped"] += 1
-        if worker.busy is not None:
-            pending = worker.busy
+        for pending in worker.busy:
             self._reply_error(
                 pending.client,
                 worker.service.encode(),
@@ -352,6 +432,7 @@ class Broker:
                 errors.WORKER_LOST,
                 f"the {worker.service} worker was lost; retry",
             )
+        worker.busy = []
 
     # ------------------------------------------------------------------ pushes
     def _push(self, key: str, service: str, body: bytes) -> None:
@@ -374,21 +455,22 @@ class Broker:
     # ------------------------------------------------------------------ timers
     def _tick(self, now: float) -> None:
         for record in self.services.values():
-            while record.requests and record.requests[0].deadline <= now:
-                pending = record.requests.popleft()
-                self.counters["service_unavailable"] += 1
-                self._reply_error(
-                    pending.client,
-                    record.name.encode(),
-                    pending.request_id,
-                    errors.SERVICE_UNAVAILABLE,
-                    f"no {record.name} worker is available",
-                )
+            for lane in record.lanes.values():
+                while lane.requests and lane.requests[0].deadline <= now:
+                    pending = lane.requests.popleft()
+                    self.counters["service_unavailable"] += 1
+                    self._reply_error(
+                        pending.client,
+                        record.name.encode(),
+                        pending.request_id,
+                        errors.SERVICE_UNAVAILABLE,
+                        f"no {record.name} worker is available",
+                    )
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + c.HEARTBEAT_INTERVAL
         for worker in list(self.workers.values()):
-            if worker.expires <= now:
+            if worker.expires <= now and not self._backlog:  # unread messages may hold its sign of life
                 self._drop_worker(worker, "heartbeat expired")
             elif not self._send([worker.routing_id, c.WORKER, c.HEARTBEAT]):
                 self._drop_worker(worker, "unreachable")

@@ -7,12 +7,18 @@ sent again, up to ``retries`` times. Retriable error replies (a worker lost,
 a service briefly without workers) are retried the same way. Replies are
 matched by request id, so a late reply to an abandoned attempt is ignored.
 Pushes that arrive meanwhile are kept for :meth:`Client.next_push`.
+
+A new connection after a lost one waits a backoff (:class:`Backoff`:
+exponential, capped, jittered, reset once the broker answers), so that
+thousands of agents that lost the server together do not come back in the
+same instant and queue their handshakes behind each other.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -34,7 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", bound=Message)
 
 #: The request id of notifications: their replies are dropped on arrival.
-NOTIFY_ID = b"\x00" * 8
+NOTIFY_ID = c.NOTIFY_ID
 
 #: A ZeroMQ context, for callers that share one among many clients (simulated agents).
 Context = zmq.Context
@@ -45,6 +51,28 @@ def shared_context(*, io_threads: int | None = None, max_sockets: int = 0) -> Co
     if io_threads is None:
         return new_context(max_sockets=max_sockets)
     return new_context(io_threads=io_threads, max_sockets=max_sockets)
+
+
+class Backoff:
+    """Delays between reconnects: doubling from *base* up to *cap*, each drawn from its upper half, reset on success.
+
+    "Equal jitter": a delay lies in [d/2, d] for the doubling d, so the gaps grow (a crowd backs off) and no two
+    clients that failed together retry together.
+    """
+
+    def __init__(self, base: float = c.RECONNECT_BASE, cap: float = c.RECONNECT_MAX) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+
+    def next(self) -> float:
+        """The delay before the next attempt; each call counts one failure."""
+        ceiling = min(self.cap, self.base * 2 ** min(self.failures, 30))
+        self.failures += 1
+        return ceiling / 2 + random.random() * ceiling / 2
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 @dataclass(frozen=True)
@@ -102,31 +130,54 @@ class Client:
         timeout: float = c.REQUEST_TIMEOUT,
         retries: int = c.REQUEST_RETRIES,
         context: zmq.Context | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.keypair = keypair
         self.server_key = server_key
         self.timeout = timeout
         self.retries = retries
+        self.backoff = backoff or Backoff()  # shared with a caller that also waits between its own attempts
         self.counters: Counter[str] = Counter()
         self.pushes: deque[tuple[str, Message]] = deque(maxlen=10_000)
         self._own_context = context is None
         self.context = context or new_context()
         self._started: set[bytes] = set()  # ids of requests sent with start(), whose replies incoming() returns
+        self._connect_at: float | None = None  # when the pending connect is due; None once connected
         self._socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
         return curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint)
+
+    def _connect_when_due(self, wait: float) -> bool:
+        """Connect the socket if its backoff has passed, sleeping up to *wait* for it; True when connected."""
+        if self._connect_at is None:
+            return True
+        left = self._connect_at - time.monotonic()
+        if left > wait:
+            return False
+        if left > 0:
+            time.sleep(left)
+        self._socket.connect(self.endpoint)
+        self._connect_at = None
+        return True
 
     @property
     def socket(self) -> zmq.Socket:
         """The connection, for waiting on many clients in one poller (simulated agents)."""
         return self._socket
 
+    @property
+    def connecting_in(self) -> float:
+        """Seconds until the pending reconnect is made (0: connected, or due now)."""
+        return 0.0 if self._connect_at is None else max(0.0, self._connect_at - time.monotonic())
+
     def reconnect(self) -> None:
+        """Throw the connection away; a new one is made after the backoff (at the next send, or on its own)."""
         self._started.clear()
         self._socket.close(linger=0)
-        self._socket = self._connect()
+        self._socket = curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint, connect=False)
+        self._connect_at = time.monotonic() + self.backoff.next()
         self.counters["reconnects"] += 1
 
     def close(self) -> None:
@@ -182,7 +233,13 @@ class Client:
         )
 
     def _send(self, frames: list[bytes], timeout: float) -> bool:
-        """Send once the connection is up (IMMEDIATE queues nothing before); False on timeout."""
+        """Send once the connection is up (IMMEDIATE queues nothing before); False on timeout.
+
+        A blocking send (timeout > 0) first sleeps out the reconnect backoff (at most RECONNECT_MAX); the timeout
+        is the attempt's own. A non-blocking one (an event loop's) fails until the backoff has passed.
+        """
+        if not self._connect_when_due(c.RECONNECT_MAX if timeout > 0 else 0.0):
+            return False
         if not self._socket.poll(int(timeout * 1000), zmq.POLLOUT):
             return False
         try:
@@ -229,6 +286,7 @@ class Client:
             raise RemoteError(exc.code, f"undecodable reply: {exc.message}") from None
         if isinstance(reply, Error):
             raise RemoteError(reply.code, reply.message)
+        self.backoff.reset()  # a service answered: this connection works (an error reply does not say so)
         if expect is not None and not isinstance(reply, expect):
             raise RemoteError(errors.INVALID, f"expected {expect.KIND} in reply, got {reply.KIND}")
         return reply
@@ -259,12 +317,14 @@ class Client:
             self._keep_push(frames[2].decode("utf-8", "replace"), frames[3])
         elif len(frames) == 2 and frames[0] == c.CLIENT and frames[1] == c.HEARTBEAT:
             self.counters["heartbeats"] += 1
+            self.backoff.reset()
         else:
             self.counters["malformed"] += 1
             log.warning("malformed message of %d frames from broker dropped", len(frames))
 
     # ------------------------------------------------------------------ pushes
     def _keep_push(self, service: str, body: bytes) -> None:
+        self.backoff.reset()
         try:
             self.pushes.append((service, codec.decode(body)))
         except DecodeError as exc:
@@ -274,6 +334,7 @@ class Client:
     def next_push(self, timeout: float) -> tuple[str, Message] | None:
         """The oldest push received, waiting up to *timeout* seconds for one."""
         deadline = time.monotonic() + timeout
+        self._connect_when_due(0.0)
         while not self.pushes:
             left = max(0.0, deadline - time.monotonic())  # a zero timeout still reads what is waiting
             if not self._socket.poll(int(left * 1000), zmq.POLLIN):
@@ -308,6 +369,7 @@ class Client:
 
     def incoming(self) -> Iterator[Incoming]:
         """Every reply to a started request and every push waiting now, without blocking."""
+        self._connect_when_due(0.0)
         while True:
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)

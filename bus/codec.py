@@ -58,6 +58,30 @@ def decode(data: bytes, expect: type[T] | None = None) -> Message:
     return message
 
 
+def peek_kind(data: bytes) -> str | None:
+    """The kind of an encoded body, read from its first bytes without decoding it (None if it has none).
+
+    The broker routes some kinds of a service's requests to their own workers (bus.broker lanes);
+    unpacking the whole body for that would cost it more than routing does.
+    """
+    if len(data) < 2 or data[0] != 0x93:  # a fixarray of three: [kind, version, fields]
+        return None
+    tag = data[1]
+    if 0xA0 <= tag <= 0xBF:  # fixstr
+        start, length = 2, tag & 0x1F
+    elif tag == 0xD9 and len(data) > 2:  # str8
+        start, length = 3, data[2]
+    else:
+        return None
+    raw = data[start : start + length]
+    if len(raw) != length:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _unpack(data: bytes) -> tuple[str, int, dict[str, Any]]:
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True)

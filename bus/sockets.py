@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zmq
 
-from bus.constants import IO_THREADS, LISTEN_BACKLOG, MAX_FRAME, ZAP_DOMAIN
+from bus.constants import IO_THREADS, LISTEN_BACKLOG, MAX_FRAME, RECONNECT_MAX, ZAP_DOMAIN
 from bus.errors import InsecureSocketError
 from bus.keys import KeyPair
 from bus.zap import ZapHandler
@@ -55,8 +55,10 @@ def verify_server_socket(sock: zmq.Socket) -> None:
         raise InsecureSocketError("ZAP_ENFORCE_DOMAIN is off: clients would pass without ZAP")
 
 
-def curve_client_socket(context: zmq.Context, keypair: KeyPair, server_key: bytes, endpoint: str) -> zmq.Socket:
-    """A DEALER that talks CURVE to the server whose public key is *server_key*."""
+def curve_client_socket(
+    context: zmq.Context, keypair: KeyPair, server_key: bytes, endpoint: str, *, connect: bool = True
+) -> zmq.Socket:
+    """A DEALER that talks CURVE to the server whose public key is *server_key* (connected unless told not to)."""
     sock = context.socket(zmq.DEALER)
     sock.curve_serverkey = server_key
     sock.curve_publickey = keypair.public
@@ -69,5 +71,9 @@ def curve_client_socket(context: zmq.Context, keypair: KeyPair, server_key: byte
     sock.setsockopt(zmq.PROBE_ROUTER, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.sndtimeo = 1000  # a blocking send to a lost broker fails instead of hanging
-    sock.connect(endpoint)
+    # libzmq's own reconnect after the TCP connection drops (a server restart): doubling from 100 ms up to
+    # RECONNECT_MAX, with up to 100 ms of jitter each, so that a crowd of agents comes back spread out.
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(RECONNECT_MAX * 1000))
+    if connect:
+        sock.connect(endpoint)
     return sock

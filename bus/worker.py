@@ -1,9 +1,12 @@
 """The worker base class that every service subclasses.
 
 A worker holds one CURVE connection to the broker, registers its service
-with READY, answers one request at a time, and heartbeats both ways: when
-the broker falls silent for HEARTBEAT_LIVENESS intervals, or tells it to
-DISCONNECT, the worker reconnects and registers again.
+with READY, answers its requests in order, and heartbeats both ways: when
+the broker falls silent for HEARTBEAT_LIVENESS intervals (time this worker
+itself did not run does not count), or tells it to DISCONNECT, the worker
+reconnects and registers again. A worker may register for some message
+kinds only (``kinds``: its own lane in the broker) and take several
+requests at once (``capacity``: pipelined, still answered one by one).
 
 A subclass sets ``service`` and ``allow`` and extends :meth:`handlers`; a
 handler takes the decoded request and the caller and returns the reply.
@@ -46,6 +49,12 @@ class Worker:
     version: ClassVar[str] = "0.1.0"
     #: How often :meth:`tick` runs (seconds); also the longest a stop request waits.
     tick_interval: ClassVar[float] = 0.1
+    #: The message kinds this worker serves alone (empty: every kind of its service that has no lane of its own).
+    kinds: ClassVar[tuple[str, ...]] = ()
+    #: Requests the broker may hand this worker before its first reply.
+    capacity: ClassVar[int] = 1
+    #: Messages read per wake-up before :meth:`tick` runs again.
+    drain: ClassVar[int] = 64
 
     def __init__(self, endpoint: str, keypair: KeyPair, server_key: bytes) -> None:
         self.endpoint = endpoint
@@ -57,6 +66,9 @@ class Worker:
         self._stop = threading.Event()
         self._socket: zmq.Socket | None = None
         self._table = self.handlers()
+        self._last_sent = 0.0  # when this worker last sent the broker anything (keepalive skips sooner ones)
+        #: When this worker last had nothing to read (no backlog here, so none waiting for it in the broker either).
+        self.idle_at = time.monotonic()
 
     def handlers(self) -> dict[type[Message], Handler]:
         """The handler table: request class -> bound method. Subclasses extend it."""
@@ -96,7 +108,9 @@ class Worker:
         The broker drops a worker silent for HEARTBEAT_LIVENESS intervals, even one busy with a request.
         Call it from the worker's own thread (the one running the handler), as the socket is not thread-safe.
         """
-        if self._socket is not None:
+        now = time.monotonic()
+        if self._socket is not None and now - self._last_sent >= c.HEARTBEAT_INTERVAL / 2:
+            self._last_sent = now
             with contextlib.suppress(zmq.ZMQError):  # the loop notices a lost broker by itself
                 self._socket.send_multipart([c.WORKER, c.HEARTBEAT], zmq.NOBLOCK)
 
@@ -106,11 +120,28 @@ class Worker:
             raise RemoteError(errors.SERVICE_UNAVAILABLE, "not connected to the broker")
         self._socket.send_multipart([c.WORKER, c.PUSH, target_key.encode(), codec.encode(message)])
 
+    def push_many(self, pushes: list[tuple[str, Message]]) -> None:
+        """Send several pushes, PUSH_BATCH to a message: the broker then receives once per batch, not per push."""
+        if self._socket is None:
+            raise RemoteError(errors.SERVICE_UNAVAILABLE, "not connected to the broker")
+        for start in range(0, len(pushes), c.PUSH_BATCH):
+            frames = [c.WORKER, c.PUSH]
+            for key, message in pushes[start : start + c.PUSH_BATCH]:
+                frames += [key.encode(), codec.encode(message)]
+            self._socket.send_multipart(frames)
+
     def _session(self) -> None:
         """One connection to the broker, until it is lost or we are stopped."""
         sock = curve_client_socket(self.context, self.keypair, self.server_key, self.endpoint)
         self._socket = sock
-        ready = WorkerReady(service=self.service, allow=list(self.allow), version=self.version, pid=os.getpid())
+        ready = WorkerReady(
+            service=self.service,
+            allow=list(self.allow),
+            version=self.version,
+            pid=os.getpid(),
+            kinds=list(self.kinds),
+            capacity=self.capacity,
+        )
         interval = c.HEARTBEAT_INTERVAL
         broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
         next_heartbeat = time.monotonic() + interval
@@ -120,21 +151,28 @@ class Worker:
         try:
             # IMMEDIATE: nothing can be sent until the CURVE handshake is done.
             while not sock.poll(100, zmq.POLLOUT):
+                self.idle_at = time.monotonic()  # not registered: the broker sends this worker's kinds elsewhere
                 if self._stop.is_set() or time.monotonic() >= connect_deadline:
                     if not self._stop.is_set():
                         log.warning("%s: cannot reach broker %s, retrying", self.service, self.endpoint)
                     return
             sock.send_multipart([c.WORKER, c.READY, codec.encode(ready)])
             broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
+            last_loop = time.monotonic()
             while not self._stop.is_set():
                 if sock.poll(int(self.tick_interval * 1000), zmq.POLLIN):
-                    frames = sock.recv_multipart()
-                    broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
-                    if not self._on_frames(sock, frames):
+                    if not self._read(sock):
                         log.info("%s: broker asked to reconnect", self.service)
                         return
+                    broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
+                else:
+                    self.idle_at = time.monotonic()
                 now = time.monotonic()
+                # A stall of this loop (a long handler or tick, or no CPU) is not the broker's silence.
+                broker_deadline += max(0.0, now - last_loop - interval)
                 self._tick(now)
+                last_loop = time.monotonic()
+                broker_deadline += max(0.0, last_loop - now - interval)
                 if now >= broker_deadline:
                     log.warning(
                         "%s: broker silent for %.1fs, reconnecting", self.service, interval * c.HEARTBEAT_LIVENESS
@@ -142,8 +180,10 @@ class Worker:
                     return
                 if now >= next_heartbeat:
                     sock.send_multipart([c.WORKER, c.HEARTBEAT])
+                    self._last_sent = now
                     next_heartbeat = now + interval
-            sock.send_multipart([c.WORKER, c.DISCONNECT], zmq.NOBLOCK)
+            with contextlib.suppress(zmq.ZMQError):  # stopping: a broker already gone need not hear it
+                sock.send_multipart([c.WORKER, c.DISCONNECT], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("%s: socket error %s, reconnecting", self.service, exc)
         finally:
@@ -156,6 +196,18 @@ class Worker:
         except Exception:
             log.exception("%s: periodic work failed; continuing", self.service)
             self.counters["tick_failures"] += 1
+
+    def _read(self, sock: zmq.Socket) -> bool:
+        """Handle what the broker sent, up to ``drain`` messages; False means reconnect."""
+        for _ in range(self.drain):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                self.idle_at = time.monotonic()
+                return True
+            if not self._on_frames(sock, frames):
+                return False
+        return True
 
     def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
         """Handle one message from the broker; False means reconnect."""
@@ -175,6 +227,7 @@ class Worker:
             address = frames[6].decode("ascii", "replace") if len(frames) == 7 else ""
             reply = self._serve(caller, body, address)
             sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(reply)])
+            self._last_sent = time.monotonic()
             return True
         self.counters["malformed"] += 1
         log.warning("%s: unexpected %s from broker dropped", self.service, c.COMMAND_NAMES.get(command, command))

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from bus import errors
-from bus.client import Client, Context
+from bus.client import Backoff, Client, Context
 from bus.errors import BusError, BusTimeout, RemoteError
 from bus.keys import validate_public_key
 from bus.messages.auth import Enroll, Enrolled, JoinString
@@ -149,14 +149,23 @@ class Agent:
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         self.resume()
-        backoff = 0.5
+        # Shared with the client, which resets it once the server answers: after a server restart, thousands of
+        # agents come back spread over seconds (exponential, jittered) instead of all at once.
+        backoff = Backoff(cap=RETRY_MAX)
         while not self._stop.is_set():
             endpoint = self.server.endpoints[self._endpoint % len(self.server.endpoints)]
             server_key = self.server.server_key.encode()
-            client = Client(endpoint, self.keypair, server_key, timeout=self.timeout, retries=0, context=self._context)
+            client = Client(
+                endpoint,
+                self.keypair,
+                server_key,
+                timeout=self.timeout,
+                retries=0,
+                backoff=backoff,
+                context=self._context,
+            )
             try:
                 self._follow(client)
-                backoff = 0.5
             except RemoteError as exc:
                 self.connected = False
                 revoked = exc.code == errors.FORBIDDEN
@@ -165,15 +174,13 @@ class Agent:
                     log.error("the server refuses this node (removed or revoked?): %s", exc.message)
                 else:
                     log.warning("server error %s; keeping revision %d", exc, self.replica.revision)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
+                self._stop.wait(backoff.next())
             except BusError as exc:
                 self.connected = False
                 self._status("offline", problem=str(exc))
                 log.warning("server %s unreachable (%s); keeping revision %d", endpoint, exc, self.replica.revision)
                 self._endpoint += 1
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
+                self._stop.wait(backoff.next())
             finally:
                 client.close()
         if self._unsaved:

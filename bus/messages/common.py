@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from bus.constants import MAX_SERVICE_NAME
+from bus.constants import MAX_SERVICE_NAME, MAX_WORKER_CAPACITY
 from bus.identity import Role
 from bus.messages import Message, register
 
@@ -62,6 +62,14 @@ class WorkerReady(Message):
 
     ``allow`` lists the caller roles the broker lets through to this service;
     a service that accepts anonymous callers (login, enrollment) says so here.
+
+    ``kinds``, when not empty, makes this worker serve only requests of those
+    message kinds (its own lane in the broker: the fanout's heartbeats never
+    queue behind its snapshots); other workers of the service serve the rest,
+    and serve those kinds too while no such worker is registered.
+    ``capacity`` is how many requests the broker may hand this worker before
+    its first reply (1: Majordomo's one at a time; more pipelines small
+    requests instead of paying a broker round trip each).
     """
 
     KIND = "worker.ready"
@@ -69,6 +77,8 @@ class WorkerReady(Message):
     allow: list[Role]
     version: str
     pid: int
+    kinds: list[str] = Field(default_factory=list, max_length=32)
+    capacity: int = Field(default=1, ge=1, le=MAX_WORKER_CAPACITY)
 
 
 @register

@@ -12,9 +12,16 @@ Pipeline, in order, every TICK:
 
 A stream starts when a node asks for a snapshot, and is checked on every
 heartbeat: a node whose digest disagrees with its stream (it missed the
-tail, or the fanout restarted and lost its streams) is told to take a new
-snapshot. Nodes that stop heartbeating are marked offline, which is itself
-a change, so their co-members hear of it.
+tail) is told to take a new snapshot. A node whose stream this fanout does
+not hold (it restarted, or the node reconnected) resumes from the revision
+it reports when its digest is the view it should have: no snapshot needed.
+Nodes that stop heartbeating are marked offline, which is itself a change,
+so their co-members hear of it.
+
+Heartbeats and Applied receipts are answered by a second connection in a
+thread (services/fanout/beats.py), so they never wait behind a snapshot or
+a batch; the state they share with the main loop (streams, presence,
+receipts) is guarded by one lock, held only for short updates.
 
 Operators may watch too: a WatchRequest leases a push of every batch of
 changes (as one ChangeNotice) to the operator's key, so a dashboard updates
@@ -24,6 +31,7 @@ live without polling; a lease not renewed lapses and costs nothing more.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from bus import errors
+from bus.constants import PUSH_BATCH
 from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
@@ -55,6 +64,7 @@ from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import Change, Delivery, Node, utcnow
 from services.datastore.netmap import World
 from services.datastore.paths import classify
+from services.fanout.beats import BeatWorker
 from services.fanout.reflector import Reflector
 
 log = logging.getLogger(__name__)
@@ -63,11 +73,16 @@ log = logging.getLogger(__name__)
 # enough that a busy agent is never pushed into snapshot storms, short enough that a lost tail
 # (an outbox that overflowed) is found in seconds.
 IN_FLIGHT_GRACE = 10.0
+# One receipt by its primary key (revision, node_id). "node_id = ? AND revision <= ?" cannot use that key: each
+# such update scanned the whole delivery table, and 1,000 of them after a change to all held SQLite's write lock
+# for over 10 s (the datastore's commits failed "database is locked", the broker dropped both workers).
 APPLY_RECEIPTS = text(
-    "UPDATE delivery SET applied_at = :now WHERE node_id = :node AND revision <= :revision AND applied_at IS NULL"
+    "UPDATE delivery SET applied_at = :now WHERE revision = :revision AND node_id = :node AND applied_at IS NULL"
 )
+PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
+BEATS_BACKLOG = 1.0  # seconds the heartbeat thread may go without running dry before presence waits longer
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
 
 
@@ -124,9 +139,35 @@ class FanoutService(Worker):
         self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
         self._next_batch = 0.0
-        self._acks: dict[int, int] = {}  # node id -> newest revision acknowledged, not yet written
+        self._acks: list[tuple[int, int]] = []  # (node id, revision) receipts acknowledged, not yet written
+        # node id -> revisions with a receipt row the node has not acknowledged (kept across its streams: a node
+        # that went offline and came back acknowledges them with its first heartbeat)
+        self.unacked: dict[int, list[int]] = {}
         self._next_ack_flush = 0.0
         self.watchers: dict[str, float] = {}  # operator CURVE key -> monotonic time its lease ends
+        self.world_head = -1  # the revision self.world was read at
+        # Guards what the heartbeat thread shares with this one: streams, by_key, presence and receipt queues,
+        # and the swap of self.world. Held for short updates only, never across a batch or a database write.
+        self._lock = threading.Lock()
+        self.beats = BeatWorker(self, endpoint, keypair, server_key)
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        self.beats.start()
+        try:
+            super().run()
+        finally:
+            self.beats.stop()
+            self.beats.join(timeout=5)
+
+    def stop(self) -> None:
+        self.beats.stop()
+        super().stop()
+
+    def on_health(self, request, caller):  # type: ignore[no-untyped-def]
+        health = super().on_health(request, caller)
+        beats = {f"beats_{k}": v for k, v in self.beats.counters.items()}
+        return health.model_copy(update={"counters": health.counters | beats})
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -141,8 +182,12 @@ class FanoutService(Worker):
     def tick(self, now: float) -> None:
         if now >= self._next_batch:
             # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
-            self._next_batch = now + BATCH_INTERVAL
+            # And at least as long between batches as the last one took: at 10,000 nodes loading the world
+            # takes a second, and back-to-back batches (presence changes while thousands connect) left no time
+            # for the snapshots they were waiting on.
             self.catch_up()
+            done = time.monotonic()
+            self._next_batch = done + max(BATCH_INTERVAL, done - now)
         if (self._acks or self._unwritten) and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
             if self._unwritten:
@@ -155,19 +200,28 @@ class FanoutService(Worker):
 
     def catch_up(self) -> None:
         """Fan out every change committed since the last call (steps 1-4)."""
+        started = time.monotonic()
         with reading(self.engine) as session:
             head = repo.head_revision(session)
             if self.world is not None and head <= self.processed:
                 return
-            self.world = World.load(session)
+            world = World.load(session)
+            loaded = time.monotonic()
+            with self._lock:  # a stream the heartbeat thread resumes is either seen below or built on this world
+                self.world, self.world_head = world, head
             if self.processed < 0:  # first run: streams start from snapshots, not from history
                 self.processed = head
                 self._adopt_online_nodes(session)
                 return
             changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
             self.counters["batches"] += 1
+            updates = self.counters["updates"]
             receipts = self._push_changes(self.world, changes, head)
             self._notify_watchers(changes, head)
+        # Gauges of the last batch (bench/control.py reads them): where a change's time goes in the fanout.
+        self.counters["last_batch_load_ms"] = round((loaded - started) * 1000)
+        self.counters["last_batch_ms"] = round((time.monotonic() - started) * 1000)
+        self.counters["last_batch_updates"] = self.counters["updates"] - updates
         self.processed = head
         if receipts:
             self._record_receipts(receipts)
@@ -190,14 +244,19 @@ class FanoutService(Worker):
             node = world.nodes.get(stream.node_id)
             if node is None or node.curve_key != stream.key:
                 self._drop_stream(stream.node_id)  # removed or re-keyed: revoked, nothing more to send
+                self.unacked.pop(stream.node_id, None)
         touched: dict[int, list[int]] = defaultdict(list)  # node id -> revisions that may concern it
         for change in changes:
             for node_id in world.affected(change) | set(change.node_ids):
                 if node_id in self.streams:
                     touched[node_id].append(change.revision)
         receipts = []
+        outgoing: list[tuple[str, Update]] = []  # sent PUSH_BATCH at a time: the first nodes need not wait for all
         for node_id, revisions in touched.items():
-            stream = self.streams[node_id]
+            self.keepalive()  # a batch for thousands of nodes takes seconds: the broker must not drop us meanwhile
+            stream = self.streams.get(node_id)
+            if stream is None:  # went offline meanwhile
+                continue
             view = world.view(node_id)
             digest = view.digest()
             if digest == stream.digest:
@@ -209,11 +268,17 @@ class FanoutService(Worker):
                 digest=digest,
                 seal=seal(self.signing_key, stream.key, head, digest),
             )
-            self.push(stream.key, update_)
+            outgoing.append((stream.key, update_))
+            if len(outgoing) >= PUSH_BATCH:
+                self.push_many(outgoing)
+                outgoing = []
             self.counters["updates"] += 1
-            stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
+            with self._lock:
+                stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
+                self.unacked[node_id] = (self.unacked.get(node_id, []) + revisions)[-PENDING_RECEIPTS:]
             pushed_at = utcnow()
             receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
+        self.push_many(outgoing)
         return receipts
 
     # ------------------------------------------------------------------ operators watching
@@ -269,23 +334,51 @@ class FanoutService(Worker):
             raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
         view = self.world.view(node_id)
         digest = view.digest()
-        self.streams[node_id] = Stream(node_id, caller.key, head, view, digest, time.monotonic())
-        self.by_key[caller.key] = node_id
-        self._seen(node_id, caller)
+        with self._lock:
+            self.streams[node_id] = Stream(node_id, caller.key, head, view, digest, time.monotonic())
+            self.by_key[caller.key] = node_id
+            self._seen(node_id, caller)
         self.counters["snapshots"] += 1
         return Snapshot(revision=head, view=view, digest=digest, seal=seal(self.signing_key, caller.key, head, digest))
 
     def on_heartbeat(self, request: SyncHeartbeat, caller: Identity) -> SyncStatus:
+        """Presence, the receipt it carries, and whether the node's view is current (usually the beats thread)."""
         self._node(caller)
-        stream = self._stream_of(caller)
-        if stream is None:
-            node_id = self._node_id(caller)
+        with self._lock:
+            stream = self._stream_of(caller)
+            if stream is not None:
+                self._seen(stream.node_id, caller, request)
+                self._acknowledge(stream, request.revision)
+                return self._status(self._in_sync(stream, request.revision, request.digest), stream.revision)
+        node_id = self._node_id(caller)
+        resumed = self._resume(node_id, caller, request)
+        with self._lock:
             self._seen(node_id, caller, request)
-            return self._status(False, request.revision)
-        self._seen(stream.node_id, caller, request)
-        self._acknowledge(stream, request.revision)
-        in_sync = self._in_sync(stream, request.revision, request.digest)
-        return self._status(in_sync, stream.revision)
+        return self._status(resumed, request.revision)
+
+    def _resume(self, node_id: int, caller: Identity, request: SyncHeartbeat) -> bool:
+        """Start a stream from the node's own revision if its digest is the view it should hold; True if so.
+
+        After a restart of the server every agent heartbeats with a view that is still right; a snapshot for
+        each (10,000 views, seals and sends) was most of the time until all were resynchronised. Updates then
+        carry the node's revision as prev_revision, so the Clone protocol's gap check still holds.
+        """
+        world, head = self.world, self.world_head
+        if world is None or not request.digest or not 0 < request.revision <= head:
+            return False
+        if world.node_id(caller.key) != node_id or world.view(node_id).digest() != request.digest:
+            return False
+        view = world.view(node_id)
+        with self._lock:
+            if self.world is not world:  # a batch began on a newer world meanwhile: let the node resync
+                return False
+            if node_id not in self.streams:
+                stream = Stream(node_id, caller.key, request.revision, view, request.digest, time.monotonic())
+                stream.acked = request.revision
+                self.streams[node_id] = stream
+                self.by_key[caller.key] = node_id
+                self.counters["resumed"] += 1
+        return True
 
     def _status(self, in_sync: bool, revision: int) -> SyncStatus:
         """A heartbeat's answer, with where the reflector and the relay are (agents follow a moved server)."""
@@ -294,11 +387,13 @@ class FanoutService(Worker):
 
     def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
         self._node(caller)
-        stream = self._stream_of(caller)
-        if stream is None:
-            return SyncStatus(in_sync=False, revision=request.revision)
-        self._acknowledge(stream, request.revision)
-        return SyncStatus(in_sync=self._in_sync(stream, request.revision, request.digest), revision=stream.revision)
+        with self._lock:
+            stream = self._stream_of(caller)
+            if stream is None:
+                return SyncStatus(in_sync=False, revision=request.revision)
+            self._acknowledge(stream, request.revision)
+            in_sync = self._in_sync(stream, request.revision, request.digest)
+            return SyncStatus(in_sync=in_sync, revision=stream.revision)
 
     def _in_sync(self, stream: Stream, revision: int, digest: str) -> bool:
         if digest == stream.digest:
@@ -323,20 +418,25 @@ class FanoutService(Worker):
     def _acknowledge(self, stream: Stream, revision: int) -> None:
         if revision > stream.acked:
             stream.acked = revision
-            self._acks[stream.node_id] = revision
+            pending = self.unacked.get(stream.node_id)
+            if pending and pending[0] <= revision:
+                self._acks += [(stream.node_id, r) for r in pending if r <= revision]
+                self.unacked[stream.node_id] = [r for r in pending if r > revision]
 
     def flush_receipts(self) -> None:
         """Mark acknowledged deliveries applied, for every node at once."""
-        acks, self._acks = self._acks, {}
+        with self._lock:
+            acks, self._acks = self._acks, []
         now = utcnow()
-        rows = [{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks.items()]
+        rows = [{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks]
         with transaction(self.engine) as session:
             session.execute(APPLY_RECEIPTS, rows)
 
     def _drop_stream(self, node_id: int) -> None:
-        stream = self.streams.pop(node_id, None)
-        if stream is not None:
-            self.by_key.pop(stream.key, None)
+        with self._lock:
+            stream = self.streams.pop(node_id, None)
+            if stream is not None:
+                self.by_key.pop(stream.key, None)
 
     # ------------------------------------------------------------------ presence
     def _seen(self, node_id: int, caller: Identity, heartbeat: SyncHeartbeat | None = None) -> None:
@@ -370,11 +470,13 @@ class FanoutService(Worker):
         One transaction per heartbeat (each an fsync on SQLite) capped the fanout at a few hundred nodes
         coming online per second, and its heartbeat replies waited behind them.
         """
-        pending, self._unwritten = self._unwritten, {}
+        with self._lock:
+            pending, self._unwritten = self._unwritten, {}
         ids = sorted(pending)
         online: list[Node] = []
         with transaction(self.engine) as session:
             for start in range(0, len(ids), 500):
+                self.keepalive()
                 chunk = ids[start : start + 500]
                 for node in session.exec(select(Node).where(col(Node.id).in_(chunk))).all():
                     if self._write_seen(session, node, pending[node.id or 0]):
@@ -413,19 +515,33 @@ class FanoutService(Worker):
     def check_presence(self, now: float) -> None:
         if self._unwritten:
             self.flush_presence()  # online before offline: a node seen just now is written first
-        silent = [n for n, seen in self.last_seen.items() if now - seen > self.presence_timeout]
-        if not silent:
-            return
-        offline: list[Node] = []
-        with transaction(self.engine) as session:
+        # Silence while the heartbeat thread has had a backlog is not (only) the nodes': their heartbeats may be
+        # waiting in the broker. At 10,000 agents such waits expired, live nodes were marked offline by the
+        # hundred, lost their streams and came back for snapshots, which made the backlog worse. Wait one more
+        # timeout then, never longer (a server cut off from every node still marks them offline).
+        limit = self.presence_timeout
+        if now - self.beats.idle_at > BEATS_BACKLOG:
+            limit *= 2
+            self.counters["presence_deferred"] += 1
+        with self._lock:
+            silent = [n for n, seen in self.last_seen.items() if now - seen > limit]
             for node_id in silent:
                 del self.last_seen[node_id]
                 self._written.pop(node_id, None)
-                self._drop_stream(node_id)
-                node = session.get(Node, node_id)
-                if node is not None and node.online:
-                    node.online = False
-                    offline.append(node)
+        if not silent:
+            return
+        offline: list[Node] = []
+        for node_id in silent:
+            self._drop_stream(node_id)
+        with transaction(self.engine) as session:
+            # 500 rows a query: one get per node (with autoflush) took seconds when thousands fell silent at once.
+            for start in range(0, len(silent), 500):
+                self.keepalive()
+                chunk = silent[start : start + 500]
+                for node in session.exec(select(Node).where(col(Node.id).in_(chunk))).all():
+                    if node.online:
+                        node.online = False
+                        offline.append(node)
             if offline:
                 why = f"is offline (no heartbeat for {self.presence_timeout:.0f}s)"
                 log.info(_record_presence(session, offline, "offline", why))

@@ -37,7 +37,9 @@ def test_small_run_converges_and_reports_every_figure() -> None:
     assert burst["fanout_batches"] >= 1 and burst["updates_per_agent"] > 0
     assert results["restart"]["all_resynced_s"] > 0
     assert set(results["rss_kb_per_agent"]) == {"broker", "fanout", "datastore", "total"}
-    assert results["agent_counters"]["snapshots"] >= 2 * AGENTS  # the first ones and those after the restart
+    assert results["agent_counters"]["snapshots"] >= AGENTS  # the first ones
+    restart = results["restart"]
+    assert restart["resumed"] + restart["snapshots_after"] >= AGENTS, "every agent resumed or took a new snapshot"
     assert results["agent_counters"].get("bad_snapshots", 0) == 0
     text = table(results)
     for label in ("a. change to every node", "b. change to one node", "c. server RSS", "e. burst", "d. server restart"):
