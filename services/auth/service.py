@@ -68,8 +68,8 @@ T = TypeVar("T")
 
 WORKERS = 6  # connections to the broker in the auth process (threads)
 HASH_SLOTS = 2  # argon2id hashes at once: 2 x 64 MiB; one per core of the reference machine
-# Seconds a request waits for a hash slot before it is answered "busy, retry" (retriable). Short: a worker
-# busy longer than the broker's heartbeat liveness (10 s, bus/constants.py) is dropped, and a waiting worker serves no one else.
+# Seconds a request waits for a hash slot before it is answered "busy, retry" (retriable). Short: a worker busy
+# longer than the broker's heartbeat liveness (10 s, bus/constants.py) is dropped; a waiting one serves no one else.
 HASH_WAIT = 0.5
 KEEPALIVE = 0.5  # seconds between heartbeats of a worker waiting for a hash or a realm (broker liveness: 10 s)
 REALM_THREADS = 4  # realm checks (LDAP, RADIUS) at once; they wait on the network, not on a core
