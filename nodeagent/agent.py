@@ -188,7 +188,9 @@ class Agent:
         self._status("stopped")
 
     def _follow(self, client: Client) -> None:
-        self._snapshot(client)
+        self._missed = 0  # a new connection starts with a clean count
+        if not self._resume_stream(client):
+            self._snapshot(client)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         while not self._stop.is_set():
             push = client.next_push(max(0.0, min(next_heartbeat - time.monotonic(), 0.2)))
@@ -207,6 +209,26 @@ class Agent:
                     self.counters["told_stale"] += 1
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)
                     self._snapshot(client)
+
+    def _resume_stream(self, client: Client) -> bool:
+        """With a view in hand, heartbeat before asking for a snapshot; True if the server says it is current.
+
+        A fanout that kept this node's stream, or that can resume it from the node's revision (after a server
+        restart), answers in sync: no snapshot is needed. 10,000 agents asking for 10,000 snapshots at once
+        after a restart were most of the time until all were resynchronised.
+        """
+        if self.replica.view is None or self.replica.revision <= 0:
+            return False
+        status = self._heartbeat(client)
+        if status is None or not status.in_sync:
+            return False
+        self.counters["resumed"] += 1
+        self.connected = True
+        if self.tunnels is not None:
+            self.tunnels.on_connect()
+        self._status("connected")
+        log.info("resumed at revision %d without a snapshot: the server says it is current", self.replica.revision)
+        return True
 
     def _heartbeat(self, client: Client) -> SyncStatus | None:
         """One heartbeat; a busy server may miss a few (None), several in a row mean it is gone."""
@@ -228,7 +250,11 @@ class Agent:
         )
         try:
             status = client.request("fanout", beat, expect=SyncStatus)
-        except BusTimeout:
+        except (BusTimeout, RemoteError) as exc:
+            # A busy server may miss a beat or answer "unavailable, retry": one is no reason to reconnect
+            # (and, at 10,000 agents, to add to the load); several in a row mean it is gone.
+            if isinstance(exc, RemoteError) and not exc.retriable:
+                raise
             self._missed += 1
             if self._missed >= MISSED_HEARTBEATS:
                 raise

@@ -18,6 +18,8 @@ from collections import Counter
 
 from nacl.signing import SigningKey
 
+from bus import errors
+from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from bus.messages import Message
@@ -58,6 +60,7 @@ class ScriptedFanout(Worker):
         self.node_key = node_key
         self.ttl = VIEW_TTL  # seconds a seal stays valid; negative makes seals that are already expired
         self.in_sync = True  # what heartbeats and receipts are answered
+        self.unavailable_beats = 0  # the next N heartbeats are answered service_unavailable (retriable)
         self.requests: Counter[str] = Counter()  # "snapshot", "heartbeat", "applied"
         self.applied: list[Applied] = []
         self.heartbeats: list[SyncHeartbeat] = []
@@ -147,6 +150,9 @@ class ScriptedFanout(Worker):
         with self._lock:
             self.requests["heartbeat"] += 1
             self.heartbeats.append(request)
+            if self.unavailable_beats > 0:
+                self.unavailable_beats -= 1
+                raise RemoteError(errors.SERVICE_UNAVAILABLE, "scripted: busy, retry")
             in_sync = self.in_sync and not self._stale_until_snapshot
             return SyncStatus(in_sync=in_sync, revision=self._revision)
 
