@@ -21,16 +21,15 @@ callgrind with --repeat 1 and --repeat 3 and divide the difference by
 from __future__ import annotations
 
 import argparse
-import gc
 import struct
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.esp_micro import best  # noqa: E402  (best-of-N CPU ns per item, the cyclic GC off)
 from nodeagent.offload import GSO_TCPV4, SuperPacket, coalesce  # noqa: E402
 from nodeagent.packets import summarize  # noqa: E402
 from nodeagent.transport import MASQUERADE_MARKER  # noqa: E402
@@ -53,21 +52,6 @@ def udp_small(payload: int = 64) -> bytes:
     addresses = bytes(map(int, VIPS["a"].split("."))) + bytes(map(int, VIPS["b"].split(".")))
     header = struct.pack("!BBHHHBBH8s", 0x45, 0, 28 + payload, 1, 0x4000, 64, 17, 0, addresses)
     return header + struct.pack("!HHHH", 5001, 40000, 8 + payload, 0) + bytes(payload)
-
-
-def best(run: Callable[[], int], repeat: int) -> float:
-    """Best-of-*repeat* ns per item; *run* returns how many items it did (the cyclic GC off meanwhile)."""
-    figures = []
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(repeat):
-            start = time.process_time_ns()
-            items = run()
-            figures.append((time.process_time_ns() - start) / items)
-    finally:
-        gc.enable()
-    return min(figures)
 
 
 def stages(pair: Pair, count: int, repeat: int) -> dict[str, Callable[[], int]]:

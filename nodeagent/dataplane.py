@@ -31,7 +31,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bus.messages.sync import CAP_CSUM, CAP_GSO, NodeView
 from nodeagent.acl import FlowTable, Policy, quoted_flow_key
@@ -80,6 +80,15 @@ DISCARDED = b""  # _seal_one's answer for a packet that cannot be sealed at all 
 TICK_INTERVAL = 0.25
 PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
 UDP_PATHS = ("udp", "punch")
+class _Origin(NamedTuple):
+    """Where a run of packets came from: its source, whether UDP (an authenticated packet then teaches the
+    peer's host and port; raw ESP only the host), and for a TLS stream what to call once one authenticates."""
+
+    source: tuple[str, int]
+    udp: bool
+    on_authenticated: Callable[[str], None] | None = None
+
+
 _IN_DROP = {reason: f"in_{reason.value}" for reason in DropReason}  # counter names, built once, not per drop
 _SPI = struct.Struct("!I")
 _PORTED = (PROTO_TCP, PROTO_UDP)
@@ -604,7 +613,7 @@ class DataPlane:
             kind, start = classify_udp(datagram)
             if kind is Kind.ESP:
                 if source != run_source and run:
-                    self._open_runs(run, run_source, True, delivered)  # type: ignore[arg-type]
+                    self._open_runs(run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
                     run = []
                 run_source = source
                 run.append(memoryview(datagram)[start:])
@@ -613,7 +622,7 @@ class DataPlane:
             else:
                 self.counters[f"in_{kind.value}"] += 1
         if run:
-            self._open_runs(run, run_source, True, delivered)  # type: ignore[arg-type]
+            self._open_runs(run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
         return delivered
 
     def inbound_esp(self, packets: list[tuple[bytes, tuple[str, int]]]) -> list[memoryview]:
@@ -626,12 +635,12 @@ class DataPlane:
                 self.counters["in_truncated"] += 1
                 continue
             if source != run_source and run:
-                self._open_runs(run, run_source, False, delivered)  # type: ignore[arg-type]
+                self._open_runs(run, _Origin(run_source, False), delivered)  # type: ignore[arg-type]
                 run = []
             run_source = source
             run.append(esp)
         if run:
-            self._open_runs(run, run_source, False, delivered)  # type: ignore[arg-type]
+            self._open_runs(run, _Origin(run_source, False), delivered)  # type: ignore[arg-type]
         return delivered
 
     def inbound_stream(self, frames: list[tuple[bytes, int]]) -> list[memoryview]:
@@ -642,18 +651,11 @@ class DataPlane:
         paths = self.tcp
         for esp, stream_id in frames:
             bind = None if paths is None else (lambda peer, sid=stream_id: paths.bind(sid, peer))
-            self._open_runs([memoryview(esp)], (f"stream:{stream_id}", 0), False, delivered, bind)
+            self._open_runs([memoryview(esp)], _Origin((f"stream:{stream_id}", 0), False, bind), delivered)
         self.counters["in_stream_packets"] += len(frames)
         return delivered
 
-    def _open_runs(
-        self,
-        packets: list[memoryview],
-        source: tuple[str, int],
-        udp: bool,
-        delivered: list[memoryview],
-        on_authenticated: Callable[[str], None] | None = None,
-    ) -> None:
+    def _open_runs(self, packets: list[memoryview], origin: _Origin, delivered: list[memoryview]) -> None:
         """Packets from one source, cut into runs of one SPI."""
         counters = self.counters
         run: list[memoryview] = []
@@ -664,22 +666,14 @@ class DataPlane:
                 continue
             spi = _SPI.unpack_from(esp)[0]
             if spi != run_spi and run:
-                self._open_run(run_spi, run, source, udp, delivered, on_authenticated)
+                self._open_run(run_spi, run, origin, delivered)
                 run = []
             run_spi = spi
             run.append(esp)
         if run:
-            self._open_run(run_spi, run, source, udp, delivered, on_authenticated)
+            self._open_run(run_spi, run, origin, delivered)
 
-    def _open_run(
-        self,
-        spi: int,
-        packets: list[memoryview],
-        source: tuple[str, int],
-        udp: bool,
-        delivered: list[memoryview],
-        on_authenticated: Callable[[str], None] | None,
-    ) -> None:
+    def _open_run(self, spi: int, packets: list[memoryview], origin: _Origin, delivered: list[memoryview]) -> None:
         counters = self.counters
         entry = self.spis.get(spi)
         if entry is None:
@@ -690,30 +684,24 @@ class DataPlane:
         if tunnel is None:
             counters["in_unknown_peer"] += len(packets)
             return
-        host = source[0]
+        host = origin.source[0]
         if host != tunnel.known_host():
             # Not where this peer is known to be: the per-source limit (D16) applies packet by packet, so
             # a forger gets its burst of decryptions, not a whole batch of them.
             limiter = self.source_limiter
             for packet in packets:
                 if limiter.allow(host, time.monotonic()):
-                    self._authenticate_run(sa, tunnel, [packet], source, udp, delivered, on_authenticated)
+                    self._authenticate_run(sa, tunnel, [packet], origin, delivered)
                 else:
                     counters["in_rate_limited"] += 1  # this source forged too many tags: not worth a decryption
             return
-        self._authenticate_run(sa, tunnel, packets, source, udp, delivered, on_authenticated)
+        self._authenticate_run(sa, tunnel, packets, origin, delivered)
 
     def _authenticate_run(
-        self,
-        sa: InboundSA,
-        tunnel: Tunnel,
-        packets: list[memoryview],
-        source: tuple[str, int],
-        udp: bool,
-        delivered: list[memoryview],
-        on_authenticated: Callable[[str], None] | None,
+        self, sa: InboundSA, tunnel: Tunnel, packets: list[memoryview], origin: _Origin, delivered: list[memoryview]
     ) -> None:
         counters = self.counters
+        source, udp, on_authenticated = origin
         inners, drops = sa.open_many(packets)
         dummies = 0
         for reason in drops:
