@@ -80,18 +80,6 @@ DISCARDED = b""  # _seal_one's answer for a packet that cannot be sealed at all 
 TICK_INTERVAL = 0.25
 PATHS = ("auto", "udp", "esp")  # what `agent up --path` takes; auto follows the server's choice per pair
 UDP_PATHS = ("udp", "punch")
-class _Origin(NamedTuple):
-    """Where a run of packets came from: its source, whether UDP (an authenticated packet then teaches the
-    peer's host and port; raw ESP only the host), and for a TLS stream what to call once one authenticates."""
-
-    source: tuple[str, int]
-    udp: bool
-    on_authenticated: Callable[[str], None] | None = None
-
-
-_IN_DROP = {reason: f"in_{reason.value}" for reason in DropReason}  # counter names, built once, not per drop
-_SPI = struct.Struct("!I")
-_PORTED = (PROTO_TCP, PROTO_UDP)
 TCP_PATHS = ("tcp443", "relay")  # ESP over TLS streams (nodeagent/tcp443.py): straight to the peer, or the relay
 PUNCH_SECONDS = 10.0  # hole punching: keepalives every PUNCH_INTERVAL for this long, or until the peer answers
 PUNCH_INTERVAL = 0.5
@@ -112,6 +100,18 @@ LIVENESS_WINDOW = 15.0
 # first (its mapping toward the peer exists only once it sends), and only an authenticated packet may
 # teach the peer that mapping; waiting for the first data packet or keepalive could take 25 s.
 INTRODUCE_WINDOW = 30.0
+_IN_DROP = {reason: f"in_{reason.value}" for reason in DropReason}  # counter names, built once, not per drop
+_SPI = struct.Struct("!I")
+_PORTED = (PROTO_TCP, PROTO_UDP)
+
+
+class _Origin(NamedTuple):
+    """Where a run of packets came from: its source, whether UDP (an authenticated packet then teaches the
+    peer's host and port; raw ESP only the host), and for a TLS stream what to call once one authenticates."""
+
+    source: tuple[str, int]
+    udp: bool
+    on_authenticated: Callable[[str], None] | None = None
 
 
 def tunnel_mtu(vpn_mtu: int, path: str, underlay_mtu: int = UNDERLAY_MTU) -> int:
