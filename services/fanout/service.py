@@ -205,7 +205,13 @@ class FanoutService(Worker):
             head = repo.head_revision(session)
             if self.world is not None and head <= self.processed:
                 return
-            world = World.load(session)
+            changes = []
+            if self.processed >= 0:
+                changes = list(session.exec(select(Change).where(Change.revision > self.processed)).all())
+            if self.world is not None and self.world_head == self.processed >= 0:
+                world = self.world.advance(session, changes)  # presence, endpoints, routes: only what changed
+            else:
+                world = World.load(session)
             loaded = time.monotonic()
             with self._lock:  # a stream the heartbeat thread resumes is either seen below or built on this world
                 self.world, self.world_head = world, head
@@ -213,7 +219,6 @@ class FanoutService(Worker):
                 self.processed = head
                 self._adopt_online_nodes(session)
                 return
-            changes = session.exec(select(Change).where(Change.revision > self.processed)).all()
             self.counters["batches"] += 1
             updates = self.counters["updates"]
             receipts = self._push_changes(self.world, changes, head)
