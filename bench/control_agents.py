@@ -66,6 +66,7 @@ class SimAgent:
     last_snapshot: float = 0.0
     last_status: float = 0.0
     last_in_sync: float = 0.0  # when the fanout last said this agent's view is current
+    asked: float = 0.0  # the heartbeat interval the fanout asked for (SyncStatus.heartbeat)
 
     def moved(self, revision: int, now: float) -> None:
         self.history.append((revision, now))
@@ -139,6 +140,7 @@ class AgentPool:
                 self.counters["bad_snapshots"] += 1
         elif isinstance(message, SyncStatus) and incoming.request_id == agent.beat_id:
             agent.beat_id, agent.missed, agent.last_status = None, 0, now
+            agent.asked = message.heartbeat
             if message.in_sync:
                 agent.last_in_sync = now
             elif agent.snapshot_id is None:
@@ -157,8 +159,8 @@ class AgentPool:
     def _heartbeats(self, now: float) -> None:
         while self.beats and self.beats[0][0] <= now:
             _, index = heapq.heappop(self.beats)
-            heapq.heappush(self.beats, (now + self.heartbeat, index))
             agent = self.agents[index]
+            heapq.heappush(self.beats, (now + max(self.heartbeat, agent.asked), index))  # as the real agent
             if agent.replica.view is None:
                 continue  # as the real agent: no heartbeat before the first snapshot (it only adds to the storm)
             if agent.beat_id is not None:  # unanswered (one not sent, the connection not up yet, is not counted:

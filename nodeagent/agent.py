@@ -203,8 +203,10 @@ class Agent:
             if self.tunnels is not None:
                 self.tunnels.tick(client)
             if time.monotonic() >= next_heartbeat:
-                next_heartbeat = time.monotonic() + self.heartbeat_interval
                 status = self._heartbeat(client)
+                # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all.
+                asked = status.heartbeat if status is not None else 0.0
+                next_heartbeat = time.monotonic() + max(self.heartbeat_interval, asked)
                 if status is not None and not status.in_sync:
                     self.counters["told_stale"] += 1
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)

@@ -251,3 +251,6 @@ class SyncStatus(Message):
     revision: int
     reflector: str = ""  # "host:port" of the server's UDP reflector, for NAT discovery
     relay: str = ""  # "host:port" of the server's TCP/443 relay (services/relay), for peers on path `relay`
+    # Seconds the fanout asks between heartbeats, so that all its nodes together send it a bounded number a
+    # second (a node beats at this or its own interval, whichever is longer); 0: the node's own interval.
+    heartbeat: float = 0.0

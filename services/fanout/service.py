@@ -84,6 +84,15 @@ BATCH_INTERVAL = 0.05
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 BEATS_BACKLOG = 1.0  # seconds the heartbeat thread may go without running dry before presence waits longer
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
+# How often nodes heartbeat. At 10,000 nodes beating every 2 s (5,000 a second, each through the broker twice
+# and through the heartbeat thread) the heartbeats alone took most of two cores; those that waited too long
+# expired, and live nodes were marked offline by the hundred. So the fanout asks for a longer interval
+# (SyncStatus.heartbeat) once all its nodes together would beat more often than [sync] heartbeat_budget a
+# second (1,000), up to SLOWEST_HEARTBEAT, and allows BEATS_MISSED such intervals before a node is offline.
+SLOWEST_HEARTBEAT = 10.0
+OWN_HEARTBEAT = 2.0  # the agents' own interval (nodeagent/agent.py): below it, nothing is asked
+BEATS_MISSED = 3  # advertised intervals without a heartbeat before a node is offline (at least presence_timeout)
+ADVERTISE_HOLD = 60.0  # seconds a longer interval stays advertised before a shorter one replaces it
 
 
 @dataclass
@@ -111,6 +120,7 @@ class FanoutService(Worker):
         database_url: str,
         signing_key: SigningKey,
         presence_timeout: float,
+        heartbeat_budget: float = 1000.0,
         reflector: tuple[str, int] | None = None,
         reflector_advertise: str = "",
         relay_advertise: str = "",
@@ -129,6 +139,7 @@ class FanoutService(Worker):
         migrate(self.engine)
         self.signing_key = signing_key
         self.presence_timeout = presence_timeout
+        self.heartbeat_budget = heartbeat_budget
         self.streams: dict[int, Stream] = {}
         self.by_key: dict[str, int] = {}  # CURVE key -> node id, for the streams
         self.last_seen: dict[int, float] = {}
@@ -146,6 +157,8 @@ class FanoutService(Worker):
         self._next_ack_flush = 0.0
         self.watchers: dict[str, float] = {}  # operator CURVE key -> monotonic time its lease ends
         self.world_head = -1  # the revision self.world was read at
+        self.advertised = 0.0  # the heartbeat interval the nodes are asked for (0: their own)
+        self._advertised_at = 0.0
         # Guards what the heartbeat thread shares with this one: streams, by_key, presence and receipt queues,
         # and the swap of self.world. Held for short updates only, never across a batch or a database write.
         self._lock = threading.Lock()
@@ -388,7 +401,25 @@ class FanoutService(Worker):
     def _status(self, in_sync: bool, revision: int) -> SyncStatus:
         """A heartbeat's answer, with where the reflector and the relay are (agents follow a moved server)."""
         reflector, relay = self.reflector_address, self.relay_address
-        return SyncStatus(in_sync=in_sync, revision=revision, reflector=reflector, relay=relay)
+        return SyncStatus(
+            in_sync=in_sync, revision=revision, reflector=reflector, relay=relay, heartbeat=self.advertised
+        )
+
+    def _advertise(self, now: float) -> None:
+        """Set the heartbeat interval to ask for from how many nodes are alive: longer at once, shorter after
+        ADVERTISE_HOLD (nodes pick up a new interval with their next heartbeat, so presence must allow the
+        longest one any node may still be on)."""
+        wanted = len(self.last_seen) / self.heartbeat_budget
+        interval = min(SLOWEST_HEARTBEAT, round(wanted, 1)) if wanted > OWN_HEARTBEAT else 0.0
+        if interval > self.advertised or (interval < self.advertised and now - self._advertised_at > ADVERTISE_HOLD):
+            log.info(
+                "asking nodes for a heartbeat every %s (%d alive)",
+                f"{interval:g}s" if interval else "their own interval",
+                len(self.last_seen),
+            )
+            self.advertised = interval
+        if interval >= self.advertised:
+            self._advertised_at = now
 
     def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
         self._node(caller)
@@ -524,7 +555,8 @@ class FanoutService(Worker):
         # waiting in the broker. At 10,000 agents such waits expired, live nodes were marked offline by the
         # hundred, lost their streams and came back for snapshots, which made the backlog worse. Wait one more
         # timeout then, never longer (a server cut off from every node still marks them offline).
-        limit = self.presence_timeout
+        self._advertise(now)
+        limit = max(self.presence_timeout, BEATS_MISSED * self.advertised)
         if now - self.beats.idle_at > BEATS_BACKLOG:
             limit *= 2
             self.counters["presence_deferred"] += 1
@@ -548,7 +580,7 @@ class FanoutService(Worker):
                         node.online = False
                         offline.append(node)
             if offline:
-                why = f"is offline (no heartbeat for {self.presence_timeout:.0f}s)"
+                why = f"is offline (no heartbeat for {limit:.0f}s)"
                 log.info(_record_presence(session, offline, "offline", why))
 
 

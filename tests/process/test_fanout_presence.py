@@ -25,8 +25,8 @@ from services.fanout.service import FanoutService
 TIMEOUT = 3.0
 
 
-@pytest.fixture
-def fanout(tmp_path: Path) -> Iterator[tuple[FanoutService, int]]:
+@pytest.fixture(params=[1000.0])
+def fanout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FanoutService, int]]:
     url = f"sqlite:///{tmp_path / 'coterie.db'}"
     migrate(make_engine(url))
     with transaction(make_engine(url)) as session:
@@ -41,6 +41,7 @@ def fanout(tmp_path: Path) -> Iterator[tuple[FanoutService, int]]:
         database_url=url,
         signing_key=SigningKey.generate(),
         presence_timeout=TIMEOUT,
+        heartbeat_budget=request.param,
     )
     assert node_id is not None
     try:
@@ -77,3 +78,41 @@ def test_a_backlog_of_heartbeats_defers_offline_by_one_timeout_at_most(fanout: t
     later = now + TIMEOUT  # silent for 2.5 timeouts now: the backlog no longer excuses it
     service.check_presence(later)
     assert not _online(service, node_id)
+
+
+@pytest.mark.parametrize("fanout", [1.0], indirect=True)  # one heartbeat a second from all nodes together
+def test_many_nodes_are_asked_for_a_longer_heartbeat_and_given_that_much_longer(
+    fanout: tuple[FanoutService, int],
+) -> None:
+    service, node_id = fanout
+    now = time.monotonic()
+    service.beats.idle_at = now
+    for other in range(1000, 1005):  # five more alive: six nodes at one beat a second is one every 6 s
+        service.last_seen[other] = now
+    service.last_seen[node_id] = now - 1.5 * TIMEOUT
+    service.check_presence(now)
+    assert service._status(True, 1).heartbeat == 6.0
+    assert _online(service, node_id), "offline after 1.5 timeouts although it was asked to beat every 6 s"
+    service.beats.idle_at = now + 3 * 6.0
+    service.check_presence(now + 3 * 6.0)  # three asked intervals of silence (and more)
+    assert not _online(service, node_id)
+
+
+@pytest.mark.parametrize("fanout", [1.0], indirect=True)
+def test_a_shorter_heartbeat_is_asked_only_after_the_longer_one_was_held(fanout: tuple[FanoutService, int]) -> None:
+    """Nodes learn a new interval with their next beat: presence must not outrun the one they may still be on."""
+    service, _ = fanout
+    now = time.monotonic()
+    service.beats.idle_at = now
+    service.last_seen.update({n: now for n in range(1000, 1006)})
+    service.check_presence(now)
+    assert service.advertised == 6.0
+    for n in range(1000, 1004):  # four stop (their silence is not checked here): two remain
+        del service.last_seen[n]
+    service.check_presence(now + 1.0)
+    assert service.advertised == 6.0, "shortened at once"
+    for n in service.last_seen:
+        service.last_seen[n] = now + 70.0
+    service.beats.idle_at = now + 70.0
+    service.check_presence(now + 70.0)
+    assert service.advertised == 0.0, "two nodes at one beat a second: their own interval again"
