@@ -31,6 +31,7 @@ live without polling; a lease not renewed lapses and costs nothing more.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -410,7 +411,7 @@ class FanoutService(Worker):
         ADVERTISE_HOLD (nodes pick up a new interval with their next heartbeat, so presence must allow the
         longest one any node may still be on)."""
         wanted = len(self.last_seen) / self.heartbeat_budget
-        interval = min(SLOWEST_HEARTBEAT, round(wanted, 1)) if wanted > OWN_HEARTBEAT else 0.0
+        interval = min(SLOWEST_HEARTBEAT, float(math.ceil(wanted))) if wanted > OWN_HEARTBEAT else 0.0  # whole s
         if interval > self.advertised or (interval < self.advertised and now - self._advertised_at > ADVERTISE_HOLD):
             log.info(
                 "asking nodes for a heartbeat every %s (%d alive)",
