@@ -144,7 +144,8 @@ class ViewDelta(_Part):
 
     @classmethod
     def between(cls, old: NodeView, new: NodeView) -> ViewDelta:
-        return cls(
+        """Of two views already valid: so built without validating again (the fanout makes one per node)."""
+        return cls.model_construct(
             node=new.node if new.node != old.node else None,
             set_vpns={k: v for k, v in new.vpns.items() if old.vpns.get(k) != v},
             del_vpns=sorted(set(old.vpns) - set(new.vpns)),
