@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
+from bus.identity import Identity, Role
 from bus.keys import KeyPair
+from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import Node
-from services.fanout.service import FanoutService
+from services.fanout.service import LAST_SEEN_WRITE, FanoutService
 
 TIMEOUT = 3.0
 
@@ -116,3 +118,24 @@ def test_a_shorter_heartbeat_is_asked_only_after_the_longer_one_was_held(fanout:
     service.beats.idle_at = now + 70.0
     service.check_presence(now + 70.0)
     assert service.advertised == 0.0, "two nodes at one beat a second: their own interval again"
+
+
+def test_an_online_node_still_alive_gets_its_last_seen_written_and_nothing_else(
+    fanout: tuple[FanoutService, int],
+) -> None:
+    """The periodic last_seen write of a node that reports nothing new is one plain UPDATE: no change row."""
+    service, node_id = fanout
+    now = time.monotonic()
+    service.last_seen[node_id] = now  # known (online), its last write long ago
+    service._written[node_id] = now - LAST_SEEN_WRITE - 1
+    with reading(service.engine) as session:
+        head = repo.head_revision(session)
+        assert session.get(Node, node_id).last_seen is None  # type: ignore[union-attr]
+    service._seen(node_id, Identity(Role.NODE, "n1", "key"))
+    assert service._touched == {node_id} and not service._unwritten
+    service.flush_presence()
+    with reading(service.engine) as session:
+        node = session.get(Node, node_id)
+        assert node is not None and node.online and node.last_seen is not None
+        assert repo.head_revision(session) == head, "a sign of life alone is not a change"
+    assert not service._touched
