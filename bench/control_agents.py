@@ -70,6 +70,7 @@ class SimAgent:
     asked: float = 0.0  # the heartbeat interval the fanout asked for (SyncStatus.heartbeat)
     index: int = 0  # in AgentPool.agents
     due: float = 0.0  # when its heartbeat entry in AgentPool.beats is due (older entries are stale)
+    beat_sent: float = 0.0
 
     def moved(self, revision: int, now: float) -> None:
         self.history.append((revision, now))
@@ -166,8 +167,8 @@ class AgentPool:
 
     def _heartbeats(self, now: float) -> None:
         """As the real agent: the next beat an interval after the answer (its own or the longer one the fanout
-        asked for); a beat unanswered within BEAT_TIMEOUT is missed, and the next follows at once at the
-        agent's own interval (a restarted server is found within seconds, not a 10 s interval)."""
+        asked for); a beat unanswered within BEAT_TIMEOUT is missed, and the next follows that interval later
+        (beating faster at a server too busy to answer is what overloads it)."""
         while self.beats and self.beats[0][0] <= now:
             due, index = heapq.heappop(self.beats)
             agent = self.agents[index]
@@ -178,11 +179,14 @@ class AgentPool:
                 continue  # as the real agent: no heartbeat before the first snapshot (it only adds to the storm)
             if agent.beat_id is not None:  # unanswered (one not sent, the connection not up yet, is not counted:
                 agent.missed += 1  # a new socket would start its handshake over, at the back of a storm)
-                agent.asked = 0.0
+                agent.beat_id = None  # a late answer is not waited for, as the real agent's request
                 if agent.missed >= MISSED_HEARTBEATS:
                     self._reconnect(agent)
+                elif now - agent.beat_sent < max(self.heartbeat, agent.asked):
+                    self._schedule(agent, agent.beat_sent + max(self.heartbeat, agent.asked))
+                    continue  # the next one an interval after the missed one, as the real agent's
             beat = SyncHeartbeat(revision=agent.replica.revision, digest=agent.replica.digest, agent_version="bench")
-            agent.beat_id = agent.client.start("fanout", beat)
+            agent.beat_id, agent.beat_sent = agent.client.start("fanout", beat), now
             self._schedule(agent, now + BEAT_TIMEOUT)
             self.counters["heartbeats"] += 1
 

@@ -107,6 +107,7 @@ class Agent:
         self._endpoint = 0
         self._context = context  # shared by many simulated agents in one process
         self._missed = 0  # heartbeats in a row without an answer
+        self._asked = 0.0  # the heartbeat interval the fanout last asked for (SyncStatus.heartbeat)
         self._saved_at = float("-inf")
         self._unsaved = False  # an applied update not yet on disk
 
@@ -204,9 +205,11 @@ class Agent:
                 self.tunnels.tick(client)
             if time.monotonic() >= next_heartbeat:
                 status = self._heartbeat(client)
-                # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all.
-                asked = status.heartbeat if status is not None else 0.0
-                next_heartbeat = time.monotonic() + max(self.heartbeat_interval, asked)
+                # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all. A
+                # missed beat keeps it: beating faster at a server too busy to answer is what overloads it.
+                if status is not None:
+                    self._asked = status.heartbeat
+                next_heartbeat = time.monotonic() + max(self.heartbeat_interval, self._asked)
                 if status is not None and not status.in_sync:
                     self.counters["told_stale"] += 1
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)
