@@ -167,8 +167,8 @@ class AgentPool:
 
     def _heartbeats(self, now: float) -> None:
         """As the real agent: the next beat an interval after the answer (its own or the longer one the fanout
-        asked for); a beat unanswered within BEAT_TIMEOUT is missed, and the next follows that interval later
-        (beating faster at a server too busy to answer is what overloads it)."""
+        asked for); a beat unanswered within BEAT_TIMEOUT is missed: after a first miss the next follows at
+        the agent's own interval, after more at the asked one (beating fast at a busy server overloads it)."""
         while self.beats and self.beats[0][0] <= now:
             due, index = heapq.heappop(self.beats)
             agent = self.agents[index]
@@ -182,8 +182,8 @@ class AgentPool:
                 agent.beat_id = None  # a late answer is not waited for, as the real agent's request
                 if agent.missed >= MISSED_HEARTBEATS:
                     self._reconnect(agent)
-                elif now - agent.beat_sent < max(self.heartbeat, agent.asked):
-                    self._schedule(agent, agent.beat_sent + max(self.heartbeat, agent.asked))
+                elif now - agent.beat_sent < (interval := max(self.heartbeat, agent.asked if agent.missed > 1 else 0)):
+                    self._schedule(agent, agent.beat_sent + interval)
                     continue  # the next one an interval after the missed one, as the real agent's
             beat = SyncHeartbeat(revision=agent.replica.revision, digest=agent.replica.digest, agent_version="bench")
             agent.beat_id, agent.beat_sent = agent.client.start("fanout", beat), now

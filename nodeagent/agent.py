@@ -205,11 +205,13 @@ class Agent:
                 self.tunnels.tick(client)
             if time.monotonic() >= next_heartbeat:
                 status = self._heartbeat(client)
-                # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all. A
-                # missed beat keeps it: beating faster at a server too busy to answer is what overloads it.
+                # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all. After
+                # a first missed beat the next comes at the agent's own interval (a restarted server is found in
+                # seconds); after more, at the asked one: beating fast at a server too busy to answer overloads it.
                 if status is not None:
                     self._asked = status.heartbeat
-                next_heartbeat = time.monotonic() + max(self.heartbeat_interval, self._asked)
+                asked = self._asked if self._missed != 1 else 0.0
+                next_heartbeat = time.monotonic() + max(self.heartbeat_interval, asked)
                 if status is not None and not status.in_sync:
                     self.counters["told_stale"] += 1
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)
