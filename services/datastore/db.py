@@ -62,16 +62,20 @@ def _sqlite_begin_immediate(connection: Any) -> None:
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Session]:
+def transaction(engine: Engine, *, serialised: bool = True) -> Iterator[Session]:
     """One read-write transaction: committed on success, rolled back on any exception.
 
     Writers are serialised from their first statement, so that what they read (free
     addresses, taken names, idempotency keys) is still true when they commit: SQLite
     by BEGIN IMMEDIATE, PostgreSQL by locking the revision counter row at once.
+    ``serialised=False`` is for writes that read nothing they depend on and record no
+    change (the fanout's delivery receipts): on PostgreSQL they then do not queue the
+    operators' mutations behind tens of thousands of receipt rows (SQLite has one write
+    lock whatever we do).
     """
     with Session(engine, expire_on_commit=False) as session:
         try:
-            if engine.dialect.name == "postgresql":
+            if serialised and engine.dialect.name == "postgresql":
                 session.connection().exec_driver_sql(LOCK_WRITERS)
             yield session
             session.commit()

@@ -36,6 +36,7 @@ from services.datastore.models import (
     AclRule,
     Change,
     Counter,
+    Delivery,
     GatewayRoute,
     JoinToken,
     Membership,
@@ -715,3 +716,30 @@ def test_writer_survives_an_immediate_restart(postgres: PostgresCluster, pg_url:
     assert not missing, f"acknowledged before the crash but lost: {missing[:20]}"
     assert revisions == list(range(1, len(revisions) + 1)), "gap in the change log after crash recovery"
     assert len(set(keys)) == len(keys) == len(revisions), "a retried write was applied twice"
+
+
+def test_receipts_do_not_wait_for_an_open_mutation(migrated: Engine) -> None:
+    """The fanout's receipt writes (serialised=False) pass an operator's open mutation, and it theirs.
+
+    In a burst of 1,000 changes the fanout wrote tens of thousands of receipt rows under the writers' lock, and
+    the operators' mutations queued behind them (about 5 commits a second on PostgreSQL).
+    """
+    with db.transaction(migrated) as s:
+        node, _, _ = repo.add_node(s, "n1", [], [], 24.0)
+        change = _log(s, "node.add", node_ids=[node.id])
+    done = threading.Event()
+
+    def write_receipt() -> None:
+        with db.transaction(migrated, serialised=False) as s:
+            s.add(Delivery(revision=change.revision, node_id=node.id or 0))
+        done.set()
+
+    with db.transaction(migrated) as s:  # an operator's mutation, holding the writers' lock
+        _log(s, "node.set", node_ids=[node.id])
+        thread = threading.Thread(target=write_receipt, daemon=True)
+        thread.start()
+        assert done.wait(30), "the receipt waited for the mutation's lock"
+    thread.join(timeout=30)
+    with db.reading(migrated) as s:
+        assert s.exec(select(Delivery)).one().node_id == node.id
+        assert repo.head_revision(s) == change.revision + 1
