@@ -8,7 +8,9 @@ Pipeline, in order, every TICK:
   3. push each node whose view changed exactly the delta, carrying the
      previous revision of that node's own stream and the server's seal;
   4. record a receipt row per change and node, completed when the node
-     acknowledges (by heartbeat or Applied).
+     acknowledges (by heartbeat or Applied); written by a thread of their
+     own (services/fanout/receipts.py), so large batches of them never hold
+     the next batch back.
 
 A stream starts when a node asks for a snapshot, and is checked on every
 heartbeat: a node whose digest disagrees with its stream (it missed the
@@ -38,8 +40,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from nacl.signing import SigningKey
-from sqlalchemy import bindparam, insert, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, text, update
 from sqlmodel import col, select
 
 from bus import errors
@@ -62,10 +63,11 @@ from bus.signing import seal
 from bus.worker import Handler, Worker
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
-from services.datastore.models import Change, Delivery, Node, utcnow
+from services.datastore.models import Change, Node, utcnow
 from services.datastore.netmap import World
 from services.datastore.paths import classify
 from services.fanout.beats import BeatWorker
+from services.fanout.receipts import ReceiptWriter
 from services.fanout.reflector import Reflector
 
 log = logging.getLogger(__name__)
@@ -170,15 +172,18 @@ class FanoutService(Worker):
         # and the swap of self.world. Held for short updates only, never across a batch or a database write.
         self._lock = threading.Lock()
         self.beats = BeatWorker(self, endpoint, keypair, server_key)
+        self.receipts = ReceiptWriter(self.engine, APPLY_RECEIPTS)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
         self.beats.start()
+        self.receipts.start()
         try:
             super().run()
         finally:
             self.beats.stop()
             self.beats.join(timeout=5)
+            self.receipts.stop()
 
     def stop(self) -> None:
         self.beats.stop()
@@ -187,7 +192,8 @@ class FanoutService(Worker):
     def on_health(self, request, caller):  # type: ignore[no-untyped-def]
         health = super().on_health(request, caller)
         beats = {f"beats_{k}": v for k, v in self.beats.counters.items()}
-        return health.model_copy(update={"counters": health.counters | beats})
+        receipts = dict(self.receipts.counters) | {"receipts_backlog": self.receipts.backlog()}
+        return health.model_copy(update={"counters": health.counters | beats | receipts})
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -248,21 +254,8 @@ class FanoutService(Worker):
         self.counters["last_batch_ms"] = round((time.monotonic() - started) * 1000)
         self.counters["last_batch_updates"] = self.counters["updates"] - updates
         self.processed = head
-        if receipts:
-            self._record_receipts(receipts)
+        self.receipts.pushed(receipts)
         self.counters["changes"] += len(changes)
-
-    def _record_receipts(self, receipts: list[dict[str, object]]) -> None:
-        try:
-            with transaction(self.engine, serialised=False) as session:
-                session.execute(insert(Delivery), receipts)
-        except IntegrityError:
-            # A node was removed since the batch was read: keep the receipts of those that remain.
-            with transaction(self.engine, serialised=False) as session:
-                alive = set(session.exec(select(Node.id)).all())
-                kept = [r for r in receipts if r["node_id"] in alive]
-                if kept:
-                    session.execute(insert(Delivery), kept)
 
     def _push_changes(self, world: World, changes: list[Change], head: int) -> list[dict[str, object]]:
         for stream in list(self.streams.values()):
@@ -471,9 +464,7 @@ class FanoutService(Worker):
         with self._lock:
             acks, self._acks = self._acks, []
         now = utcnow()
-        rows = [{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks]
-        with transaction(self.engine, serialised=False) as session:
-            session.execute(APPLY_RECEIPTS, rows)
+        self.receipts.applied([{"node": node_id, "revision": revision, "now": now} for node_id, revision in acks])
 
     def _drop_stream(self, node_id: int) -> None:
         with self._lock:
