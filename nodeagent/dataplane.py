@@ -210,6 +210,7 @@ class DataPlane:
         self.mtu = tunnel_mtu(1400, "udp")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._holding = False  # some tunnel's queue may hold packets (set where they are queued, cleared by flush)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------ control interface
@@ -368,6 +369,7 @@ class DataPlane:
                 counters["out_queue_full"] += 1
             tunnel.queue.append((now, packet))
             counters["out_queued"] += 1
+            self._holding = True
         return answers
 
     def _route_outbound(
@@ -595,6 +597,7 @@ class DataPlane:
                         answers.append(answer)
                 else:
                     break
+        self._holding = any(t.queue for t in list(self.tunnels.values()))
         return answers
 
     # ------------------------------------------------------------------ inbound
@@ -918,11 +921,14 @@ class DataPlane:
     def _loop(self) -> None:
         """Both directions and the periodic work in one thread: one wake-up per packet, not one per direction.
 
-        A ping through two agents used to wake four cold threads (out at A, in at B, out at B, in at A),
-        each 150-300 us after idle. Here the responder's kernel queues its answer on the TUN while we
-        write the request, so the same pass reads it back (``wrote``) and sends it without sleeping.
+        A ping through two agents used to wake four cold threads (out at A, in at B, out at B, in at A).
+        Here the responder's kernel queues its answer on the TUN while we write the request, so the same
+        pass reads it back (``wrote``) and sends it without sleeping: three wake-ups per round trip. The
+        packets go first in a pass and the housekeeping after, off the packet's path.
         Only this thread seals (an OutboundSA's counter is not shared: no IV reuse) and only it reads
         the sockets; the control loop changes state by replacing whole objects and wakes it (``_wake``).
+        Busy-polling before blocking was measured and not kept: on two shared cores the spinning thread
+        took the CPU the peer's agent needed, and round trips got longer (docs/performance.md).
         """
         tun = self.tun
         assert tun is not None
@@ -944,13 +950,7 @@ class DataPlane:
                     _drain(wake)
                     continue
                 wrote = self._receive(fd, stream_fd) or wrote
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK_INTERVAL
-                self.tick(now)
-                self.keepalives(now)
-                self.introduce_streams(now)
-            if any(t.queue for t in list(self.tunnels.values())):
+            if self._holding:  # before the TUN's new packets, which must not overtake the held ones
                 tun.write_batch(self.flush_queues(time.monotonic()))
             if wrote or tun_fd in ready:
                 packets = tun.read_batch(BATCH)
@@ -959,6 +959,12 @@ class DataPlane:
                 answers = self.outbound_batch(packets)
                 if answers:
                     tun.write_batch(answers)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_INTERVAL
+                self.tick(now)
+                self.keepalives(now)
+                self.introduce_streams(now)
 
     def _receive(self, fd: Any, stream_fd: int) -> bool:
         """One read from a ready socket (UDP, raw ESP or the TLS streams' queue) through to the TUN;
