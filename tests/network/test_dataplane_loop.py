@@ -117,7 +117,7 @@ def test_periodic_work_runs_with_no_traffic(planes: Any) -> None:
     for name, plane in built.items():
         key(plane, name)
         plane.start()
-    # No packet is ever written to either TUN: only the periodic pass can send these authenticated dummies.
+    # Nobody sends through the tunnel: only the periodic pass seals and sends these authenticated dummies.
     assert wait_until(
         lambda: all(p.counters["out_keepalive"] + p.counters["out_introduce"] >= 3 for p in built.values()), 30
     ), {name: dict(p.counters) for name, p in built.items()}
