@@ -39,6 +39,7 @@ from nodeagent.sync import Outcome, Replica
 
 MAX_SNAPSHOTS_IN_FLIGHT = 64
 SNAPSHOT_TIMEOUT = 10.0  # seconds before an unanswered snapshot request is sent again
+BEAT_TIMEOUT = 3.0  # seconds a heartbeat waits for its answer, as the real agent's requests (Agent(timeout=3.0))
 HISTORY = 32  # view changes remembered per agent (revision, time)
 
 
@@ -66,6 +67,10 @@ class SimAgent:
     last_snapshot: float = 0.0
     last_status: float = 0.0
     last_in_sync: float = 0.0  # when the fanout last said this agent's view is current
+    asked: float = 0.0  # the heartbeat interval the fanout asked for (SyncStatus.heartbeat)
+    index: int = 0  # in AgentPool.agents
+    due: float = 0.0  # when its heartbeat entry in AgentPool.beats is due (older entries are stale)
+    beat_sent: float = 0.0
 
     def moved(self, revision: int, now: float) -> None:
         self.history.append((revision, now))
@@ -94,10 +99,10 @@ class AgentPool:
         for index, spec in enumerate(specs):
             keypair = KeyPair(spec.public, spec.secret)
             client = Client(endpoint, keypair, server_key, context=self.context)
-            agent = SimAgent(spec.name, client)
+            agent = SimAgent(spec.name, client, index=index)
             self.agents.append(agent)
             self._watch(agent)
-            heapq.heappush(self.beats, (now + random.uniform(0, heartbeat), index))  # staggered, as in real life
+            self._schedule(agent, now + random.uniform(0, heartbeat))  # staggered, as in real life
 
     def _watch(self, agent: SimAgent) -> None:
         self.poller.add(agent.client)
@@ -139,6 +144,8 @@ class AgentPool:
                 self.counters["bad_snapshots"] += 1
         elif isinstance(message, SyncStatus) and incoming.request_id == agent.beat_id:
             agent.beat_id, agent.missed, agent.last_status = None, 0, now
+            agent.asked = message.heartbeat
+            self._schedule(agent, now + max(self.heartbeat, agent.asked))  # as the real agent
             if message.in_sync:
                 agent.last_in_sync = now
             elif agent.snapshot_id is None:
@@ -154,19 +161,33 @@ class AgentPool:
         elif outcome in (Outcome.GAP, Outcome.MISMATCH) and agent.snapshot_id is None:
             agent.wants_snapshot = True
 
+    def _schedule(self, agent: SimAgent, due: float) -> None:
+        agent.due = due
+        heapq.heappush(self.beats, (due, agent.index))
+
     def _heartbeats(self, now: float) -> None:
+        """As the real agent: the next beat an interval after the answer (its own or the longer one the fanout
+        asked for); a beat unanswered within BEAT_TIMEOUT is missed: after a first miss the next follows at
+        the agent's own interval, after more at the asked one (beating fast at a busy server overloads it)."""
         while self.beats and self.beats[0][0] <= now:
-            _, index = heapq.heappop(self.beats)
-            heapq.heappush(self.beats, (now + self.heartbeat, index))
+            due, index = heapq.heappop(self.beats)
             agent = self.agents[index]
+            if due != agent.due:
+                continue  # superseded: the answer scheduled the next beat
             if agent.replica.view is None:
+                self._schedule(agent, now + self.heartbeat)
                 continue  # as the real agent: no heartbeat before the first snapshot (it only adds to the storm)
             if agent.beat_id is not None:  # unanswered (one not sent, the connection not up yet, is not counted:
                 agent.missed += 1  # a new socket would start its handshake over, at the back of a storm)
+                agent.beat_id = None  # a late answer is not waited for, as the real agent's request
                 if agent.missed >= MISSED_HEARTBEATS:
                     self._reconnect(agent)
+                elif now - agent.beat_sent < (interval := max(self.heartbeat, agent.asked if agent.missed > 1 else 0)):
+                    self._schedule(agent, agent.beat_sent + interval)
+                    continue  # the next one an interval after the missed one, as the real agent's
             beat = SyncHeartbeat(revision=agent.replica.revision, digest=agent.replica.digest, agent_version="bench")
-            agent.beat_id = agent.client.start("fanout", beat)
+            agent.beat_id, agent.beat_sent = agent.client.start("fanout", beat), now
+            self._schedule(agent, now + BEAT_TIMEOUT)
             self.counters["heartbeats"] += 1
 
     def _reconnect(self, agent: SimAgent) -> None:

@@ -107,6 +107,7 @@ class Agent:
         self._endpoint = 0
         self._context = context  # shared by many simulated agents in one process
         self._missed = 0  # heartbeats in a row without an answer
+        self._asked = 0.0  # the heartbeat interval the fanout last asked for (SyncStatus.heartbeat)
         self._saved_at = float("-inf")
         self._unsaved = False  # an applied update not yet on disk
 
@@ -203,8 +204,14 @@ class Agent:
             if self.tunnels is not None:
                 self.tunnels.tick(client)
             if time.monotonic() >= next_heartbeat:
-                next_heartbeat = time.monotonic() + self.heartbeat_interval
                 status = self._heartbeat(client)
+                # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all. After
+                # a first missed beat the next comes at the agent's own interval (a restarted server is found in
+                # seconds); after more, at the asked one: beating fast at a server too busy to answer overloads it.
+                if status is not None:
+                    self._asked = status.heartbeat
+                asked = self._asked if self._missed != 1 else 0.0
+                next_heartbeat = time.monotonic() + max(self.heartbeat_interval, asked)
                 if status is not None and not status.in_sync:
                     self.counters["told_stale"] += 1
                     log.info("server says the view at revision %d is stale; resynchronising", self.replica.revision)

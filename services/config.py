@@ -51,6 +51,7 @@ class ServerConfig:
     allow_anonymous: bool = True
     advertise: tuple[str, ...] = ()  # endpoints written into join strings; default: connect_endpoint
     presence_timeout: float = 15.0  # seconds without a heartbeat before a node is marked offline
+    heartbeat_budget: float = 1000.0  # heartbeats a second from all nodes together (longer intervals beyond)
     relay_listen: str = ""  # the relay's TLS listener; empty: the broker's listen address
     relay_port: int = DEFAULT_RELAY_PORT
     relay_cert: str = ""  # PEM files; empty: keys/relay-tls.crt and .key, made self-signed if absent
@@ -123,7 +124,7 @@ class ServerConfig:
                 "advertise": list(self.advertise),
             },
             "database": {"url": self.database},
-            "sync": {"presence_timeout": self.presence_timeout},
+            "sync": {"presence_timeout": self.presence_timeout, "heartbeat_budget": self.heartbeat_budget},
             "relay": {
                 "listen": self.relay_listen,
                 "port": self.relay_port,
@@ -155,6 +156,7 @@ def load_config(directory: Path) -> ServerConfig:
             allow_anonymous=bool(server.get("allow_anonymous", True)),
             advertise=tuple(str(e) for e in server.get("advertise", [])),
             presence_timeout=float(doc.get("sync", {}).get("presence_timeout", 15.0)),
+            heartbeat_budget=float(doc.get("sync", {}).get("heartbeat_budget", 1000.0)),
             relay_listen=str(relay.get("listen", "")),
             relay_port=_port(relay.get("port", DEFAULT_RELAY_PORT), "relay.port"),
             relay_cert=str(relay.get("cert", "")),

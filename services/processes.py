@@ -64,6 +64,7 @@ def build_service(name: str, config: ServerConfig, broker: str | None = None) ->
             "database_url": url,
             "signing_key": signing_key,
             "presence_timeout": config.presence_timeout,
+            "heartbeat_budget": config.heartbeat_budget,
             # The UDP reflector for NAT discovery: two ports above the bus, advertised with the join host.
             "reflector": (config.listen, config.port + REFLECTOR_PORT_OFFSET),
             "reflector_advertise": urlsplit(config.join_endpoints[0]).hostname or "",

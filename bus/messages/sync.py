@@ -144,7 +144,8 @@ class ViewDelta(_Part):
 
     @classmethod
     def between(cls, old: NodeView, new: NodeView) -> ViewDelta:
-        return cls(
+        """Of two views already valid: so built without validating again (the fanout makes one per node)."""
+        return cls.model_construct(
             node=new.node if new.node != old.node else None,
             set_vpns={k: v for k, v in new.vpns.items() if old.vpns.get(k) != v},
             del_vpns=sorted(set(old.vpns) - set(new.vpns)),
@@ -251,3 +252,6 @@ class SyncStatus(Message):
     revision: int
     reflector: str = ""  # "host:port" of the server's UDP reflector, for NAT discovery
     relay: str = ""  # "host:port" of the server's TCP/443 relay (services/relay), for peers on path `relay`
+    # Seconds the fanout asks between heartbeats, so that all its nodes together send it a bounded number a
+    # second (a node beats at this or its own interval, whichever is longer); 0: the node's own interval.
+    heartbeat: float = 0.0

@@ -31,13 +31,14 @@ live without polling; a lease not renewed lapses and costs nothing more.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 from nacl.signing import SigningKey
-from sqlalchemy import insert, text
+from sqlalchemy import bindparam, insert, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -79,11 +80,25 @@ IN_FLIGHT_GRACE = 10.0
 APPLY_RECEIPTS = text(
     "UPDATE delivery SET applied_at = :now WHERE revision = :revision AND node_id = :node AND applied_at IS NULL"
 )
+TOUCH_LAST_SEEN = (
+    update(Node.__table__)  # type: ignore[attr-defined]
+    .where(Node.__table__.c.id == bindparam("node"))  # type: ignore[attr-defined]
+    .values(last_seen=bindparam("now"))
+)
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 BEATS_BACKLOG = 1.0  # seconds the heartbeat thread may go without running dry before presence waits longer
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
+# How often nodes heartbeat. At 10,000 nodes beating every 2 s (5,000 a second, each through the broker twice
+# and through the heartbeat thread) the heartbeats alone took most of two cores; those that waited too long
+# expired, and live nodes were marked offline by the hundred. So the fanout asks for a longer interval
+# (SyncStatus.heartbeat) once all its nodes together would beat more often than [sync] heartbeat_budget a
+# second (1,000), up to SLOWEST_HEARTBEAT, and allows BEATS_MISSED such intervals before a node is offline.
+SLOWEST_HEARTBEAT = 10.0
+OWN_HEARTBEAT = 2.0  # the agents' own interval (nodeagent/agent.py): below it, nothing is asked
+BEATS_MISSED = 3  # advertised intervals without a heartbeat before a node is offline (at least presence_timeout)
+ADVERTISE_HOLD = 60.0  # seconds a longer interval stays advertised before a shorter one replaces it
 
 
 @dataclass
@@ -111,6 +126,7 @@ class FanoutService(Worker):
         database_url: str,
         signing_key: SigningKey,
         presence_timeout: float,
+        heartbeat_budget: float = 1000.0,
         reflector: tuple[str, int] | None = None,
         reflector_advertise: str = "",
         relay_advertise: str = "",
@@ -129,12 +145,14 @@ class FanoutService(Worker):
         migrate(self.engine)
         self.signing_key = signing_key
         self.presence_timeout = presence_timeout
+        self.heartbeat_budget = heartbeat_budget
         self.streams: dict[int, Stream] = {}
         self.by_key: dict[str, int] = {}  # CURVE key -> node id, for the streams
         self.last_seen: dict[int, float] = {}
         self._written: dict[int, float] = {}  # node id -> when last_seen was last written
         self._reported: dict[int, tuple[tuple[str, ...], str, str, str]] = {}  # node id -> what it last reported
         self._unwritten: dict[int, SyncHeartbeat | None] = {}  # signs of life not yet written (flush_presence)
+        self._touched: set[int] = set()  # online nodes whose only news is that they still are (last_seen)
         self.processed = -1  # revision up to which changes have been fanned out
         self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
@@ -146,6 +164,8 @@ class FanoutService(Worker):
         self._next_ack_flush = 0.0
         self.watchers: dict[str, float] = {}  # operator CURVE key -> monotonic time its lease ends
         self.world_head = -1  # the revision self.world was read at
+        self.advertised = 0.0  # the heartbeat interval the nodes are asked for (0: their own)
+        self._advertised_at = 0.0
         # Guards what the heartbeat thread shares with this one: streams, by_key, presence and receipt queues,
         # and the swap of self.world. Held for short updates only, never across a batch or a database write.
         self._lock = threading.Lock()
@@ -188,9 +208,9 @@ class FanoutService(Worker):
             self.catch_up()
             done = time.monotonic()
             self._next_batch = done + max(BATCH_INTERVAL, done - now)
-        if (self._acks or self._unwritten) and now >= self._next_ack_flush:
+        if (self._acks or self._unwritten or self._touched) and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
-            if self._unwritten:
+            if self._unwritten or self._touched:
                 self.flush_presence()
             if self._acks:
                 self.flush_receipts()
@@ -388,7 +408,25 @@ class FanoutService(Worker):
     def _status(self, in_sync: bool, revision: int) -> SyncStatus:
         """A heartbeat's answer, with where the reflector and the relay are (agents follow a moved server)."""
         reflector, relay = self.reflector_address, self.relay_address
-        return SyncStatus(in_sync=in_sync, revision=revision, reflector=reflector, relay=relay)
+        return SyncStatus(
+            in_sync=in_sync, revision=revision, reflector=reflector, relay=relay, heartbeat=self.advertised
+        )
+
+    def _advertise(self, now: float) -> None:
+        """Set the heartbeat interval to ask for from how many nodes are alive: longer at once, shorter after
+        ADVERTISE_HOLD (nodes pick up a new interval with their next heartbeat, so presence must allow the
+        longest one any node may still be on)."""
+        wanted = len(self.last_seen) / self.heartbeat_budget
+        interval = min(SLOWEST_HEARTBEAT, float(math.ceil(wanted))) if wanted > OWN_HEARTBEAT else 0.0  # whole s
+        if interval > self.advertised or (interval < self.advertised and now - self._advertised_at > ADVERTISE_HOLD):
+            log.info(
+                "asking nodes for a heartbeat every %s (%d alive)",
+                f"{interval:g}s" if interval else "their own interval",
+                len(self.last_seen),
+            )
+            self.advertised = interval
+        if interval >= self.advertised:
+            self._advertised_at = now
 
     def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
         self._node(caller)
@@ -464,6 +502,10 @@ class FanoutService(Worker):
         if known and fresh and unchanged:
             return
         self._written[node_id] = now
+        if known and unchanged:  # an online node's last_seen is due: one plain UPDATE, no row to read
+            if node_id not in self._unwritten:
+                self._touched.add(node_id)
+            return
         if reported is not None:
             self._reported[node_id] = reported
         if heartbeat is not None or node_id not in self._unwritten:  # a heartbeat's report wins over a snapshot
@@ -477,9 +519,16 @@ class FanoutService(Worker):
         """
         with self._lock:
             pending, self._unwritten = self._unwritten, {}
+            touched, self._touched = sorted(self._touched - pending.keys()), set()
         ids = sorted(pending)
         online: list[Node] = []
         with transaction(self.engine) as session:
+            if touched:
+                # Every online node's last_seen is rewritten every LAST_SEEN_WRITE seconds: at 10,000 nodes,
+                # reading each row through the ORM (JSON columns and all) to set one column was a fifth of the
+                # fanout's main thread.
+                now = utcnow()
+                session.execute(TOUCH_LAST_SEEN, [{"node": node_id, "now": now} for node_id in touched])
             for start in range(0, len(ids), 500):
                 self.keepalive()
                 chunk = ids[start : start + 500]
@@ -524,7 +573,8 @@ class FanoutService(Worker):
         # waiting in the broker. At 10,000 agents such waits expired, live nodes were marked offline by the
         # hundred, lost their streams and came back for snapshots, which made the backlog worse. Wait one more
         # timeout then, never longer (a server cut off from every node still marks them offline).
-        limit = self.presence_timeout
+        self._advertise(now)
+        limit = max(self.presence_timeout, BEATS_MISSED * self.advertised)
         if now - self.beats.idle_at > BEATS_BACKLOG:
             limit *= 2
             self.counters["presence_deferred"] += 1
@@ -548,7 +598,7 @@ class FanoutService(Worker):
                         node.online = False
                         offline.append(node)
             if offline:
-                why = f"is offline (no heartbeat for {self.presence_timeout:.0f}s)"
+                why = f"is offline (no heartbeat for {limit:.0f}s)"
                 log.info(_record_presence(session, offline, "offline", why))
 
 

@@ -25,9 +25,8 @@ from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from bus.messages.keys import FetchPeerKeys, KeyPublished, PeerKeys, PeerKeyUpdate, PublishKey
 from bus.worker import Handler, Worker
-from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading
-from services.datastore.netmap import World
+from services.datastore.netmap import World, latest
 from services.keydist.store import KeyStore
 
 log = logging.getLogger(__name__)
@@ -110,10 +109,10 @@ class KeydistService(Worker):
     def _current_world(self) -> World:
         """The datastore at its newest revision: one cheap query when nothing changed."""
         with reading(self.engine) as session:
-            head = repo.head_revision(session)
-            if self.world is not None and head == self.revision:
-                return self.world
-            self.world = World.load(session)
+            world, head = latest(session, self.world, self.revision)
+            if world is self.world:
+                return world
+            self.world = world
         self.revision = head
         self._ids = {n.name: i for i, n in self.world.nodes.items()}
         dropped = self.store.retain({i: n.sign_key for i, n in self.world.nodes.items()})

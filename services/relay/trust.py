@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
 
-from services.datastore import repo
 from services.datastore.db import reading
-from services.datastore.netmap import World
+from services.datastore.netmap import World, latest
 
 
 @dataclass
@@ -48,8 +47,5 @@ class Trust:
 def load_trust(engine: Engine, current: Trust) -> Trust:
     """The datastore's newest snapshot; *current* itself (one cheap query) when no revision was committed."""
     with reading(engine) as session:
-        head = repo.head_revision(session)
-        if head == current.revision:
-            return current
-        world = World.load(session)
-    return Trust.from_world(head, world)
+        world, head = latest(session, current.world if current.revision >= 0 else None, current.revision)
+    return current if head == current.revision else Trust.from_world(head, world)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import Counter
 
 from nacl.signing import SigningKey
@@ -64,6 +65,8 @@ class ScriptedFanout(Worker):
         self.requests: Counter[str] = Counter()  # "snapshot", "heartbeat", "applied"
         self.applied: list[Applied] = []
         self.heartbeats: list[SyncHeartbeat] = []
+        self.beat_times: list[float] = []  # time.monotonic() of each heartbeat's arrival
+        self.asked = 0.0  # the heartbeat interval the answers ask for (SyncStatus.heartbeat)
         self.callers: list[Identity] = []
         self._lock = threading.Lock()
         self._view = view
@@ -150,11 +153,12 @@ class ScriptedFanout(Worker):
         with self._lock:
             self.requests["heartbeat"] += 1
             self.heartbeats.append(request)
+            self.beat_times.append(time.monotonic())
             if self.unavailable_beats > 0:
                 self.unavailable_beats -= 1
                 raise RemoteError(errors.SERVICE_UNAVAILABLE, "scripted: busy, retry")
             in_sync = self.in_sync and not self._stale_until_snapshot
-            return SyncStatus(in_sync=in_sync, revision=self._revision)
+            return SyncStatus(in_sync=in_sync, revision=self._revision, heartbeat=self.asked)
 
     def on_applied(self, request: Applied, caller: Identity) -> SyncStatus:
         with self._lock:

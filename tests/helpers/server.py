@@ -42,7 +42,9 @@ def free_port() -> int:
 
 
 class CoterieServer:
-    def __init__(self, tmp: Path, *, presence_timeout: float = 3.0, database: str = "") -> None:
+    def __init__(
+        self, tmp: Path, *, presence_timeout: float = 3.0, database: str = "", heartbeat_budget: float = 1000.0
+    ) -> None:
         self.home = tmp / "server"
         self.log_path = tmp / "server.log"
         self.port = free_port()
@@ -51,6 +53,7 @@ class CoterieServer:
         config_path = self.home / "config.toml"
         config = tomllib.loads(config_path.read_text())
         config["sync"]["presence_timeout"] = presence_timeout
+        config["sync"]["heartbeat_budget"] = heartbeat_budget
         config["database"]["url"] = database
         self.relay_port = free_port()  # never the real 443
         config["relay"]["port"] = self.relay_port

@@ -11,6 +11,7 @@ of those situations can be produced on purpose.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -285,6 +286,22 @@ def test_a_busy_answer_to_a_heartbeat_is_a_missed_beat_not_a_reconnect(rig: Rig)
     assert rig.fanout.unavailable_beats == 0, "both busy answers were given"
     assert agent.counters.get("resumed", 0) == 0 and rig.fanout.count("snapshot") == 1, "no reconnect, no resync"
     assert rig.status().get("state") == "connected"
+
+
+def test_the_agent_beats_no_faster_than_the_fanout_asks(rig: Rig) -> None:
+    """A fanout with thousands of nodes asks for a longer interval (SyncStatus.heartbeat) to bound its load."""
+    _started(rig)  # beats every 0.3 s of its own
+    rig.fanout.asked = 1.5
+    first = rig.fanout.count("heartbeat")  # the next answer carries the longer interval
+    assert wait_until(lambda: rig.fanout.count("heartbeat") >= first + 4, WAIT)
+    with rig.fanout._lock:
+        times = rig.fanout.beat_times[first:]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 1.4, f"beat faster than asked: gaps {gaps}"
+    rig.fanout.asked = 0.0  # back to its own interval
+    now = rig.fanout.count("heartbeat")
+    # 8 beats take at least 10.5 s at the asked interval, about 3.6 s at its own
+    assert wait_until(lambda: rig.fanout.count("heartbeat") >= now + 8, 10.0), "did not return to its own interval"
 
 
 # ---------------------------------------------------------------------- without the server

@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
+from bus.identity import Identity, Role
 from bus.keys import KeyPair
+from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import Node
-from services.fanout.service import FanoutService
+from services.fanout.service import LAST_SEEN_WRITE, FanoutService
 
 TIMEOUT = 3.0
 
 
-@pytest.fixture
-def fanout(tmp_path: Path) -> Iterator[tuple[FanoutService, int]]:
+@pytest.fixture(params=[1000.0])
+def fanout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FanoutService, int]]:
     url = f"sqlite:///{tmp_path / 'coterie.db'}"
     migrate(make_engine(url))
     with transaction(make_engine(url)) as session:
@@ -41,6 +43,7 @@ def fanout(tmp_path: Path) -> Iterator[tuple[FanoutService, int]]:
         database_url=url,
         signing_key=SigningKey.generate(),
         presence_timeout=TIMEOUT,
+        heartbeat_budget=request.param,
     )
     assert node_id is not None
     try:
@@ -77,3 +80,62 @@ def test_a_backlog_of_heartbeats_defers_offline_by_one_timeout_at_most(fanout: t
     later = now + TIMEOUT  # silent for 2.5 timeouts now: the backlog no longer excuses it
     service.check_presence(later)
     assert not _online(service, node_id)
+
+
+@pytest.mark.parametrize("fanout", [1.0], indirect=True)  # one heartbeat a second from all nodes together
+def test_many_nodes_are_asked_for_a_longer_heartbeat_and_given_that_much_longer(
+    fanout: tuple[FanoutService, int],
+) -> None:
+    service, node_id = fanout
+    now = time.monotonic()
+    service.beats.idle_at = now
+    for other in range(1000, 1005):  # five more alive: six nodes at one beat a second is one every 6 s
+        service.last_seen[other] = now
+    service.last_seen[node_id] = now - 1.5 * TIMEOUT
+    service.check_presence(now)
+    assert service._status(True, 1).heartbeat == 6.0
+    assert _online(service, node_id), "offline after 1.5 timeouts although it was asked to beat every 6 s"
+    service.beats.idle_at = now + 3 * 6.0
+    service.check_presence(now + 3 * 6.0)  # three asked intervals of silence (and more)
+    assert not _online(service, node_id)
+
+
+@pytest.mark.parametrize("fanout", [1.0], indirect=True)
+def test_a_shorter_heartbeat_is_asked_only_after_the_longer_one_was_held(fanout: tuple[FanoutService, int]) -> None:
+    """Nodes learn a new interval with their next beat: presence must not outrun the one they may still be on."""
+    service, _ = fanout
+    now = time.monotonic()
+    service.beats.idle_at = now
+    service.last_seen.update({n: now for n in range(1000, 1006)})
+    service.check_presence(now)
+    assert service.advertised == 6.0
+    for n in range(1000, 1004):  # four stop (their silence is not checked here): two remain
+        del service.last_seen[n]
+    service.check_presence(now + 1.0)
+    assert service.advertised == 6.0, "shortened at once"
+    for n in service.last_seen:
+        service.last_seen[n] = now + 70.0
+    service.beats.idle_at = now + 70.0
+    service.check_presence(now + 70.0)
+    assert service.advertised == 0.0, "two nodes at one beat a second: their own interval again"
+
+
+def test_an_online_node_still_alive_gets_its_last_seen_written_and_nothing_else(
+    fanout: tuple[FanoutService, int],
+) -> None:
+    """The periodic last_seen write of a node that reports nothing new is one plain UPDATE: no change row."""
+    service, node_id = fanout
+    now = time.monotonic()
+    service.last_seen[node_id] = now  # known (online), its last write long ago
+    service._written[node_id] = now - LAST_SEEN_WRITE - 1
+    with reading(service.engine) as session:
+        head = repo.head_revision(session)
+        assert session.get(Node, node_id).last_seen is None  # type: ignore[union-attr]
+    service._seen(node_id, Identity(Role.NODE, "n1", "key"))
+    assert service._touched == {node_id} and not service._unwritten
+    service.flush_presence()
+    with reading(service.engine) as session:
+        node = session.get(Node, node_id)
+        assert node is not None and node.online and node.last_seen is not None
+        assert repo.head_revision(session) == head, "a sign of life alone is not a change"
+    assert not service._touched
