@@ -56,11 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--wire", action="store_true", help="wire-like wan (router segments GSO); see vpnbench --help")
     ap.add_argument("--no-udp", action="store_true", help="skip the UDP packet-rate test")
+    ap.add_argument("--pings", type=int, default=20, help="pings for the RTT, 50 ms apart (default 20)")
     ap.add_argument("--repeat", type=int, default=1, help="run everything N times and print medians (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep vpnbench's work directory (logs, configs)")
     args = ap.parse_args(argv)
-    if not 1 <= args.seconds <= 600 or not 1 <= args.repeat <= 20:
-        ap.error("--seconds must be 1..600, --repeat 1..20")
+    if not 1 <= args.seconds <= 600 or not 1 <= args.repeat <= 20 or not 1 <= args.pings <= 1000:
+        ap.error("--seconds must be 1..600, --repeat 1..20, --pings 1..1000")
     return args
 
 
@@ -106,6 +107,8 @@ def run_vpnbench(harness: Path, names: list[str], args: argparse.Namespace, json
         str(json_out),
         "--setup-timeout",
         str(args.setup_timeout),
+        "--pings",
+        str(args.pings),
     ]
     argv += [] if args.no_udp else ["--udp"]
     argv += ["--wire"] if args.wire else []

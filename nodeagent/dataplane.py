@@ -11,10 +11,10 @@ port overloading for a shared address) -> cryptokey routing -> VPN isolation
 
 Every stage takes the whole batch a read returned, so that the performance
 work can swap reads of one packet for reads of 64 KB (TUN offloads, UDP GRO)
-without touching the decisions. Two threads run the two directions; the
-control loop changes peers and keys by replacing whole objects (a PeerTable,
-a Policy, an SA), which Python assigns atomically, so no lock is held on the
-packet path.
+without touching the decisions. One thread runs both directions and the
+periodic work (``_loop``: fewer wake-ups per round trip); the control loop
+changes peers and keys by replacing whole objects (a PeerTable, a Policy, an
+SA), which Python assigns atomically, so no lock is held on the packet path.
 
 Every packet that is not delivered is counted under the reason why.
 """
@@ -210,6 +210,7 @@ class DataPlane:
         self.mtu = tunnel_mtu(1400, "udp")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._holding = False  # some tunnel's queue may hold packets (set where they are queued, cleared by flush)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------ control interface
@@ -368,6 +369,7 @@ class DataPlane:
                 counters["out_queue_full"] += 1
             tunnel.queue.append((now, packet))
             counters["out_queued"] += 1
+            self._holding = True
         return answers
 
     def _route_outbound(
@@ -422,7 +424,7 @@ class DataPlane:
         (``_inner``). Consecutive packets for one tunnel are sealed as one run
         (``seal_many``); UDP paths gather each peer address's sealed packets and
         send them with as few system calls as UDP GSO allows; other paths go
-        through ``_send`` one packet at a time. Only the outbound thread calls this.
+        through ``_send`` one packet at a time. Only the data-plane thread calls this.
         """
         unsent: list[tuple[Tunnel, bytes]] = []
         groups: dict[tuple[str, int], list[bytes]] = {}
@@ -595,6 +597,7 @@ class DataPlane:
                         answers.append(answer)
                 else:
                     break
+        self._holding = any(t.queue for t in list(self.tunnels.values()))
         return answers
 
     # ------------------------------------------------------------------ inbound
@@ -809,7 +812,7 @@ class DataPlane:
         new address), which an unauthenticated keepalive must not. Sent for three reasons, counted
         apart: ``out_keepalive`` every keepalive interval on UDP paths (holds the NAT mapping),
         ``out_introduce`` until a new peer first answers (see INTRODUCE_WINDOW), ``out_liveness``
-        when a peer that sent data falls silent (see LIVENESS_QUIET). The outbound thread runs this:
+        when a peer that sent data falls silent (see LIVENESS_QUIET). The data-plane thread runs this:
         only it seals (an SA's sequence counter is not shared).
         """
         for tunnel in list(self.tunnels.values()):
@@ -847,7 +850,7 @@ class DataPlane:
 
         The end that is dialled learns which stream is the peer's only from an authenticated packet;
         a dummy once a second (for at most INTRODUCE_WINDOW seconds after the path was taken) gives it
-        one before any data flows. The outbound thread runs this: only it seals.
+        one before any data flows. The data-plane thread runs this: only it seals.
         """
         paths = self.tcp
         if paths is None:
@@ -868,11 +871,11 @@ class DataPlane:
 
     # ------------------------------------------------------------------ housekeeping
     def tick(self, now: float) -> None:
-        """Hole punching and flow expiry (the inbound thread's chores; it seals nothing).
+        """Hole punching and flow expiry (run every TICK_INTERVAL by the data-plane thread; seals nothing).
 
         Punches are unauthenticated one-byte keepalives: they may go out before the SAs exist, and
         they open NAT mappings without teaching the peer anything. Keepalives proper are
-        authenticated and sent by the outbound thread (``keepalives``).
+        authenticated and sealed by ``keepalives``.
         """
         for tunnel in list(self.tunnels.values()):
             if tunnel.path != "punch" or not tunnel.punching(now):
@@ -892,10 +895,9 @@ class DataPlane:
     def start(self) -> None:
         if self.tun is None:
             raise RuntimeError("no TUN device")
-        for target, name in ((self._outbound_loop, "dataplane-out"), (self._inbound_loop, "dataplane-in")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._loop, name="dataplane", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
@@ -916,52 +918,68 @@ class DataPlane:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
-    def _outbound_loop(self) -> None:
-        tun = self.tun
-        assert tun is not None
-        # Only this thread seals: an OutboundSA's counter is not shared between threads (no IV reuse).
-        next_probe = time.monotonic()
-        while not self._stop.is_set():
-            ready, _, _ = select.select([tun.fd, self._wake_r], [], [], TICK_INTERVAL)
-            if self._wake_r in ready:
-                _drain(self._wake_r)
-            now = time.monotonic()
-            if now >= next_probe:
-                next_probe = now + TICK_INTERVAL
-                self.keepalives(now)
-                self.introduce_streams(now)
-            if any(t.queue for t in list(self.tunnels.values())):
-                tun.write_batch(self.flush_queues(time.monotonic()))
-            if tun.fd in ready:
-                answers = self.outbound_batch(tun.read_batch(BATCH))
-                if answers:
-                    tun.write_batch(answers)
+    def _loop(self) -> None:
+        """Both directions and the periodic work in one thread: one wake-up per packet, not one per direction.
 
-    def _inbound_loop(self) -> None:
+        A ping through two agents used to wake four cold threads (out at A, in at B, out at B, in at A).
+        Here the responder's kernel queues its answer on the TUN while we write the request, so the same
+        pass reads it back (``wrote``) and sends it without sleeping: three wake-ups per round trip. The
+        packets go first in a pass and the housekeeping after, off the packet's path.
+        Only this thread seals (an OutboundSA's counter is not shared: no IV reuse) and only it reads
+        the sockets; the control loop changes state by replacing whole objects and wakes it (``_wake``).
+        Busy-polling before blocking was measured and not kept: on two shared cores the spinning thread
+        took the CPU the peer's agent needed, and round trips got longer (docs/performance.md).
+        """
         tun = self.tun
         assert tun is not None
-        sockets: list[Any] = list(self.wire.sockets())
+        tun_fd, wake = tun.fd, self._wake_r
         paths = self.tcp
         stream_fd = paths.fileno() if paths is not None else -1
+        receivers: list[Any] = list(self.wire.sockets())
         if paths is not None:
-            sockets.append(stream_fd)
-        next_tick = time.monotonic() + TICK_INTERVAL
+            receivers.append(stream_fd)
+        readable = [tun_fd, wake, *receivers]
+        next_tick = time.monotonic()
         while not self._stop.is_set():
-            ready, _, _ = select.select(sockets, [], [], TICK_INTERVAL)
-            for sock in ready:
-                if paths is not None and sock == stream_fd:
-                    delivered = self.inbound_stream(paths.recv_batch(BATCH))
-                    if delivered:
-                        self.counters["tun_write_refused"] += tun.write_batch(delivered)
+            ready, _, _ = select.select(readable, [], [], TICK_INTERVAL)
+            wrote = False
+            for fd in ready:
+                if fd == tun_fd:
                     continue
-                batch = self.wire.recv_batch(sock, BATCH)
-                delivered = self.inbound_udp(batch) if sock is self.wire.udp else self.inbound_esp(batch)
-                if delivered:
-                    self.counters["tun_write_refused"] += tun.write_batch(delivered)
+                if fd == wake:
+                    _drain(wake)
+                    continue
+                wrote = self._receive(fd, stream_fd) or wrote
+            if self._holding:  # before the TUN's new packets, which must not overtake the held ones
+                tun.write_batch(self.flush_queues(time.monotonic()))
+            if wrote or tun_fd in ready:
+                packets = tun.read_batch(BATCH)
+                if packets and tun_fd not in ready:
+                    self.counters["tun_read_after_write"] += len(packets)  # answered without a wake-up
+                answers = self.outbound_batch(packets)
+                if answers:
+                    tun.write_batch(answers)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_INTERVAL
                 self.tick(now)
+                self.keepalives(now)
+                self.introduce_streams(now)
+
+    def _receive(self, fd: Any, stream_fd: int) -> bool:
+        """One read from a ready socket (UDP, raw ESP or the TLS streams' queue) through to the TUN;
+        whether anything was written to the TUN."""
+        tun = self.tun
+        assert tun is not None
+        if fd == stream_fd:
+            delivered = self.inbound_stream(self.tcp.recv_batch(BATCH))  # type: ignore[union-attr]
+        else:
+            batch = self.wire.recv_batch(fd, BATCH)
+            delivered = self.inbound_udp(batch) if fd is self.wire.udp else self.inbound_esp(batch)
+        if not delivered:
+            return False
+        self.counters["tun_write_refused"] += tun.write_batch(delivered)
+        return True
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

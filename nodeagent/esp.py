@@ -227,7 +227,7 @@ class OutboundSA:
     A sequence counter must never be restored from disk or reused: an agent
     that restarts makes new SAs, so no (key, IV) pair can repeat. *first_seq*
     exists for tests that start near a boundary. Only one thread may seal
-    with an SA (the data plane's outbound thread): the counter is not locked.
+    with an SA (the data plane's one thread): the counter is not locked.
     The nonce is a new object per packet, not a shared buffer, so that even
     a misuse from two threads cannot encrypt two packets under one nonce.
     """
@@ -371,7 +371,7 @@ class InboundSA:
     """One inbound SA: opens packets sealed by the peer's matching OutboundSA.
 
     Only one thread may open with an SA: the window and the nonce buffer are
-    not shared (the data plane has one inbound thread).
+    not shared (the data plane has one packet thread).
     """
 
     __slots__ = ("_aead", "_nonce", "esn", "salt", "spi", "window")

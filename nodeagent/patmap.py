@@ -23,9 +23,9 @@ quote, so this node's socket recognises it. Mappings expire after an idle time p
 (full: new flows are dropped, counted). Non-first fragments carry no ports
 and are not mapped.
 
-The table is written by the inbound thread (new mappings, sweeps) and read
-by the outbound thread (dict lookups, a last-used time): single dict
-operations, atomic in CPython, so no lock is taken on the packet path.
+The table is written and read by the data plane's one packet thread (new
+mappings, sweeps, lookups); status reads it from the agent's main thread:
+single dict operations, atomic in CPython, so no lock is taken on the packet path.
 """
 
 from __future__ import annotations

@@ -382,7 +382,7 @@ class TcpPaths:
         self.loop.stop()
         self.inbound.close()
 
-    # ------------------------------------------------------------------ outbound thread
+    # ------------------------------------------------------------------ data-plane thread: sending
     def send(self, peer: str, esp: bytes | memoryview) -> bool:
         """Send one ESP packet to *peer*: on the stream it last spoke on, else its route. False: dropped."""
         relay = self.relay
@@ -469,7 +469,7 @@ class TcpPaths:
         self.counters["out_packets" if sent else "out_dropped"] += 1
         return sent
 
-    # ------------------------------------------------------------------ inbound thread
+    # ------------------------------------------------------------------ data-plane thread: receiving
     def fileno(self) -> int:
         """Readable when recv_batch may return packets; select() on it beside the UDP sockets."""
         return self.inbound.fileno()

@@ -18,7 +18,7 @@ Pieces, from the bytes up:
      TLS handshake, reads, writes, timers. Users give each stream a
      ``Handler`` (on_open, on_message, on_close) and get ``tick`` calls.
   5. ``InboundQueue``: a bounded queue a packet thread can select() on (its
-     ``fileno``), how received ESP reaches the data plane's inbound thread.
+     ``fileno``), how received ESP reaches the data plane's packet thread.
 
 TLS here is a disguise and a firewall passport, not the security boundary:
 ESP authenticates and encrypts every packet end to end, so certificate
