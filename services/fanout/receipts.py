@@ -11,6 +11,7 @@ than growing without end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -55,7 +56,8 @@ class ReceiptWriter(threading.Thread):
 
     def stop(self) -> None:
         """Write what is queued (for at most STOP_WAIT seconds), then end."""
-        self._jobs.put(None)
+        with contextlib.suppress(queue.Full):  # a writer stuck on the database must not hang the fanout's exit
+            self._jobs.put(None, timeout=STOP_WAIT)
         self.join(timeout=STOP_WAIT)
 
     def run(self) -> None:
@@ -64,7 +66,7 @@ class ReceiptWriter(threading.Thread):
                 job()
             except SQLAlchemyError as exc:  # receipts inform operators; losing a batch never stops the fanout
                 self.counters["receipt_write_failed"] += 1
-                log.warning("receipts not written: %s", exc.__class__.__name__)
+                log.warning("receipts not written (%s): %s", exc.__class__.__name__, str(exc).splitlines()[0][:200])
 
     def _insert(self, rows: list[dict[str, object]]) -> None:
         try:
