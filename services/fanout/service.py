@@ -89,6 +89,7 @@ TOUCH_LAST_SEEN = (
 )
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
+BATCH_SPACING_MAX = 1.0  # seconds: the longest pause after a long batch (see tick)
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 BEATS_BACKLOG = 1.0  # seconds the heartbeat thread may go without running dry before presence waits longer
 LAST_SEEN_WRITE = 30.0  # seconds between writes of a node's last_seen while nothing else changes
@@ -210,10 +211,11 @@ class FanoutService(Worker):
             # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
             # And at least as long between batches as the last one took: at 10,000 nodes loading the world
             # takes a second, and back-to-back batches (presence changes while thousands connect) left no time
-            # for the snapshots they were waiting on.
+            # for the snapshots they were waiting on. At most BATCH_SPACING_MAX, though: after a 7 s batch (a change
+            # to all of 10,000 nodes) a change to one node had waited 7 s more.
             self.catch_up()
             done = time.monotonic()
-            self._next_batch = done + max(BATCH_INTERVAL, done - now)
+            self._next_batch = done + max(BATCH_INTERVAL, min(done - now, BATCH_SPACING_MAX))
         if (self._acks or self._unwritten or self._touched) and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
             if self._unwritten or self._touched:
