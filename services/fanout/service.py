@@ -522,18 +522,16 @@ class FanoutService(Worker):
             with transaction(self.engine, serialised=False) as session:
                 now = utcnow()
                 session.execute(TOUCH_LAST_SEEN, [{"node": node_id, "now": now} for node_id in touched])
-        if not ids:
-            self.counters["presence_flushes"] += 1
-            return
-        with transaction(self.engine) as session:
-            for start in range(0, len(ids), 500):
-                self.keepalive()
-                chunk = ids[start : start + 500]
-                for node in session.exec(select(Node).where(col(Node.id).in_(chunk))).all():
-                    if self._write_seen(session, node, pending[node.id or 0]):
-                        online.append(node)
-            if online:
-                _record_presence(session, online, "online", "is online")
+        if ids:
+            with transaction(self.engine) as session:
+                for start in range(0, len(ids), 500):
+                    self.keepalive()
+                    chunk = ids[start : start + 500]
+                    for node in session.exec(select(Node).where(col(Node.id).in_(chunk))).all():
+                        if self._write_seen(session, node, pending[node.id or 0]):
+                            online.append(node)
+                if online:
+                    _record_presence(session, online, "online", "is online")
         self.counters["presence_flushes"] += 1
 
     def _write_seen(self, session, node: Node, heartbeat: SyncHeartbeat | None) -> bool:  # type: ignore[no-untyped-def]
