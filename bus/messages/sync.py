@@ -168,14 +168,25 @@ class ViewDelta(_Part):
 
 
 class Seal(_Part):
-    """The server's signature over (node key, revision, digest, expiry)."""
+    """The server's signature over (node key, revision, digest, expiry), alone or as one of a batch.
+
+    Without ``proof`` the signature is over ``seal_payload(...)`` itself. With it, the signature is over
+    ``batch_payload(root)``, where the root is what the payload's leaf and the proof lead to
+    (bus/sealtree.py): the fanout signs a change to thousands of nodes once.
+    """
 
     expires: int  # Unix time (whole seconds, all of them signed) after which a stored view is not trusted
-    signature: str  # hex Ed25519 signature of seal_payload(...)
+    signature: str  # hex Ed25519 signature of seal_payload(...), or of batch_payload(root) with a proof
+    proof: list[str] | None = None  # hex sibling hashes from this view's leaf up to the signed root
 
 
 def seal_payload(node_key: str, revision: int, digest: str, expires: int) -> bytes:
     return f"coterie-view/1|{node_key}|{revision}|{digest}|{expires}".encode()
+
+
+def batch_payload(root: bytes) -> bytes:
+    """What a batch seal signs: the root of the tree over its views' seal payloads."""
+    return b"coterie-views/1|" + root.hex().encode()
 
 
 @register

@@ -59,7 +59,7 @@ from bus.messages.sync import (
     Update,
     ViewDelta,
 )
-from bus.signing import seal
+from bus.signing import seal, seal_many
 from bus.worker import Handler, Worker
 from services.datastore import repo
 from services.datastore.db import make_engine, migrate, reading, transaction
@@ -89,6 +89,8 @@ TOUCH_LAST_SEEN = (
 )
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
+RESUME_WAIT = 5.0  # seconds a heartbeat just after a start waits for the first world before it cannot resume
+RESUME_ATTEMPTS = 3  # worlds a resume checks against when batches keep replacing the world meanwhile
 BATCH_SPACING_MAX = 1.0  # seconds: the longest pause after a long batch (see tick)
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
 BEATS_BACKLOG = 1.0  # seconds the heartbeat thread may go without running dry before presence waits longer
@@ -172,6 +174,7 @@ class FanoutService(Worker):
         # Guards what the heartbeat thread shares with this one: streams, by_key, presence and receipt queues,
         # and the swap of self.world. Held for short updates only, never across a batch or a database write.
         self._lock = threading.Lock()
+        self._world_ready = threading.Event()  # set once the main thread has read the datastore the first time
         self.beats = BeatWorker(self, endpoint, keypair, server_key)
         self.receipts = ReceiptWriter(self.engine, APPLY_RECEIPTS)
 
@@ -243,6 +246,7 @@ class FanoutService(Worker):
             loaded = time.monotonic()
             with self._lock:  # a stream the heartbeat thread resumes is either seen below or built on this world
                 self.world, self.world_head = world, head
+            self._world_ready.set()
             if self.processed < 0:  # first run: streams start from snapshots, not from history
                 self.processed = head
                 self._adopt_online_nodes(session)
@@ -270,8 +274,8 @@ class FanoutService(Worker):
             for node_id in world.affected(change) | set(change.node_ids):
                 if node_id in self.streams:
                     touched[node_id].append(change.revision)
-        receipts = []
-        outgoing: list[tuple[str, Update]] = []  # sent PUSH_BATCH at a time: the first nodes need not wait for all
+        receipts: list[dict[str, object]] = []
+        chunk: list[tuple[int, Stream, NodeView, str, list[int]]] = []  # sealed and sent PUSH_BATCH at a time
         for node_id, revisions in touched.items():
             self.keepalive()  # a batch for thousands of nodes takes seconds: the broker must not drop us meanwhile
             stream = self.streams.get(node_id)
@@ -281,22 +285,32 @@ class FanoutService(Worker):
             digest = view.digest()
             if digest == stream.digest:
                 continue
-            update_ = Update(
+            chunk.append((node_id, stream, view, digest, revisions))
+            if len(chunk) >= PUSH_BATCH:
+                receipts += self._push_chunk(chunk, head)
+                chunk = []
+        receipts += self._push_chunk(chunk, head)
+        return receipts
+
+    def _push_chunk(self, chunk: list[tuple[int, Stream, NodeView, str, list[int]]], head: int) -> list[dict[str, object]]:
+        """Seal a chunk of updates with one signature and send it: the first nodes need not wait for all."""
+        seals = seal_many(self.signing_key, [(stream.key, head, digest) for _, stream, _, digest, _ in chunk])
+        outgoing: list[tuple[str, Update]] = []
+        receipts = []
+        pushed_at = utcnow()
+        for (node_id, stream, view, digest, revisions), sealed in zip(chunk, seals):
+            update_ = Update.model_construct(
                 revision=head,
                 prev_revision=stream.revision,
                 delta=ViewDelta.between(stream.view, view),
                 digest=digest,
-                seal=seal(self.signing_key, stream.key, head, digest),
+                seal=sealed,
             )
             outgoing.append((stream.key, update_))
-            if len(outgoing) >= PUSH_BATCH:
-                self.push_many(outgoing)
-                outgoing = []
             self.counters["updates"] += 1
             with self._lock:
                 stream.revision, stream.view, stream.digest, stream.pushed_at = head, view, digest, time.monotonic()
                 self.unacked[node_id] = (self.unacked.get(node_id, []) + revisions)[-PENDING_RECEIPTS:]
-            pushed_at = utcnow()
             receipts += [{"revision": r, "node_id": node_id, "pushed_at": pushed_at} for r in revisions]
         self.push_many(outgoing)
         return receipts
@@ -383,22 +397,27 @@ class FanoutService(Worker):
         each (10,000 views, seals and sends) was most of the time until all were resynchronised. Updates then
         carry the node's revision as prev_revision, so the Clone protocol's gap check still holds.
         """
-        world, head = self.world, self.world_head
-        if world is None or not request.digest or not 0 < request.revision <= head:
-            return False
-        if world.node_id(caller.key) != node_id or world.view(node_id).digest() != request.digest:
-            return False
-        view = world.view(node_id)
-        with self._lock:
-            if self.world is not world:  # a batch began on a newer world meanwhile: let the node resync
+        # Just after a restart the first heartbeats can come before the main thread has read the datastore:
+        # waiting for it briefly beats answering "not in sync", which costs each of those nodes a snapshot.
+        self._world_ready.wait(RESUME_WAIT)
+        for _ in range(RESUME_ATTEMPTS):  # a batch may begin on a newer world meanwhile: then check against that
+            world, head = self.world, self.world_head
+            if world is None or not request.digest or not 0 < request.revision <= head:
                 return False
-            if node_id not in self.streams:
-                stream = Stream(node_id, caller.key, request.revision, view, request.digest, time.monotonic())
-                stream.acked = request.revision
-                self.streams[node_id] = stream
-                self.by_key[caller.key] = node_id
-                self.counters["resumed"] += 1
-        return True
+            if world.node_id(caller.key) != node_id or world.view(node_id).digest() != request.digest:
+                return False
+            view = world.view(node_id)
+            with self._lock:
+                if self.world is not world:
+                    continue
+                if node_id not in self.streams:
+                    stream = Stream(node_id, caller.key, request.revision, view, request.digest, time.monotonic())
+                    stream.acked = request.revision
+                    self.streams[node_id] = stream
+                    self.by_key[caller.key] = node_id
+                    self.counters["resumed"] += 1
+            return True
+        return False  # the world kept moving: the node resyncs with a snapshot
 
     def _status(self, in_sync: bool, revision: int) -> SyncStatus:
         """A heartbeat's answer, with where the reflector and the relay are (agents follow a moved server)."""
