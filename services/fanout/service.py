@@ -89,6 +89,7 @@ TOUCH_LAST_SEEN = (
 )
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.05
+_Pending = tuple[int, "Stream", NodeView, str, list[int]]  # node id, stream, new view, its digest, revisions
 RESUME_WAIT = 5.0  # seconds a heartbeat just after a start waits for the first world before it cannot resume
 RESUME_ATTEMPTS = 3  # worlds a resume checks against when batches keep replacing the world meanwhile
 BATCH_SPACING_MAX = 1.0  # seconds: the longest pause after a long batch (see tick)
@@ -275,7 +276,7 @@ class FanoutService(Worker):
                 if node_id in self.streams:
                     touched[node_id].append(change.revision)
         receipts: list[dict[str, object]] = []
-        chunk: list[tuple[int, Stream, NodeView, str, list[int]]] = []  # sealed and sent PUSH_BATCH at a time
+        chunk: list[_Pending] = []  # sealed and sent PUSH_BATCH at a time
         for node_id, revisions in touched.items():
             self.keepalive()  # a batch for thousands of nodes takes seconds: the broker must not drop us meanwhile
             stream = self.streams.get(node_id)
@@ -292,13 +293,13 @@ class FanoutService(Worker):
         receipts += self._push_chunk(chunk, head)
         return receipts
 
-    def _push_chunk(self, chunk: list[tuple[int, Stream, NodeView, str, list[int]]], head: int) -> list[dict[str, object]]:
+    def _push_chunk(self, chunk: list[_Pending], head: int) -> list[dict[str, object]]:
         """Seal a chunk of updates with one signature and send it: the first nodes need not wait for all."""
         seals = seal_many(self.signing_key, [(stream.key, head, digest) for _, stream, _, digest, _ in chunk])
         outgoing: list[tuple[str, Update]] = []
         receipts = []
         pushed_at = utcnow()
-        for (node_id, stream, view, digest, revisions), sealed in zip(chunk, seals):
+        for (node_id, stream, view, digest, revisions), sealed in zip(chunk, seals, strict=True):
             update_ = Update.model_construct(
                 revision=head,
                 prev_revision=stream.revision,

@@ -30,7 +30,7 @@ def test_every_view_of_a_batch_verifies_with_its_own_seal(count: int) -> None:
     assert len(seals) == count
     assert len({s.signature for s in seals}) == 1  # one signature for the whole batch
     now = time.time()
-    for (key, revision, digest), sealed in zip(views, seals):
+    for (key, revision, digest), sealed in zip(views, seals, strict=True):
         assert verify_seal(PUBLIC, key, revision, digest, sealed, now) is None
     # A path is no longer than the tree is deep.
     assert max(len(s.proof or []) for s in seals) == (count - 1).bit_length()
