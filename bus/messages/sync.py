@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from functools import cached_property
-from typing import Annotated
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -37,6 +38,14 @@ def _canonical(value: object) -> bytes:
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy without the cached hashes and JSON of the original (``cached_property`` keeps them in
+        ``__dict__``, which pydantic copies): with *update* they would describe the old values."""
+        copied = super().model_copy(update=update, deep=deep)
+        for cached in copied.__dict__.keys() - type(self).model_fields.keys():
+            del copied.__dict__[cached]
+        return copied
+
 
 class VpnView(_Part):
     """One VPN as this node sees it: its settings and this node's place in it."""
@@ -51,6 +60,11 @@ class VpnView(_Part):
     vip: str  # this node's virtual IP in the VPN; native addressing: its real address ("" until reported)
     role: str
     routes: list[str] = Field(default_factory=list)  # subnets this node is the gateway for
+
+    @cached_property
+    def canonical(self) -> bytes:
+        """This part's canonical JSON, cached: a view's digest embeds it, and successive views share the part."""
+        return _canonical(self.model_dump(mode="json"))
 
 
 class RouteView(_Part):
@@ -97,6 +111,11 @@ class AclView(_Part):
     proto: str
     ports: str
 
+    @cached_property
+    def canonical(self) -> bytes:
+        """This rule's canonical JSON, cached like ``VpnView.canonical``."""
+        return _canonical(self.model_dump(mode="json"))
+
 
 class NodeView(_Part):
     """A node's whole view: its VPNs, its peers and the ACL rules that concern it."""
@@ -113,14 +132,22 @@ class NodeView(_Part):
         Equal views have equal digests everywhere; peers hash once per object, so the digest of a
         view that an update changed in one peer costs one peer's hashing, not the whole view's.
         """
-        head = {"node": self.node, "vpns": {k: v.model_dump(mode="json") for k, v in self.vpns.items()}}
-        head["acl"] = [a.model_dump(mode="json") for a in self.acl]
-        if self.tags:  # absent when empty, so views without tags keep the digests they always had
-            head["tags"] = list(self.tags)
-        digest = hashlib.sha256(_canonical(head))
+        digest = hashlib.sha256(self._head())
         for name in sorted(self.peers):
             digest.update(name.encode() + b"\x00" + self.peers[name].fingerprint)
         return digest.hexdigest()
+
+    def _head(self) -> bytes:
+        """The canonical JSON of ``{"acl", "node", "tags", "vpns"}``, keys sorted, joined from the parts' cached
+        JSON: byte for byte what dumping the whole head would give (tests/unit/test_view_digest.py), without
+        dumping VPNs and rules that the previous view already held. Tags are absent when empty, so views
+        without tags keep the digests they always had."""
+        parts = [b'{"acl":[', b",".join([a.canonical for a in self.acl]), b'],"node":', _canonical(self.node)]
+        if self.tags:
+            parts += [b',"tags":', _canonical(list(self.tags))]
+        vpns = self.vpns
+        parts += [b',"vpns":{', b",".join([_canonical(k) + b":" + vpns[k].canonical for k in sorted(vpns)]), b"}}"]
+        return b"".join(parts)
 
 
 class ViewDelta(_Part):
