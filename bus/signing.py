@@ -18,6 +18,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from bus import sealtree
 from bus.errors import KeyFileError
+from bus.messages import construct
 from bus.messages.sync import Seal, batch_payload, seal_payload
 
 VIEW_TTL = 7 * 24 * 3600.0  # how long a stored view stays trusted without the server
@@ -68,7 +69,8 @@ def seal_many(key: SigningKey, views: list[tuple[str, int, str]], ttl: float = V
     signature = crypto_sign(batch_payload(root), _secret(key))[:crypto_sign_BYTES].hex()
     hexes: dict[bytes, str] = {}  # a hash near the root is on many paths: hex it once
     return [
-        Seal.model_construct(
+        construct(
+            Seal,
             expires=expires,
             signature=signature,
             proof=[hexes.get(h) or hexes.setdefault(h, h.hex()) for h in path],

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from bus.messages import Message, register
+from bus.messages import Message, construct, register
 
 Cap = Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,16}$")]  # one capability token, e.g. "gso"
 # The data-plane capabilities an agent reports (SyncHeartbeat.caps) and its peers see (PeerView.caps):
@@ -150,6 +150,12 @@ class NodeView(_Part):
         return b"".join(parts)
 
 
+def _differs(old: _Part | None, new: _Part) -> bool:
+    """``old != new``, answered by identity first: the fanout's successive views share unchanged parts, and
+    pydantic's equality compares every field even of one object with itself."""
+    return old is not new and old != new
+
+
 class ViewDelta(_Part):
     """What changed in a view: entries set (new or changed), names removed, the ACL if changed."""
 
@@ -172,11 +178,12 @@ class ViewDelta(_Part):
     @classmethod
     def between(cls, old: NodeView, new: NodeView) -> ViewDelta:
         """Of two views already valid: so built without validating again (the fanout makes one per node)."""
-        return cls.model_construct(
+        return construct(
+            cls,
             node=new.node if new.node != old.node else None,
-            set_vpns={k: v for k, v in new.vpns.items() if old.vpns.get(k) != v},
+            set_vpns={k: v for k, v in new.vpns.items() if _differs(old.vpns.get(k), v)},
             del_vpns=sorted(set(old.vpns) - set(new.vpns)),
-            set_peers={k: v for k, v in new.peers.items() if old.peers.get(k) != v},
+            set_peers={k: v for k, v in new.peers.items() if _differs(old.peers.get(k), v)},
             del_peers=sorted(set(old.peers) - set(new.peers)),
             acl=new.acl if new.acl != old.acl else None,
             tags=new.tags if new.tags != old.tags else None,

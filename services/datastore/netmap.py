@@ -31,6 +31,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col
 from sqlmodel import select as sqlmodel_select
 
+from bus.messages import construct
 from bus.messages.sync import AclView, NodeView, PeerView, RouteView, VpnView
 from services.datastore import repo
 from services.datastore.models import AclRule, Change, GatewayRoute, Membership, Node, Vpn
@@ -59,6 +60,9 @@ class World:
     _by_key: dict[str, int] | None = None
     _hubs: dict[int, list[Membership]] | None = None  # vpn id -> its hubs, built on first use
     _peers: dict[tuple[int, tuple[tuple[str, tuple[str, str]], ...]], PeerView] = field(default_factory=dict)
+    # (node id, vpn id) -> the node's own VpnView, kept across advance() like _peers: an unchanged part keeps
+    # its identity, so deltas skip it with one `is` and digests reuse its cached JSON.
+    _vpn_views: dict[tuple[int, int], VpnView] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session) -> World:
@@ -112,6 +116,7 @@ class World:
             _by_key=self._by_key,  # these kinds never add, remove or re-key a node
             _hubs=self._hubs,  # nor change a membership
             _peers={key: entry for key, entry in self._peers.items() if key[0] not in changed},
+            _vpn_views={key: part for key, part in self._vpn_views.items() if key[0] not in changed},
         )
 
     def node_id(self, key: str) -> int | None:
@@ -131,7 +136,11 @@ class World:
         acl: list[AclView] = []
         for mine in self.by_node.get(node_id, []):
             vpn = self.vpns[mine.vpn_id]
-            vpns[vpn.name] = _vpn_view(vpn, mine, self.routes.get((mine.vpn_id, node_id), []), me)
+            part = self._vpn_views.get((node_id, mine.vpn_id))
+            if part is None:
+                routes = self.routes.get((mine.vpn_id, node_id), [])
+                part = self._vpn_views[(node_id, mine.vpn_id)] = _vpn_view(vpn, mine, routes, me)
+            vpns[vpn.name] = part
             rules = self.rules.get(vpn.id or 0, [])
             acl += [acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
             for other in self._candidates(vpn, mine):
@@ -149,7 +158,8 @@ class World:
             peers[entry.name] = entry
         # Built without validation (model_construct): every value comes from rows the datastore validated, and
         # validating 10,000 views per change to all was a fifth of the fanout's batch. Agents validate on receipt.
-        return NodeView.model_construct(
+        return construct(
+            NodeView,
             node=me.name,
             vpns=dict(sorted(vpns.items())),
             peers=dict(sorted(peers.items())),

@@ -48,6 +48,7 @@ from bus.constants import PUSH_BATCH
 from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
+from bus.messages import construct
 from bus.messages.events import ChangeEvent, ChangeNotice, WatchLease, WatchRequest
 from bus.messages.sync import (
     Applied,
@@ -300,7 +301,8 @@ class FanoutService(Worker):
         receipts = []
         pushed_at = utcnow()
         for (node_id, stream, view, digest, revisions), sealed in zip(chunk, seals, strict=True):
-            update_ = Update.model_construct(
+            update_ = construct(
+                Update,
                 revision=head,
                 prev_revision=stream.revision,
                 delta=ViewDelta.between(stream.view, view),
