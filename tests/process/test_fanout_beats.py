@@ -122,7 +122,7 @@ def test_after_a_restart_nodes_resume_their_streams_without_snapshots(server: Co
         for client, replica in zip(clients, replicas, strict=True):
             push = client.next_push(30.0)
             assert push is not None and isinstance(push[1], Update), "the change did not reach a resumed node"
-            assert push[1].revision == reply.revision
+            assert push[1].revision >= reply.revision  # the batch's head: a presence change may have joined it
             assert replica.apply(push[1]) is Outcome.APPLIED, "the resumed stream's update does not follow on"
     finally:
         for client in clients:
