@@ -89,7 +89,7 @@ TOUCH_LAST_SEEN = (
     .values(last_seen=bindparam("now"))
 )
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
-BATCH_INTERVAL = 0.05
+BATCH_INTERVAL = 0.02  # seconds: how often the head revision is polled (the tick); a change waits 10 ms on average
 _Pending = tuple[int, "Stream", NodeView, str, list[int]]  # node id, stream, new view, its digest, revisions
 RESUME_WAIT = 5.0  # seconds a heartbeat just after a start waits for the first world before it cannot resume
 RESUME_ATTEMPTS = 3  # worlds a resume checks against when batches keep replacing the world meanwhile
