@@ -9,8 +9,9 @@ agent ask for a fresh snapshot. Heartbeats carry the agent's revision and
 digest, so a node that missed the tail of its stream notices it too.
 
 Every snapshot and update is signed by the server (Ed25519) over the node,
-revision, digest and expiry, so an agent can keep its last view on disk and
-trust it after a restart while the server is unreachable.
+revision, digest and expiry (updates of one batch under one signature over a
+hash tree, each with its path: ``Seal.proof``), so an agent can keep its
+last view on disk and trust it after a restart while the server is unreachable.
 """
 
 from __future__ import annotations
