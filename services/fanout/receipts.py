@@ -31,6 +31,9 @@ QUEUED_JOBS = 64  # batches of receipts or acknowledgements waiting; put() block
 STOP_WAIT = 10.0  # seconds stop() waits for what is queued to be written
 
 Job = Callable[[], None]
+# A Core insert into the table, not the ORM entity: receipts are plain rows, and the ORM's bulk path
+# (per-row insert commands) was a tenth of the fanout's CPU while 1,000 nodes were sent a change.
+DELIVERIES = insert(Delivery.__table__)  # type: ignore[attr-defined]
 
 
 class ReceiptWriter(threading.Thread):
@@ -71,14 +74,14 @@ class ReceiptWriter(threading.Thread):
     def _insert(self, rows: list[dict[str, object]]) -> None:
         try:
             with transaction(self.engine, serialised=False) as session:
-                session.execute(insert(Delivery), rows)
+                session.execute(DELIVERIES, rows)
         except IntegrityError:
             # A node was removed since the batch was read: keep the receipts of those that remain.
             with transaction(self.engine, serialised=False) as session:
                 alive = set(session.exec(select(Node.id)).all())
                 kept = [r for r in rows if r["node_id"] in alive]
                 if kept:
-                    session.execute(insert(Delivery), kept)
+                    session.execute(DELIVERIES, kept)
         self.counters["receipts_written"] += len(rows)
 
     def _apply(self, rows: list[dict[str, object]]) -> None:
