@@ -55,6 +55,9 @@ class Worker:
     capacity: ClassVar[int] = 1
     #: Messages read per wake-up before :meth:`tick` runs again.
     drain: ClassVar[int] = 64
+    #: Hand the requests of one wake-up to :meth:`serve_many` together (the datastore commits them as one
+    #: transaction); with ``capacity`` above 1 the broker has several waiting for this worker at once.
+    batch_requests: ClassVar[bool] = False
 
     def __init__(self, endpoint: str, keypair: KeyPair, server_key: bytes) -> None:
         self.endpoint = endpoint
@@ -199,15 +202,33 @@ class Worker:
 
     def _read(self, sock: zmq.Socket) -> bool:
         """Handle what the broker sent, up to ``drain`` messages; False means reconnect."""
-        for _ in range(self.drain):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                self.idle_at = time.monotonic()
-                return True
-            if not self._on_frames(sock, frames):
-                return False
-        return True
+        held: list[list[bytes]] = []  # requests for serve_many, answered together after this read
+        try:
+            for _ in range(self.drain):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    self.idle_at = time.monotonic()
+                    return True
+                if self.batch_requests and _is_request(frames):
+                    held.append(frames)
+                elif not self._on_frames(sock, frames):
+                    return False
+            return True
+        finally:
+            if held:
+                self._answer_many(sock, held)
+
+    def _answer_many(self, sock: zmq.Socket, held: list[list[bytes]]) -> None:
+        items = [(f[4], f[5], f[6].decode("ascii", "replace") if len(f) == 7 else "") for f in held]
+        replies = self.serve_many(items)
+        for frames, reply in zip(held, replies, strict=True):
+            sock.send_multipart([c.WORKER, c.REPLY, frames[2], frames[3], self._encode(reply)])
+        self._last_sent = time.monotonic()
+
+    def serve_many(self, items: list[tuple[bytes, bytes, str]]) -> list[Message]:
+        """Replies, in order, to requests given as (caller frame, body, address); subclasses may group them."""
+        return [self._serve(caller, body, address) for caller, body, address in items]
 
     def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
         """Handle one message from the broker; False means reconnect."""
@@ -222,7 +243,7 @@ class Worker:
             return True
         if command == c.DISCONNECT:
             return False
-        if command == c.REQUEST and len(frames) in (6, 7):
+        if _is_request(frames):
             client, request_id, caller, body = frames[2:6]
             address = frames[6].decode("ascii", "replace") if len(frames) == 7 else ""
             reply = self._serve(caller, body, address)
@@ -241,14 +262,23 @@ class Worker:
             return codec.encode(self._error(errors.INTERNAL, f"{self.service} failed to encode its reply"))
 
     def _serve(self, caller_text: bytes, body: bytes, address: str = "") -> Message:
+        opened = self._open(caller_text, body, address)
+        if isinstance(opened, Error):
+            return opened
+        return self._handle(*opened)
+
+    def _open(self, caller_text: bytes, body: bytes, address: str = "") -> tuple[Message, Identity] | Error:
+        """The request and its caller, or the error that answers a malformed one."""
         self.counters["requests"] += 1
         try:
             caller = Identity.from_wire(caller_text.decode(), address)
-            request = codec.decode(body)
+            return codec.decode(body), caller
         except DecodeError as exc:
             return self._error(exc.code, exc.message)
         except ValueError as exc:
             return self._error(errors.MALFORMED, f"bad caller frame: {exc}")
+
+    def _handle(self, request: Message, caller: Identity) -> Message:
         handler = self._table.get(type(request))
         if handler is None:
             return self._error(errors.UNSUPPORTED_REQUEST, f"{self.service} does not serve {request.KIND}")
@@ -264,3 +294,7 @@ class Worker:
         self.counters[f"error_{code}"] += 1
         log.warning("%s: request answered with %s: %s", self.service, code, text)
         return Error(code=code, message=text)
+
+
+def _is_request(frames: list[bytes]) -> bool:
+    return len(frames) in (6, 7) and frames[0] == c.WORKER and frames[1] == c.REQUEST

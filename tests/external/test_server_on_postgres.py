@@ -13,6 +13,7 @@ from pathlib import Path
 from bus.messages.datastore import MemberAdd, NodeRemove, NodeRename, VpnCreate
 from tests.conftest import wait_until
 from tests.helpers.server import AgentThread, CoterieServer, shared
+from tests.process.test_group_commit import check_group_commit
 
 
 def test_server_on_postgres_syncs_agents_and_survives_a_datastore_kill(pg_url: str, tmp_path: Path) -> None:
@@ -47,3 +48,12 @@ def test_server_on_postgres_syncs_agents_and_survives_a_datastore_kill(pg_url: s
             agent.stop()
         server.stop()
         context.term()
+
+
+def test_group_commit_on_postgres(pg_url: str, tmp_path: Path) -> None:
+    """Savepoints and one commit per group behave on PostgreSQL as on SQLite."""
+    server = CoterieServer(tmp_path, database=pg_url).start()
+    try:
+        check_group_commit(server)
+    finally:
+        server.stop()
