@@ -37,6 +37,7 @@ import zmq
 from bus import codec, errors
 from bus import constants as c
 from bus.errors import DecodeError
+from bus.frames import NOBLOCK, recv_frames, send_frames
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from bus.messages import Message
@@ -172,7 +173,7 @@ class Broker:
     def _drain(self) -> None:
         for _ in range(1000):  # bounded, so heartbeats and ZAP are never starved
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.socket, NOBLOCK, copy=False)
             except zmq.Again:
                 return
             last = frames[-1]
@@ -479,7 +480,7 @@ class Broker:
     def _send(self, frames: list[bytes]) -> bool:
         """Send without blocking; False when the peer is gone or its queue is full."""
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.socket, frames, NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):

@@ -30,6 +30,7 @@ import zmq
 from bus import codec, errors
 from bus import constants as c
 from bus.errors import BusTimeout, DecodeError, RemoteError
+from bus.frames import NOBLOCK, recv_frames, send_frames
 from bus.keys import KeyPair
 from bus.messages import Message
 from bus.messages.common import Error
@@ -243,7 +244,7 @@ class Client:
         if not self._socket.poll(int(timeout * 1000), zmq.POLLOUT):
             return False
         try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._socket, frames, NOBLOCK)
         except zmq.Again:
             return False
         return True
@@ -299,7 +300,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
                 break
-            frames = self._socket.recv_multipart()
+            frames = recv_frames(self._socket)
             self._sort(frames, wanted, found)
         return found
 
@@ -339,7 +340,7 @@ class Client:
             left = max(0.0, deadline - time.monotonic())  # a zero timeout still reads what is waiting
             if not self._socket.poll(int(left * 1000), zmq.POLLIN):
                 return None
-            self._sort(self._socket.recv_multipart(), set(), {})
+            self._sort(recv_frames(self._socket), set(), {})
         return self.pushes.popleft()
 
     def heartbeat(self, timeout: float = c.REQUEST_TIMEOUT) -> bool:
@@ -352,7 +353,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
                 return False
-            self._sort(self._socket.recv_multipart(), set(), {})
+            self._sort(recv_frames(self._socket), set(), {})
         return True
 
     # ------------------------------------------------------------------ event-loop use (many clients per thread)
@@ -372,7 +373,7 @@ class Client:
         self._connect_when_due(0.0)
         while True:
             try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self._socket, NOBLOCK)
             except zmq.Again:
                 return
             found: dict[bytes, bytes] = {}

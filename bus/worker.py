@@ -30,6 +30,7 @@ import zmq
 from bus import codec, errors
 from bus import constants as c
 from bus.errors import DecodeError, RemoteError
+from bus.frames import NOBLOCK, recv_frames, send_frames
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from bus.messages import Message
@@ -115,13 +116,13 @@ class Worker:
         if self._socket is not None and now - self._last_sent >= c.HEARTBEAT_INTERVAL / 2:
             self._last_sent = now
             with contextlib.suppress(zmq.ZMQError):  # the loop notices a lost broker by itself
-                self._socket.send_multipart([c.WORKER, c.HEARTBEAT], zmq.NOBLOCK)
+                send_frames(self._socket, [c.WORKER, c.HEARTBEAT], NOBLOCK)
 
     def push(self, target_key: str, message: Message) -> None:
         """Send *message* to the client whose CURVE key is *target_key*, through the broker."""
         if self._socket is None:
             raise RemoteError(errors.SERVICE_UNAVAILABLE, "not connected to the broker")
-        self._socket.send_multipart([c.WORKER, c.PUSH, target_key.encode(), codec.encode(message)])
+        send_frames(self._socket, [c.WORKER, c.PUSH, target_key.encode(), codec.encode(message)])
 
     def push_many(self, pushes: list[tuple[str, Message]]) -> None:
         """Send several pushes, PUSH_BATCH to a message: the broker then receives once per batch, not per push."""
@@ -131,7 +132,7 @@ class Worker:
             frames = [c.WORKER, c.PUSH]
             for key, message in pushes[start : start + c.PUSH_BATCH]:
                 frames += [key.encode(), codec.encode(message)]
-            self._socket.send_multipart(frames)
+            send_frames(self._socket, frames)
 
     def _session(self) -> None:
         """One connection to the broker, until it is lost or we are stopped."""
@@ -159,7 +160,7 @@ class Worker:
                     if not self._stop.is_set():
                         log.warning("%s: cannot reach broker %s, retrying", self.service, self.endpoint)
                     return
-            sock.send_multipart([c.WORKER, c.READY, codec.encode(ready)])
+            send_frames(sock, [c.WORKER, c.READY, codec.encode(ready)])
             broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
             last_loop = time.monotonic()
             while not self._stop.is_set():
@@ -182,11 +183,11 @@ class Worker:
                     )
                     return
                 if now >= next_heartbeat:
-                    sock.send_multipart([c.WORKER, c.HEARTBEAT])
+                    send_frames(sock, [c.WORKER, c.HEARTBEAT])
                     self._last_sent = now
                     next_heartbeat = now + interval
             with contextlib.suppress(zmq.ZMQError):  # stopping: a broker already gone need not hear it
-                sock.send_multipart([c.WORKER, c.DISCONNECT], zmq.NOBLOCK)
+                send_frames(sock, [c.WORKER, c.DISCONNECT], NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("%s: socket error %s, reconnecting", self.service, exc)
         finally:
@@ -206,7 +207,7 @@ class Worker:
         try:
             for _ in range(self.drain):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock, NOBLOCK)
                 except zmq.Again:
                     self.idle_at = time.monotonic()
                     return True
@@ -223,7 +224,7 @@ class Worker:
         items = [(f[4], f[5], f[6].decode("ascii", "replace") if len(f) == 7 else "") for f in held]
         replies = self.serve_many(items)
         for frames, reply in zip(held, replies, strict=True):
-            sock.send_multipart([c.WORKER, c.REPLY, frames[2], frames[3], self._encode(reply)])
+            send_frames(sock, [c.WORKER, c.REPLY, frames[2], frames[3], self._encode(reply)])
         self._last_sent = time.monotonic()
 
     def serve_many(self, items: list[tuple[bytes, bytes, str]]) -> list[Message]:
@@ -247,7 +248,7 @@ class Worker:
             client, request_id, caller, body = frames[2:6]
             address = frames[6].decode("ascii", "replace") if len(frames) == 7 else ""
             reply = self._serve(caller, body, address)
-            sock.send_multipart([c.WORKER, c.REPLY, client, request_id, self._encode(reply)])
+            send_frames(sock, [c.WORKER, c.REPLY, client, request_id, self._encode(reply)])
             self._last_sent = time.monotonic()
             return True
         self.counters["malformed"] += 1

@@ -20,6 +20,7 @@ import zmq
 from zmq.utils import z85
 
 from bus.constants import ZAP_DOMAIN, ZAP_ENDPOINT, ZAP_VERSION
+from bus.frames import NOBLOCK, recv_frames, send_frames
 from bus.registry import KeyRegistry
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class ZapHandler:
         under a storm of 10,000 handshakes the owner's loop still serves messages and heartbeats between."""
         for _ in range(500):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self.socket, NOBLOCK)
             except zmq.Again:
                 return
             self._answer(frames)
@@ -61,7 +62,7 @@ class ZapHandler:
         domain, address, mechanism = frames[4], frames[5].decode(errors="replace"), frames[7]
         status, user_id, text = self._decide(version, domain, mechanism, frames[8:], address)
         reply = [envelope, b"", ZAP_VERSION, request_id, status, text.encode(), user_id, b""]
-        self.socket.send_multipart(reply)
+        send_frames(self.socket, reply)
 
     def _decide(
         self, version: bytes, domain: bytes, mechanism: bytes, credentials: list[bytes], address: str

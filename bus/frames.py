@@ -1,0 +1,34 @@
+"""Multipart send and receive for every socket of the bus, without pyzmq's per-frame Python.
+
+pyzmq's ``send_multipart``/``recv_multipart`` type-check each frame and OR enum flags per frame (an enum
+operation in Python): 4-5 µs a frame here against ~1 µs for the compiled call below, and the broker relays
+every message of every agent. Flags are plain ints for the same reason.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
+    """``sock.send_multipart(frames, flags)`` (frames: bytes), at a fraction of its per-frame cost."""
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for index in range(last):
+        _send(sock, frames[index], more)
+    _send(sock, frames[last], flags)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0, copy: bool = True) -> list:  # type: ignore[type-arg]
+    """``sock.recv_multipart(flags, copy=copy)``: bytes, or zmq.Frame objects with ``copy=False``."""
+    frames = [_recv(sock, flags, copy)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, flags, copy))
+    return frames
