@@ -37,7 +37,7 @@ import zmq
 from bus import codec, errors
 from bus import constants as c
 from bus.errors import DecodeError
-from bus.frames import NOBLOCK, recv_frames, send_frames
+from bus.frames import NOBLOCK, recv_message, send_frames
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from bus.messages import Message
@@ -173,11 +173,10 @@ class Broker:
     def _drain(self) -> None:
         for _ in range(1000):  # bounded, so heartbeats and ZAP are never starved
             try:
-                frames = recv_frames(self.socket, NOBLOCK, copy=False)
+                first, frames = recv_message(self.socket, NOBLOCK)
             except zmq.Again:
                 return
-            last = frames[-1]
-            self._on_message(frames[0].bytes, last.get("User-Id"), [f.bytes for f in frames[1:]], last)
+            self._on_message(first.bytes, first.get("User-Id"), frames, first)
         self._backlog = True
 
     def _forgive_stall(self, now: float) -> None:
@@ -189,10 +188,10 @@ class Broker:
             for worker in self.workers.values():
                 worker.expires += stalled
 
-    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], last: zmq.Frame | None = None) -> None:
+    def _on_message(self, routing_id: bytes, key: str, frames: list[bytes], meta: zmq.Frame | None = None) -> None:
         identity = self.registry.lookup(key) or Identity.anonymous(key)
-        if last is not None and len(frames) >= 2 and frames[1] == c.REQUEST:  # only requests carry the address
-            address = _peer_address(last)
+        if meta is not None and len(frames) >= 2 and frames[1] == c.REQUEST:  # only requests carry the address
+            address = _peer_address(meta)
             if address:
                 identity = replace(identity, address=address)
         self._learn_client(key, routing_id)

@@ -32,3 +32,14 @@ def recv_frames(sock: zmq.Socket, flags: int = 0, copy: bool = True) -> list:  #
     while _get(sock, _RCVMORE):
         frames.append(_recv(sock, flags, copy))
     return frames
+
+
+def recv_message(sock: zmq.Socket, flags: int = 0) -> tuple[zmq.Frame, list[bytes]]:
+    """One message as its first frame (a zmq.Frame, whose properties such as User-Id and Peer-Address
+    describe the whole message) and every frame after it as bytes: a zmq.Frame costs an enum call and an
+    object each, and the broker needs the properties only once per message."""
+    first = _recv(sock, flags, False)
+    rest = []
+    while _get(sock, _RCVMORE):
+        rest.append(_recv(sock, flags, True))
+    return first, rest

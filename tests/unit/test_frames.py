@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from bus.frames import NOBLOCK, recv_frames, send_frames
+from bus.frames import NOBLOCK, recv_frames, recv_message, send_frames
 
 
 @pytest.fixture
@@ -47,3 +47,15 @@ def test_a_frame_that_is_not_bytes_is_refused(pair: tuple[zmq.Socket, zmq.Socket
     a, _ = pair
     with pytest.raises(TypeError):
         send_frames(a, ["text is not a frame"])  # type: ignore[list-item]
+
+
+def test_a_message_comes_as_its_first_frame_and_the_rest_as_bytes(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    a, b = pair
+    send_frames(a, [b"routing", b"C", b"body"])
+    send_frames(a, [b"alone"])
+    assert b.poll(2000)
+    first, rest = recv_message(b, NOBLOCK)
+    assert isinstance(first, zmq.Frame) and first.bytes == b"routing" and rest == [b"C", b"body"]
+    assert b.poll(2000)
+    first, rest = recv_message(b, NOBLOCK)
+    assert first.bytes == b"alone" and rest == []
