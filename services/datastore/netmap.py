@@ -115,8 +115,10 @@ class World:
             rules=rules,
             _by_key=self._by_key,  # these kinds never add, remove or re-key a node
             _hubs=self._hubs,  # nor change a membership
-            _peers={key: entry for key, entry in self._peers.items() if key[0] not in changed},
-            _vpn_views={key: part for key, part in self._vpn_views.items() if key[0] not in changed},
+            # Copied first (one C call, atomic under the GIL): the fanout's heartbeat thread may be building a
+            # view on this World meanwhile, and iterating a dict that grows raises.
+            _peers={key: entry for key, entry in dict(self._peers).items() if key[0] not in changed},
+            _vpn_views={key: part for key, part in dict(self._vpn_views).items() if key[0] not in changed},
         )
 
     def node_id(self, key: str) -> int | None:
