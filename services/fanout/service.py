@@ -91,7 +91,7 @@ TOUCH_LAST_SEEN = (
 PENDING_RECEIPTS = 256  # unacknowledged receipts remembered per stream; older ones stay unapplied
 BATCH_INTERVAL = 0.02  # seconds: how often the head revision is polled (the tick); a change waits 10 ms on average
 _Pending = tuple[int, "Stream", NodeView, str, list[int]]  # node id, stream, new view, its digest, revisions
-RESUME_WAIT = 5.0  # seconds a heartbeat just after a start waits for the first world before it cannot resume
+RESUME_WAIT = 5.0  # seconds after the start during which heartbeats wait for the first world (see _resume)
 RESUME_ATTEMPTS = 3  # worlds a resume checks against when batches keep replacing the world meanwhile
 BATCH_SPACING_MAX = 1.0  # seconds: the longest pause after a long batch (see tick)
 ACK_FLUSH = 0.25  # seconds between writes of acknowledged receipts (one transaction for all nodes)
@@ -177,11 +177,13 @@ class FanoutService(Worker):
         # and the swap of self.world. Held for short updates only, never across a batch or a database write.
         self._lock = threading.Lock()
         self._world_ready = threading.Event()  # set once the main thread has read the datastore the first time
+        self._resume_deadline = 0.0  # until when, after the start, heartbeats wait for that first read
         self.beats = BeatWorker(self, endpoint, keypair, server_key)
         self.receipts = ReceiptWriter(self.engine, APPLY_RECEIPTS)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
+        self._resume_deadline = time.monotonic() + RESUME_WAIT
         self.beats.start()
         self.receipts.start()
         try:
@@ -402,7 +404,10 @@ class FanoutService(Worker):
         """
         # Just after a restart the first heartbeats can come before the main thread has read the datastore:
         # waiting for it briefly beats answering "not in sync", which costs each of those nodes a snapshot.
-        self._world_ready.wait(RESUME_WAIT)
+        # Briefly, and counted from the start, not per heartbeat: this thread answers every heartbeat, and
+        # 10,000 of them each waiting 5 s while a loaded machine read the datastore set off offline waves.
+        if not self._world_ready.is_set():
+            self._world_ready.wait(max(0.0, self._resume_deadline - time.monotonic()))
         for _ in range(RESUME_ATTEMPTS):  # a batch may begin on a newer world meanwhile: then check against that
             world, head = self.world, self.world_head
             if world is None or not request.digest or not 0 < request.revision <= head:
