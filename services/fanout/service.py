@@ -583,10 +583,19 @@ class FanoutService(Worker):
         return False
 
     def _adopt_online_nodes(self, session) -> None:  # type: ignore[no-untyped-def]
-        """After a start, nodes the database says are online get one timeout's grace."""
-        now = time.monotonic()
-        for node_id in session.exec(select(Node.id).where(col(Node.online).is_(True))).all():
-            self.last_seen.setdefault(node_id, now)
+        """After a start, nodes the database says are online get twice the presence window to be heard from.
+
+        They all come back at once: every agent redoes its CURVE handshake and, having missed beats while
+        the server was down, beats at the longest interval it was asked for. At 10,000 nodes on a loaded
+        machine one window (30 s) was not enough, and the offline waves that followed kept thousands from
+        resynchronising for minutes.
+        """
+        adopted = session.exec(select(Node.id).where(col(Node.online).is_(True))).all()
+        interval = min(SLOWEST_HEARTBEAT, float(math.ceil(len(adopted) / self.heartbeat_budget)))
+        window = max(self.presence_timeout, BEATS_MISSED * interval)
+        grace_until = time.monotonic() + window  # last_seen in the future: silent only after two windows
+        for node_id in adopted:
+            self.last_seen.setdefault(node_id, grace_until)
 
     def check_presence(self, now: float) -> None:
         if self._unwritten:

@@ -139,3 +139,17 @@ def test_an_online_node_still_alive_gets_its_last_seen_written_and_nothing_else(
         assert node is not None and node.online and node.last_seen is not None
         assert repo.head_revision(session) == head, "a sign of life alone is not a change"
     assert not service._touched
+
+
+def test_nodes_online_at_a_start_get_two_windows_to_be_heard_from(fanout: tuple[FanoutService, int]) -> None:
+    """After a restart every node reconnects at once: one adopted as online is not called offline after one
+    window, but is after two if it stays silent."""
+    service, node_id = fanout
+    with reading(service.engine) as session:
+        service._adopt_online_nodes(session)
+    adopted = time.monotonic()
+    service.beats.idle_at = adopted + 10 * TIMEOUT  # the heartbeat thread keeps up throughout
+    service.check_presence(adopted + 1.5 * TIMEOUT)
+    assert _online(service, node_id), "an adopted node was called offline within its first window"
+    service.check_presence(adopted + 2.5 * TIMEOUT)
+    assert not _online(service, node_id), "a node silent for two windows after the start stayed online"
