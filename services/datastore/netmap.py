@@ -58,11 +58,14 @@ class World:
     rules: dict[int, list[AclRule]]  # vpn id -> rules
     _views: dict[int, NodeView] = field(default_factory=dict)
     _by_key: dict[str, int] | None = None
+    same_nodes: bool = False  # made by advance(): the previous World's nodes, none added, removed or re-keyed
     _hubs: dict[int, list[Membership]] | None = None  # vpn id -> its hubs, built on first use
-    _peers: dict[tuple[int, tuple[tuple[str, tuple[str, str]], ...]], PeerView] = field(default_factory=dict)
-    # (node id, vpn id) -> the node's own VpnView, kept across advance() like _peers: an unchanged part keeps
+    # peer id -> (its parts, the viewer's class) -> entry. By node first, so that advance() drops a changed
+    # node's entries in O(1) rather than scanning all: at 10,000 nodes presence makes a batch every 20 ms.
+    _peers: dict[int, dict[tuple[object, ...], PeerView]] = field(default_factory=dict)
+    # node id -> vpn id -> the node's own VpnView, kept across advance() like _peers: an unchanged part keeps
     # its identity, so deltas skip it with one `is` and digests reuse its cached JSON.
-    _vpn_views: dict[tuple[int, int], VpnView] = field(default_factory=dict)
+    _vpn_views: dict[int, dict[int, VpnView]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session) -> World:
@@ -113,12 +116,11 @@ class World:
             by_node=self.by_node,
             routes=routes,
             rules=rules,
+            same_nodes=True,
             _by_key=self._by_key,  # these kinds never add, remove or re-key a node
             _hubs=self._hubs,  # nor change a membership
-            # Copied first (one C call, atomic under the GIL): the fanout's heartbeat thread may be building a
-            # view on this World meanwhile, and iterating a dict that grows raises.
-            _peers={key: entry for key, entry in dict(self._peers).items() if key[0] not in changed},
-            _vpn_views={key: part for key, part in dict(self._vpn_views).items() if key[0] not in changed},
+            _peers=_without(self._peers, changed),
+            _vpn_views=_without(self._vpn_views, changed),
         )
 
     def node_id(self, key: str) -> int | None:
@@ -138,10 +140,11 @@ class World:
         acl: list[AclView] = []
         for mine in self.by_node.get(node_id, []):
             vpn = self.vpns[mine.vpn_id]
-            part = self._vpn_views.get((node_id, mine.vpn_id))
+            own = self._vpn_views.setdefault(node_id, {})
+            part = own.get(mine.vpn_id)
             if part is None:
                 routes = self.routes.get((mine.vpn_id, node_id), [])
-                part = self._vpn_views[(node_id, mine.vpn_id)] = _vpn_view(vpn, mine, routes, me)
+                part = own[mine.vpn_id] = _vpn_view(vpn, mine, routes, me)
             vpns[vpn.name] = part
             rules = self.rules.get(vpn.id or 0, [])
             acl += [acl_view(vpn, r) for r in rules if _matches(r.src, me) or _matches(r.dst, me)]
@@ -153,10 +156,11 @@ class World:
         viewer = (me.nat_class, _path_pin(me), GSO in me.caps, _public_host(me))
         for peer_id, parts in peer_parts.items():
             # Most viewers see a peer the same way: build each distinct entry once per World.
-            key = (peer_id, tuple(sorted(parts.items())), viewer)
-            entry = self._peers.get(key)
+            seen_as = self._peers.setdefault(peer_id, {})
+            key = (tuple(sorted(parts.items())), viewer)
+            entry = seen_as.get(key)
             if entry is None:
-                entry = self._peers[key] = self._peer_view(me, self.nodes[peer_id], parts)
+                entry = seen_as[key] = self._peer_view(me, self.nodes[peer_id], parts)
             peers[entry.name] = entry
         # Built without validation (model_construct): every value comes from rows the datastore validated, and
         # validating 10,000 views per change to all was a fifth of the fanout's batch. Agents validate on receipt.
@@ -291,6 +295,15 @@ def _path_pin(node: Node) -> str | None:
 
 def _public_host(node: Node) -> str | None:
     return node.public_endpoint.rpartition(":")[0] if node.public_endpoint else None
+
+
+def _without(cache: dict[int, T], changed: set[int]) -> dict[int, T]:
+    """*cache* without the entries of *changed* nodes. The copy is one C call, atomic under the GIL: the
+    fanout's heartbeat thread may be adding to the old World's cache meanwhile."""
+    kept = dict(cache)
+    for node_id in changed:
+        kept.pop(node_id, None)
+    return kept
 
 
 def _vpn_view(vpn: Vpn, mine: Membership, routes: list[str], me: Node) -> VpnView:

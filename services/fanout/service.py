@@ -268,7 +268,8 @@ class FanoutService(Worker):
         self.counters["changes"] += len(changes)
 
     def _push_changes(self, world: World, changes: list[Change], head: int) -> list[dict[str, object]]:
-        for stream in list(self.streams.values()):
+        # A scan of every stream, so only when a node may have gone: 10,000 streams every 20 ms added up.
+        for stream in [] if world.same_nodes else list(self.streams.values()):
             node = world.nodes.get(stream.node_id)
             if node is None or node.curve_key != stream.key:
                 self._drop_stream(stream.node_id)  # removed or re-keyed: revoked, nothing more to send

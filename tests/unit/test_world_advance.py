@@ -145,6 +145,7 @@ def test_presence_and_routes_reread_only_their_rows_and_anything_else_loads_all(
     with reading(engine) as s:
         online = world.advance(s, [presence])
     assert online.members is world.members and online.rules is world.rules
+    assert online.same_nodes and not world.same_nodes  # the fanout then skips its scan for removed nodes
     assert online.nodes is not world.nodes and online.nodes[node.id or 0].online
     assert all(online.nodes[i] is world.nodes[i] for i in world.nodes if i != node.id)
     assert not world.nodes[node.id or 0].online  # the world it came from is untouched (streams hold its views)
@@ -154,4 +155,5 @@ def test_presence_and_routes_reread_only_their_rows_and_anything_else_loads_all(
     with reading(engine) as s:
         after = online.advance(s, [change])
     assert after.members is not online.members  # a rename rewrites ACL rules: everything is reread
+    assert not after.same_nodes
     assert after.nodes[renamed.id or 0].name == "n3b"
