@@ -103,6 +103,11 @@ INTRODUCE_WINDOW = 30.0
 _IN_DROP = {reason: f"in_{reason.value}" for reason in DropReason}  # counter names, built once, not per drop
 _SPI = struct.Struct("!I")
 _PORTED = (PROTO_TCP, PROTO_UDP)
+_MARKER_SPI = struct.Struct("!LL")  # a masqueraded datagram's marker and the SPI after it
+_MARKER_SIZE = len(MASQUERADE_MARKER)
+_MASQUERADED = int.from_bytes(MASQUERADE_MARKER, "big")
+_MASQUERADED_MIN = _MARKER_SIZE + ESP_MIN_PACKET_SIZE  # shorter ones the demultiplexer calls garbage
+_ESP = Kind.ESP  # a module constant: an enum member read costs a descriptor call per packet
 Buffer = bytes | bytearray | memoryview
 _FLOW_KEYS: dict[tuple[int, int], Callable[[Buffer], tuple[Any, ...]]] = {}  # _admit's unpacks by header shape
 
@@ -610,24 +615,38 @@ class DataPlane:
     # routing, VPN isolation, ACL) once per flow in the run (_admit): the next segment of a TCP
     # stream has the same summary and passes without deciding again.
 
-    def inbound_udp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> list[Buffer]:
+    def inbound_udp(self, datagrams: list[tuple[Buffer, tuple[str, int]]]) -> list[Buffer]:
+        """Datagrams from the UDP port: ESP in runs of one source and one SPI, the rest counted or answered.
+
+        Masqueraded ESP, all of bulk traffic, is recognised by one unpack of marker and SPI; anything
+        else goes through the demultiplexer (transport.classify_udp), which says the same for it.
+        """
         delivered: list[Buffer] = []
         run: list[Buffer] = []
         run_source: tuple[str, int] | None = None
+        run_spi = -1
         for datagram, source in datagrams:
-            kind, start = classify_udp(datagram)
-            if kind is Kind.ESP:
-                if source != run_source and run:
-                    self._open_runs(run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
-                    run = []
-                run_source = source
-                run.append(memoryview(datagram)[start:])
-            elif kind is Kind.CONTROL and self.nat_probe is not None and self.nat_probe.on_answer(bytes(datagram)):
-                self.counters["in_reflector"] += 1
+            if len(datagram) >= _MASQUERADED_MIN and (head := _MARKER_SPI.unpack_from(datagram))[0] == _MASQUERADED:
+                spi = head[1]
+                esp = datagram[_MARKER_SIZE:]  # a view of a view, or a copy of bytes: cheaper than a new memoryview
             else:
-                self.counters[f"in_{kind.value}"] += 1
+                kind, start = classify_udp(datagram)
+                if kind is not _ESP:
+                    probe = self.nat_probe
+                    if kind is Kind.CONTROL and probe is not None and probe.on_answer(bytes(datagram)):
+                        self.counters["in_reflector"] += 1
+                    else:
+                        self.counters[f"in_{kind.value}"] += 1
+                    continue
+                spi = _SPI.unpack_from(datagram, start)[0]
+                esp = datagram[start:]
+            if (spi != run_spi or source != run_source) and run:
+                self._open_run(run_spi, run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
+                run = []
+            run_source, run_spi = source, spi
+            run.append(esp)
         if run:
-            self._open_runs(run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
+            self._open_run(run_spi, run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
         return delivered
 
     def inbound_esp(self, packets: list[tuple[bytes, tuple[str, int]]]) -> list[Buffer]:
