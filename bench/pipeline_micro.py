@@ -67,8 +67,9 @@ def stages(pair: Pair, count: int, repeat: int) -> dict[str, Callable[[], int]]:
     # Fresh sealed segments for every round of inbound_udp: the replay window refuses a second copy.
     # At least 3 rounds whatever --repeat, so that the setup is the same for --repeat 1 and 3 and the
     # callgrind difference counts the stages only (it used to count 2 x --count seals as well).
-    rounds = max(repeat, 3)
-    sealed = [[MASQUERADE_MARKER + sealer.seal(segments[n % SEGMENTS]) for n in range(count)] for _ in range(rounds)]
+    sealed = [
+        [MASQUERADE_MARKER + sealer.seal(segments[n % SEGMENTS]) for n in range(count)] for _ in range(max(repeat, 3))
+    ]
     rounds = iter([[(packet, source) for packet in batch] for batch in sealed])
 
     def inbound_udp() -> int:
