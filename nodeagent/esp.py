@@ -52,6 +52,10 @@ AESGCM object per SA, checks the trailer on the decrypted bytes without
 slicing them, returns enum members and results from module constants and
 NamedTuples, and takes the in-order replay check without a call
 (bench/esp_micro.py measures each stage beside the AES-GCM floor).
+``open_many`` goes further for the packets of a GRO read that carry the next
+number in order: no window check, nonce and AAD packed in place at once, the
+IPv4 trailer compared whole, and the stretch recorded with one
+``ReplayWindow.accept_range``; every other packet takes ``open``'s path.
 """
 
 from __future__ import annotations
