@@ -367,7 +367,7 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
 
     def close_run() -> None:
         if run:
-            writes.append(_write_run(run_header, (l4, header_length, size_limit), run))
+            writes.append(_write_run(run_header, (l4, header_length, size_limit, total - header_length), run))
             run.clear()
 
     for packet in packets:
@@ -452,9 +452,8 @@ def _tcp_shape(packet: Buffer) -> tuple[int, int, int, int] | None:
     return l4, header_length, _L.unpack_from(packet, l4 + 4)[0], packet[l4 + 13]
 
 
-def _write_run(header: bytearray, meta: tuple[int, int, int], payloads: list[Buffer]) -> list[Buffer]:
-    l4, header_length, size = meta
-    length = sum(len(p) for p in payloads)
+def _write_run(header: bytearray, meta: tuple[int, int, int, int], payloads: list[Buffer]) -> list[Buffer]:
+    l4, header_length, size, length = meta  # length: of all payloads, which coalesce added up as they joined
     if len(payloads) == 1:
         gso_type, gso_size = GSO_NONE, 0
     else:
