@@ -103,6 +103,13 @@ INTRODUCE_WINDOW = 30.0
 _IN_DROP = {reason: f"in_{reason.value}" for reason in DropReason}  # counter names, built once, not per drop
 _SPI = struct.Struct("!I")
 _PORTED = (PROTO_TCP, PROTO_UDP)
+_MARKER_SPI = struct.Struct("!LL")  # a masqueraded datagram's marker and the SPI after it
+_MARKER_SIZE = len(MASQUERADE_MARKER)
+_MASQUERADED = int.from_bytes(MASQUERADE_MARKER, "big")
+_MASQUERADED_MIN = _MARKER_SIZE + ESP_MIN_PACKET_SIZE  # shorter ones the demultiplexer calls garbage
+_ESP = Kind.ESP  # a module constant: an enum member read costs a descriptor call per packet
+Buffer = bytes | bytearray | memoryview
+_FLOW_KEYS: dict[tuple[int, int], Callable[[Buffer], tuple[Any, ...]]] = {}  # _admit's unpacks by header shape
 
 
 class _Origin(NamedTuple):
@@ -608,29 +615,43 @@ class DataPlane:
     # routing, VPN isolation, ACL) once per flow in the run (_admit): the next segment of a TCP
     # stream has the same summary and passes without deciding again.
 
-    def inbound_udp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> list[memoryview]:
-        delivered: list[memoryview] = []
-        run: list[memoryview] = []
+    def inbound_udp(self, datagrams: list[tuple[Buffer, tuple[str, int]]]) -> list[Buffer]:
+        """Datagrams from the UDP port: ESP in runs of one source and one SPI, the rest counted or answered.
+
+        Masqueraded ESP, all of bulk traffic, is recognised by one unpack of marker and SPI; anything
+        else goes through the demultiplexer (transport.classify_udp), which says the same for it.
+        """
+        delivered: list[Buffer] = []
+        run: list[Buffer] = []
         run_source: tuple[str, int] | None = None
+        run_spi = -1
         for datagram, source in datagrams:
-            kind, start = classify_udp(datagram)
-            if kind is Kind.ESP:
-                if source != run_source and run:
-                    self._open_runs(run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
-                    run = []
-                run_source = source
-                run.append(memoryview(datagram)[start:])
-            elif kind is Kind.CONTROL and self.nat_probe is not None and self.nat_probe.on_answer(bytes(datagram)):
-                self.counters["in_reflector"] += 1
+            if len(datagram) >= _MASQUERADED_MIN and (head := _MARKER_SPI.unpack_from(datagram))[0] == _MASQUERADED:
+                spi = head[1]
+                esp = datagram[_MARKER_SIZE:]  # a view of a view, or a copy of bytes: cheaper than a new memoryview
             else:
-                self.counters[f"in_{kind.value}"] += 1
+                kind, start = classify_udp(datagram)
+                if kind is not _ESP:
+                    probe = self.nat_probe
+                    if kind is Kind.CONTROL and probe is not None and probe.on_answer(bytes(datagram)):
+                        self.counters["in_reflector"] += 1
+                    else:
+                        self.counters[f"in_{kind.value}"] += 1
+                    continue
+                spi = _SPI.unpack_from(datagram, start)[0]
+                esp = datagram[start:]
+            if (spi != run_spi or source != run_source) and run:
+                self._open_run(run_spi, run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
+                run = []
+            run_source, run_spi = source, spi
+            run.append(esp)
         if run:
-            self._open_runs(run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
+            self._open_run(run_spi, run, _Origin(run_source, True), delivered)  # type: ignore[arg-type]
         return delivered
 
-    def inbound_esp(self, packets: list[tuple[bytes, tuple[str, int]]]) -> list[memoryview]:
-        delivered: list[memoryview] = []
-        run: list[memoryview] = []
+    def inbound_esp(self, packets: list[tuple[bytes, tuple[str, int]]]) -> list[Buffer]:
+        delivered: list[Buffer] = []
+        run: list[Buffer] = []
         run_source: tuple[str, int] | None = None
         for packet, source in packets:
             esp = strip_ipv4_header(packet)
@@ -646,11 +667,11 @@ class DataPlane:
             self._open_runs(run, _Origin(run_source, False), delivered)  # type: ignore[arg-type]
         return delivered
 
-    def inbound_stream(self, frames: list[tuple[bytes, int]]) -> list[memoryview]:
+    def inbound_stream(self, frames: list[tuple[bytes, int]]) -> list[Buffer]:
         """ESP that came over a TLS stream (tcp443 or relay), each with its stream id: once a packet has
         authenticated, the peer is answered on that stream (``TcpPaths.bind``). The stream stands for the
         source address (``stream:ID``): forged tags on one stream get that stream limited, not the others."""
-        delivered: list[memoryview] = []
+        delivered: list[Buffer] = []
         paths = self.tcp
         for esp, stream_id in frames:
             bind = None if paths is None else (lambda peer, sid=stream_id: paths.bind(sid, peer))
@@ -658,10 +679,10 @@ class DataPlane:
         self.counters["in_stream_packets"] += len(frames)
         return delivered
 
-    def _open_runs(self, packets: list[memoryview], origin: _Origin, delivered: list[memoryview]) -> None:
+    def _open_runs(self, packets: list[Buffer], origin: _Origin, delivered: list[Buffer]) -> None:
         """Packets from one source, cut into runs of one SPI."""
         counters = self.counters
-        run: list[memoryview] = []
+        run: list[Buffer] = []
         run_spi = -1
         for esp in packets:
             if len(esp) < ESP_MIN_PACKET_SIZE:
@@ -676,7 +697,7 @@ class DataPlane:
         if run:
             self._open_run(run_spi, run, origin, delivered)
 
-    def _open_run(self, spi: int, packets: list[memoryview], origin: _Origin, delivered: list[memoryview]) -> None:
+    def _open_run(self, spi: int, packets: list[Buffer], origin: _Origin, delivered: list[Buffer]) -> None:
         counters = self.counters
         entry = self.spis.get(spi)
         if entry is None:
@@ -701,7 +722,7 @@ class DataPlane:
         self._authenticate_run(sa, tunnel, packets, origin, delivered)
 
     def _authenticate_run(
-        self, sa: InboundSA, tunnel: Tunnel, packets: list[memoryview], origin: _Origin, delivered: list[memoryview]
+        self, sa: InboundSA, tunnel: Tunnel, packets: list[Buffer], origin: _Origin, delivered: list[Buffer]
     ) -> None:
         counters = self.counters
         source, udp, on_authenticated = origin
@@ -738,22 +759,35 @@ class DataPlane:
             tunnel.rx += len(inners)
             self._admit(peer, inners, delivered)
 
-    def _admit(self, peer: str, inners: list[memoryview], delivered: list[memoryview]) -> None:
+    def _admit(self, peer: str, inners: list[Buffer], delivered: list[Buffer]) -> None:
         """Authenticated inner packets from *peer* that this node takes, appended to *delivered*.
 
         The decisions depend only on the summary (and on flows, which do not change within a run), so a
         TCP/UDP packet with the summary of the last one admitted is admitted without deciding again.
+        That packet is recognised without summarizing it: one unpack of the header bytes the summary
+        is read from (``_flow_key``) equal to the admitted packet's. Its lengths need no second look:
+        ESP's trailer check (esp.read_trailer) made each inner packet's IP length field its length.
         ICMP is decided every time: an error's admission depends on the flow it quotes.
         """
         counters = self.counters
         translation = self.native.get(peer)
         admitted: Summary | None = None
+        key_of: Callable[[Buffer], tuple[Any, ...]] | None = None
+        admitted_key: tuple[Any, ...] = ()
         count = 0
         for inner in inners:
             if translation is not None:
                 inner = self._native_inbound(translation, peer, inner)  # type: ignore[assignment]
                 if inner is None:
                     continue
+            if key_of is not None:
+                try:
+                    if key_of(inner) == admitted_key:  # the admitted flow's next packet
+                        delivered.append(inner)
+                        count += 1
+                        continue
+                except struct.error:
+                    pass  # shorter than the admitted packet's headers: summarize says what it is
             try:
                 summary = summarize(inner)
             except PacketError:
@@ -764,9 +798,31 @@ class DataPlane:
                     continue
                 if summary.proto in _PORTED:
                     admitted = summary
+                    key_of, admitted_key = self._flow_key(inner, summary)
             delivered.append(inner)
             count += 1
         counters["in_packets"] += count
+
+    @staticmethod
+    def _flow_key(
+        inner: Buffer, summary: Summary
+    ) -> tuple[Callable[[Buffer], tuple[Any, ...]] | None, tuple[Any, ...]]:
+        """The unpack of the bytes *summary* was read from, and their values in *inner* (None: too short).
+
+        IPv4: version/IHL, fragment field, protocol, addresses, ports; IPv6: version/class byte, next
+        header, addresses, ports. Equal bytes give an equal summary (stricter: the fragment flags and
+        the traffic class's high bits count too, which only sends a packet through summarize).
+        """
+        shape = (summary.version, summary.header_length)
+        unpack = _FLOW_KEYS.get(shape)
+        if unpack is None:
+            ipv4 = f"!B5xHxB2x8s{summary.header_length - 20}x4s"  # after the addresses: options, then ports
+            layout = ipv4 if summary.version == 4 else "!B5xBx32s4s"
+            unpack = _FLOW_KEYS[shape] = struct.Struct(layout).unpack_from
+        try:
+            return unpack, unpack(inner)
+        except struct.error:
+            return None, ()
 
     def _admits(self, peer: str, inner: memoryview, summary: Summary) -> bool:
         """Cryptokey routing, VPN isolation and the ACL for one inbound packet (each refusal counted)."""

@@ -291,6 +291,7 @@ def expand(packets: Sequence[bytes]) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- writing (inbound)
 _RUN_KEYS: dict[tuple[int, int, int], struct.Struct] = {}
+_RUN_FIELDS: dict[tuple[int, int, int], struct.Struct] = {}
 _SEQ_FLAGS = struct.Struct("!L5xB")  # from the TCP header's sequence number: seq, then the flags byte
 
 
@@ -321,6 +322,21 @@ def _partial_header(packet: Buffer, l4: int, header_length: int, proto: int, l4_
     return header
 
 
+def _run_fields_struct(version: int, l4: int, header_length: int) -> struct.Struct:
+    """The unpack of everything a full segment must match to join a run, sequence number and flags included.
+
+    Eight fields for either IP version (the IP header bar length/id/checksum in three pieces, ports,
+    seq, ack, data offset with flags, options), so the expected values are one tuple built from
+    locals per segment: one unpack and one compare decide the common case.
+    """
+    shape = (version, l4, header_length)
+    fields = _RUN_FIELDS.get(shape)
+    if fields is None:
+        ip = f"2s4x4s2x{l4 - 12}s" if version == 4 else "4s2x2s32s"
+        fields = _RUN_FIELDS[shape] = struct.Struct(f"!{ip}4sI4sH6x{header_length - l4 - 20}s")
+    return fields
+
+
 def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
     """The TUN writes (each a list of buffers for writev) for these inner packets, in order.
 
@@ -329,6 +345,11 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
     (PSH allowed on the last) become one super-packet with NEEDS_CSUM. Other
     TCP and UDP packets are written one by one with NEEDS_CSUM; the rest
     (ICMP, fragments, anything else) plain.
+
+    A full-sized, ACK-only segment that continues the run is recognised by
+    one unpack compared with the values it must have (``_run_fields_struct``);
+    anything else (the run's first segment, a shorter or PSH segment, another
+    flow) takes the detailed checks.
     """
     writes: list[list[Buffer]] = []
     run: list[Buffer] = []  # payloads of the open run
@@ -338,16 +359,31 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
     l4 = header_length = size_limit = 0  # the open run's shape and segment size
     next_seq = 0
     total = 0
+    room = False  # may a full segment still join (no shorter or PSH segment joined yet, under the limits)
+    fields_of = _SEQ_FLAGS.unpack_from  # the open run's _run_fields_struct, and the values a next segment has
+    ip_a = ip_b = ip_c = ports = ack = options = b""
+    offset_ack = 0
+    full_runs = 0  # how many segments of size_limit the run may hold (MAX_COALESCED, MAX_SEGMENTS)
 
     def close_run() -> None:
         if run:
-            writes.append(_write_run(run_header, (l4, header_length, size_limit), run))
+            writes.append(_write_run(run_header, (l4, header_length, size_limit, total - header_length), run))
             run.clear()
 
     for packet in packets:
         if run:
-            # The next segment of the open run? Its key (which fixes the shape) first, then seq and flags.
             size = len(packet) - header_length
+            if (
+                room
+                and size == size_limit
+                and fields_of(packet) == (ip_a, ip_b, ip_c, ports, next_seq, ack, offset_ack, options)
+            ):
+                run.append(packet[header_length:])  # a view of a view, or a copy: cheaper than a new memoryview
+                next_seq = (next_seq + size) & 0xFFFFFFFF
+                total += size
+                room = len(run) < full_runs
+                continue
+            # The next segment of the open run? Its key (which fixes the shape) first, then seq and flags.
             if size > 0 and key_struct.unpack_from(packet) == run_key:
                 seq, flags = _SEQ_FLAGS.unpack_from(packet, l4 + 4)
                 if (
@@ -359,11 +395,14 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
                     and total + size <= MAX_COALESCED
                     and len(run) < MAX_SEGMENTS
                 ):
-                    run.append(memoryview(packet)[header_length:])
+                    run.append(packet[header_length:])
                     next_seq = (seq + size) & 0xFFFFFFFF
                     total += size
                     if flags & TCP_PSH:
                         run_header[l4 + 13] |= TCP_PSH
+                    room = False  # after a shorter or PSH segment nothing joins (the checks above say so too)
+                    if size == size_limit and not flags & TCP_PSH:
+                        room = len(run) < full_runs
                     continue
             close_run()
         shape = _tcp_shape(packet)
@@ -375,12 +414,17 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
         if size == 0 or flags & ~(TCP_ACK | TCP_PSH):
             writes.append(_single(packet))
             continue
-        view = memoryview(packet)
-        run_header = bytearray(view[:header_length])
+        run_header = bytearray(packet[:header_length])
+        version = packet[0] >> 4
         key_struct = _run_key_struct(packet, l4, header_length)
         run_key = key_struct.unpack_from(packet)
+        fields_of = _run_fields_struct(version, l4, header_length).unpack_from
+        ip_a, ip_b, ip_c, ports, _, ack, offset_flags, options = fields_of(packet)
+        offset_ack = offset_flags & 0xFF00 | TCP_ACK
         size_limit = size
-        run.append(view[header_length:])
+        full_runs = min(MAX_SEGMENTS, (MAX_COALESCED - header_length) // size)
+        room = not flags & TCP_PSH and full_runs > 1
+        run.append(packet[header_length:])
         next_seq = (seq + size) & 0xFFFFFFFF
         total = header_length + size
     close_run()
@@ -408,9 +452,8 @@ def _tcp_shape(packet: Buffer) -> tuple[int, int, int, int] | None:
     return l4, header_length, _L.unpack_from(packet, l4 + 4)[0], packet[l4 + 13]
 
 
-def _write_run(header: bytearray, meta: tuple[int, int, int], payloads: list[Buffer]) -> list[Buffer]:
-    l4, header_length, size = meta
-    length = sum(len(p) for p in payloads)
+def _write_run(header: bytearray, meta: tuple[int, int, int, int], payloads: list[Buffer]) -> list[Buffer]:
+    l4, header_length, size, length = meta  # length: of all payloads, which coalesce added up as they joined
     if len(payloads) == 1:
         gso_type, gso_size = GSO_NONE, 0
     else:

@@ -21,7 +21,9 @@ Stages, in the order an inbound packet meets them (esp.py drives them):
 3. accept -- ``ReplayWindow.accept(seq)``: only after the packet authenticated
    (STYLE.md: authenticate before believing). Checks again, because another
    packet of the same batch may have taken the number meanwhile, then records
-   it and moves the window forward.
+   it and moves the window forward. ``accept_range(first, last)`` records a
+   stretch of consecutive numbers above the window in one update (what
+   ``InboundSA.open_many`` does for the in-order packets of a GRO read).
 
 The window covers the ``size`` numbers ``top - size + 1 .. top``; anything at
 or below ``top - size`` is too old. Verdicts are values; the caller counts them.
@@ -137,6 +139,23 @@ class ReplayWindow:
             return DUPLICATE
         self.bits = bits | bit
         return OK
+
+    def accept_range(self, first: int, last: int) -> None:
+        """Record *first* .. *last* at once: numbers above ``top`` of packets that authenticated.
+
+        What ``accept`` on each of them in order would leave, as one shift and
+        one OR: a run of in-order packets (a GRO read) moves the window once,
+        not once per packet. Only for numbers above the window and within the
+        limit (``accept`` has no verdict to give them but OK); anything else is
+        a caller's error.
+        """
+        top = self.top
+        if not top < first <= last <= self.limit:
+            raise ValueError(f"accept_range({first}, {last}) needs {top} < first <= last <= {self.limit}")
+        run = (1 << (last - first + 1)) - 1
+        shift = last - top
+        self.bits = (run if shift >= self.size else self.bits << shift | run) & self._mask
+        self.top = last
 
     def snapshot(self) -> tuple[int, int]:
         """The whole state as a value (top and the bitmap of the window), to compare before and after."""

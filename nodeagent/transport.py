@@ -224,8 +224,11 @@ class Wire:
             if not 0 < size < length:
                 batch.append((view[:length], source))
                 continue
-            for start in range(0, length, size):
-                batch.append((view[start : min(start + size, length)], source))
+            # one view per datagram: the full ones in one comprehension (no min() per datagram), then the rest
+            short = length % size
+            batch += [(view[start : start + size], source) for start in range(0, length - short, size)]
+            if short:
+                batch.append((view[length - short : length], source))
         self.udp_reads += reads
         self.udp_datagrams_read += len(batch)
         return batch
