@@ -346,19 +346,28 @@ class DataPlane:
         ready: list[tuple[Tunnel, bytes]] = []
         decided: Summary | None = None
         decided_tunnel: Tunnel | None = None
+        flow: tuple[Any, ...] | None = None  # the decided packet's _flow_bytes, when it has a plain IPv4 header
+        flow_length = -1
         for packet in packets:
-            try:
-                summary = summarize(packet)
-            except PacketError:
-                counters["out_malformed"] += 1
-                continue
-            if summary == decided:
+            # The next packet of the decided flow, told by its header bytes without a summary (small packets).
+            if flow is not None and len(packet) == flow_length and _FLOW_V4.unpack_from(packet) == flow:
+                summary = decided  # type: ignore[assignment]
                 tunnel = decided_tunnel
             else:
-                tunnel, packet, again = self._route_outbound(packet, summary, now, answers)
-                if tunnel is None:
+                try:
+                    summary = summarize(packet)
+                except PacketError:
+                    counters["out_malformed"] += 1
                     continue
-                decided, decided_tunnel = (summary, tunnel) if again else (None, None)
+                if summary == decided:
+                    tunnel = decided_tunnel
+                else:
+                    tunnel, packet, again = self._route_outbound(packet, summary, now, answers)
+                    if tunnel is None:
+                        flow = None
+                        continue
+                    decided, decided_tunnel = (summary, tunnel) if again else (None, None)
+                    flow, flow_length = _flow_bytes(packet, summary) if again else None, len(packet)
             if summary.proto == PROTO_TCP and _is_syn(packet, summary.header_length):
                 mutable = bytearray(packet)
                 if clamp_mss(mutable, summary, self.mtu - (40 if summary.version == 4 else 60)):
@@ -1066,6 +1075,23 @@ class DataPlane:
 
 def _same(packet: bytes) -> bytes:
     return packet
+
+
+# What decides a TCP/UDP over IPv4 packet's summary when its header is 20 bytes: version and IHL, total length,
+# fragment bits, protocol, addresses and ports.
+_FLOW_V4 = struct.Struct("!BxHHxB2x12s")
+
+
+def _flow_bytes(packet: bytes, summary: Summary) -> tuple[Any, ...] | None:
+    """The fields of *packet* that fix its summary, for ``outbound_batch`` to recognise the next packet of a flow.
+
+    Equal fields (and an equal length) give an equal summary: one unpack instead of ``summarize``.
+    Only for TCP/UDP over IPv4 with a 20-byte header and at least 24 bytes (where the ports are); None
+    otherwise (an ICMP summary also holds the echo identifier, which lies beyond these bytes).
+    """
+    if summary.version != 4 or summary.header_length != 20 or summary.proto not in _PORTED or len(packet) < 24:
+        return None
+    return _FLOW_V4.unpack_from(packet)
 
 
 def _is_syn(packet: bytes, header_length: int) -> bool:
