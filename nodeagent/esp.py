@@ -103,9 +103,7 @@ _PADDING = bytes(range(1, MAX_PAD_LENGTH + 1))  # RFC 4303 2.4: the default padd
 _PADDINGS = tuple(_PADDING[:length] for length in range(MAX_PAD_LENGTH + 1))  # by pad length
 _MIN_SPI = 256  # RFC 4303 2.1: 1-255 are reserved by IANA, 0 for local use
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (about 150 ns less)
-# seal_into packs only 32-bit words (a 64-bit field costs a slower conversion): the IV is seq high || seq low.
-_FRAME_MARKED = struct.Struct("!IIIII")  # a prefix word (the UDP masquerade marker), SPI, seq low, IV
-_NONCE_WORDS = struct.Struct("!III")  # salt || IV
+_FRAME_MARKED = struct.Struct("!IIIQ")  # a 4-byte prefix word (the UDP masquerade marker), then the ESP header
 
 
 class DropReason(enum.Enum):
@@ -314,14 +312,11 @@ class OutboundSA:
         by_first_byte = _TRAILERS_BY_FIRST_BYTE
         join = b"".join
         encrypt = self._aead.encrypt
-        pack_nonce, pack_frame = _NONCE_WORDS.pack, _FRAME_MARKED.pack
+        pack_nonce, pack_frame = _NONCE.pack, _FRAME_MARKED.pack
         salt, spi, esn = self._salt_word, self.spi, self.esn
         pack_aad = _AAD_ESN.pack if esn else _SPI_SEQ.pack
         append = out.append
-        high = seq >> SEQ_LOW_BITS
-        for index in range(count):
-            head = heads[index]
-            tail = tails[index]
+        for index, head, tail in zip(range(count), heads, tails, strict=False):  # stops after count
             trailers = by_first_byte[head[0]] if head else None  # 1. classify
             if trailers is None:
                 self.next_seq = seq
@@ -331,11 +326,9 @@ class OutboundSA:
             # 3. trailer, joined with the packet in one copy; 4. seal (nonce and AAD as in _seal).
             plaintext = join((head, tail, trailers[(len(head) + len(tail)) % PAYLOAD_ALIGNMENT]))
             low = seq & SEQ_LOW_MASK
-            if not low:
-                high = seq >> SEQ_LOW_BITS  # the ESN high half moved on (once every 2**32 packets)
-            aad = pack_aad(spi, high, low) if esn else pack_aad(spi, low)
-            append(pack_frame(prefix, spi, low, high, low))  # 5. frame, in two buffers
-            append(encrypt(pack_nonce(salt, high, low), plaintext, aad))
+            aad = pack_aad(spi, seq >> SEQ_LOW_BITS, low) if esn else pack_aad(spi, low)
+            append(pack_frame(prefix, spi, low, seq))  # 5. frame, in two buffers
+            append(encrypt(pack_nonce(salt, seq), plaintext, aad))
             seq += 1  # 2. number: count never passes the limit
         self.next_seq = seq
         return count
