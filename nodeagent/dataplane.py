@@ -510,7 +510,8 @@ class DataPlane:
             sealed, held = self._seal_each(sa, rest)
             for packet in sealed:
                 group += (MASQUERADE_MARKER, packet)
-            heads, tails, done = rest, [b""] * len(rest), len(sealed) + len(rest) - len(held)
+            heads, tails = rest, [b""] * len(rest)  # joined now; held is rest's suffix from a spent SA on
+            done = len(rest) - len(held)
             count = (len(group) - before) // 2
         else:
             count = done

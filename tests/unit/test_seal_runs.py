@@ -153,3 +153,12 @@ def test_a_packet_like_the_flow_but_to_another_address_is_decided_again(pair: Pa
     answers = a.outbound_batch([to_b, elsewhere, to_b])
     assert a.counters["out_packets"] == 2 and a.counters["out_no_route"] == 1 and len(answers) == 1
     assert [bytes(p) for p in pair.carry("a", 2)] == [to_b, to_b]
+
+
+def test_a_run_with_a_packet_that_is_not_ip_drops_only_that_one(pair: Pair) -> None:
+    a = pair.planes["a"]
+    tunnel = a.tunnels["b"]
+    good = [raw(IP(src=A, dst=B, id=n) / UDP(sport=1, dport=2) / b"ok") for n in range(3)]
+    unsent = a._send_batch([(tunnel, good[0]), (tunnel, b"\x10not ip"), (tunnel, good[1]), (tunnel, good[2])], 0.0)
+    assert unsent == [] and a.counters["out_malformed"] == 1 and a.counters["out_packets"] == 3
+    assert [bytes(p) for p in pair.carry("a", 3)] == good
