@@ -38,7 +38,7 @@ from nodeagent.acl import FlowTable, Policy, quoted_flow_key
 from nodeagent.constants import ESP_MIN_PACKET_SIZE, ESP_OVERHEAD, PAYLOAD_ALIGNMENT
 from nodeagent.esp import DropReason, EspParseError, InboundSA, OutboundSA, RekeyRequired
 from nodeagent.natprobe import NatProbe
-from nodeagent.offload import OffloadError, Partial, SuperPacket, finish
+from nodeagent.offload import Buffer, OffloadError, Partial, SuperPacket, finish
 from nodeagent.packets import (
     ICMP_CODE_HOST_UNREACHABLE,
     PROTO_TCP,
@@ -108,8 +108,8 @@ _MARKER_SIZE = len(MASQUERADE_MARKER)
 _MASQUERADED = int.from_bytes(MASQUERADE_MARKER, "big")
 _MASQUERADED_MIN = _MARKER_SIZE + ESP_MIN_PACKET_SIZE  # shorter ones the demultiplexer calls garbage
 _ESP = Kind.ESP  # a module constant: an enum member read costs a descriptor call per packet
-Buffer = bytes | bytearray | memoryview
 _FLOW_KEYS: dict[tuple[int, int], Callable[[Buffer], tuple[Any, ...]]] = {}  # _admit's unpacks by header shape
+_MASQUERADE_WORD = int.from_bytes(MASQUERADE_MARKER, "big")  # the prefix word OutboundSA.seal_into packs
 
 
 class _Origin(NamedTuple):
@@ -352,19 +352,28 @@ class DataPlane:
         ready: list[tuple[Tunnel, bytes]] = []
         decided: Summary | None = None
         decided_tunnel: Tunnel | None = None
+        flow: tuple[Any, ...] | None = None  # the decided packet's _flow_bytes, when it has a plain IPv4 header
+        flow_length = -1
         for packet in packets:
-            try:
-                summary = summarize(packet)
-            except PacketError:
-                counters["out_malformed"] += 1
-                continue
-            if summary == decided:
+            # The next packet of the decided flow, told by its header bytes without a summary (small packets).
+            if flow is not None and len(packet) == flow_length and _FLOW_V4.unpack_from(packet) == flow:
+                summary = decided  # type: ignore[assignment]
                 tunnel = decided_tunnel
             else:
-                tunnel, packet, again = self._route_outbound(packet, summary, now, answers)
-                if tunnel is None:
+                try:
+                    summary = summarize(packet)
+                except PacketError:
+                    counters["out_malformed"] += 1
                     continue
-                decided, decided_tunnel = (summary, tunnel) if again else (None, None)
+                if summary == decided:
+                    tunnel = decided_tunnel
+                else:
+                    tunnel, packet, again = self._route_outbound(packet, summary, now, answers)
+                    if tunnel is None:
+                        flow = None
+                        continue
+                    decided, decided_tunnel = (summary, tunnel) if again else (None, None)
+                    flow, flow_length = _flow_bytes(packet, summary) if again else None, len(packet)
             if summary.proto == PROTO_TCP and _is_syn(packet, summary.header_length):
                 mutable = bytearray(packet)
                 if clamp_mss(mutable, summary, self.mtu - (40 if summary.version == 4 else 60)):
@@ -428,30 +437,46 @@ class DataPlane:
 
         A TSO super-packet is split here, into one ESP packet per segment, and
         inner checksums are completed for peers that do not take them partial
-        (``_inner``). Consecutive packets for one tunnel are sealed as one run
-        (``seal_many``); UDP paths gather each peer address's sealed packets and
-        send them with as few system calls as UDP GSO allows; other paths go
-        through ``_send`` one packet at a time. Only the data-plane thread calls this.
+        (``_inner``). Consecutive packets for one tunnel are sealed as one run;
+        a packet is a head and a tail (a segment's header and payload, or the
+        whole packet and ``b""``), joined only once, with the ESP trailer, by
+        ``OutboundSA.seal_into``. UDP paths gather each peer address's sealed
+        datagrams and send them with as few system calls as UDP GSO allows;
+        other paths go through ``_send`` one packet at a time. Only the
+        data-plane thread calls this.
         """
         unsent: list[tuple[Tunnel, bytes]] = []
         groups: dict[tuple[str, int], list[bytes]] = {}
-        run: list[bytes] = []
+        heads: list[bytes] = []
+        tails: list[Buffer] = []
         current: Tunnel | None = None
         current_held: Callable[[bytes], bytes] = _same
         for tunnel, packet in batch:
+            kind = type(packet)
             # Held segments keep the mark of their partial checksums, for a peer whose capabilities change.
-            held = Partial if type(packet) is SuperPacket and tunnel.takes_partial else _same
+            held = Partial if kind is SuperPacket and tunnel.takes_partial else _same
             if tunnel is not current or held is not current_held:
-                if run:
-                    self._seal_run(current, run, current_held, groups, unsent, now)  # type: ignore[arg-type]
-                    run = []
+                if heads:
+                    self._seal_run(current, heads, tails, current_held, groups, unsent, now)  # type: ignore[arg-type]
+                    heads, tails = [], []
                 current, current_held = tunnel, held
+            if kind is bytes or (kind is Partial and tunnel.takes_partial):
+                heads.append(packet)
+                tails.append(b"")
+                continue
             try:
-                run += self._inner(tunnel, packet)
+                found = self._inner(tunnel, packet)
             except OffloadError:
                 self.counters["out_malformed"] += 1  # a super-packet whose TCP header does not add up
-        if run:
-            self._seal_run(current, run, current_held, groups, unsent, now)  # type: ignore[arg-type]
+                continue
+            if found.__class__ is tuple:
+                heads += found[0]
+                tails += found[1]
+            else:
+                heads += found
+                tails += [b""] * len(found)
+        if heads:
+            self._seal_run(current, heads, tails, current_held, groups, unsent, now)  # type: ignore[arg-type]
         for address, parts in groups.items():
             if parts:
                 self.wire.send_udp_batch(parts, address)
@@ -460,52 +485,65 @@ class DataPlane:
     def _seal_run(
         self,
         tunnel: Tunnel,
-        pieces: list[bytes],
+        heads: list[bytes],
+        tails: list[Buffer],
         held_as: Callable[[bytes], bytes],
         groups: dict[tuple[str, int], list[bytes]],
         unsent: list[tuple[Tunnel, bytes]],
         now: float,
     ) -> None:
-        """Packets for one tunnel: sealed into their address's group (UDP paths) or sent one by one.
+        """Packets (head + tail) for one tunnel: sealed into their address's group (UDP paths) or sent one by one.
 
         What cannot be sent yet is held as *held_as* makes it (segments keep their partial-checksum mark)."""
         path = tunnel.path
-        if path not in UDP_PATHS:
-            unsent += [(tunnel, held_as(piece)) for piece in pieces if not self._send(tunnel, piece, now)]
-            return
         sa, address = tunnel.outbound, tunnel.address(path)
-        if sa is None or address is None:
-            unsent += [(tunnel, held_as(piece)) for piece in pieces]
-            return
-        try:
-            sealed = sa.seal_many(pieces)
-            held = pieces[len(sealed) :]  # the SA used its last number: the rest waits for the next SA
-        except EspParseError:  # no IP packet among them (summarize lets none through): seal one by one
-            sealed, held = self._seal_each(sa, pieces)
-        if held:
-            self.counters["out_rekey_wait"] += len(held)
-            unsent += [(tunnel, held_as(piece)) for piece in held]
-        if not sealed:
+        if path not in UDP_PATHS or sa is None or address is None:
+            pieces = [head if not tail else b"".join((head, tail)) for head, tail in zip(heads, tails, strict=True)]
+            if path not in UDP_PATHS:
+                unsent += [(tunnel, held_as(piece)) for piece in pieces if not self._send(tunnel, piece, now)]
+            else:
+                unsent += [(tunnel, held_as(piece)) for piece in pieces]
             return
         group = groups.get(address)
         if group is None:
             group = groups[address] = []
-        for packet in sealed:
-            group += (MASQUERADE_MARKER, packet)
+        before = len(group)
+        try:
+            done = sa.seal_into(heads, tails, group, _MASQUERADE_WORD)
+        except EspParseError as error:  # no IP packet (summarize lets none through): the rest one by one
+            done = error.sealed  # type: ignore[attr-defined]
+            rest = [b"".join(pair) for pair in zip(heads[done:], tails[done:], strict=True)]
+            sealed, held = self._seal_each(sa, rest)
+            for packet in sealed:
+                group += (MASQUERADE_MARKER, packet)
+            heads, tails = rest, [b""] * len(rest)  # joined now; held is rest's suffix from a spent SA on
+            done = len(rest) - len(held)
+            count = (len(group) - before) // 2
+        else:
+            count = done
+        if done < len(heads):  # the SA used its last number: the rest waits for the next SA
+            held_pieces = [b"".join(pair) for pair in zip(heads[done:], tails[done:], strict=True)]
+            self.counters["out_rekey_wait"] += len(held_pieces)
+            unsent += [(tunnel, held_as(piece)) for piece in held_pieces]
+        if not count:
+            return
         tunnel.last_sent = now
-        tunnel.tx += len(sealed)
-        self.counters["out_packets"] += len(sealed)
+        tunnel.tx += count
+        self.counters["out_packets"] += count
 
     @staticmethod
-    def _inner(tunnel: Tunnel, packet: bytes) -> list[bytes]:
+    def _inner(tunnel: Tunnel, packet: bytes) -> list[bytes] | tuple[list[bytes], list[Buffer]]:
         """The inner packets to seal for *tunnel*: a super-packet's segments, checksums as the peer takes them.
 
-        Partial toward a peer that completes them (CAP_CSUM: it writes them NEEDS_CSUM); complete
-        toward any other, whose kernel would drop a packet with a partial checksum.
+        Partial toward a peer that completes them (CAP_CSUM: it writes them NEEDS_CSUM), as
+        (headers, payloads) that the sealer joins; complete toward any other, whose kernel would
+        drop a packet with a partial checksum.
         """
         kind = type(packet)
         if kind is SuperPacket:
-            return packet.segments(complete=not tunnel.takes_partial)  # type: ignore[attr-defined]
+            if tunnel.takes_partial:
+                return packet.parts()  # type: ignore[attr-defined]
+            return packet.segments(complete=True)  # type: ignore[attr-defined]
         if kind is Partial and not tunnel.takes_partial:
             return [finish(packet)]
         return [packet]
@@ -1093,6 +1131,23 @@ class DataPlane:
 
 def _same(packet: bytes) -> bytes:
     return packet
+
+
+# What decides a TCP/UDP over IPv4 packet's summary when its header is 20 bytes: version and IHL, total length,
+# fragment bits, protocol, addresses and ports.
+_FLOW_V4 = struct.Struct("!BxHHxB2x12s")
+
+
+def _flow_bytes(packet: bytes, summary: Summary) -> tuple[Any, ...] | None:
+    """The fields of *packet* that fix its summary, for ``outbound_batch`` to recognise the next packet of a flow.
+
+    Equal fields (and an equal length) give an equal summary: one unpack instead of ``summarize``.
+    Only for TCP/UDP over IPv4 with a 20-byte header and at least 24 bytes (where the ports are); None
+    otherwise (an ICMP summary also holds the echo identifier, which lies beyond these bytes).
+    """
+    if summary.version != 4 or summary.header_length != 20 or summary.proto not in _PORTED or len(packet) < 24:
+        return None
+    return _FLOW_V4.unpack_from(packet)
 
 
 def _is_syn(packet: bytes, header_length: int) -> bool:

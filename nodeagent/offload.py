@@ -26,7 +26,7 @@ References: include/uapi/linux/virtio_net.h, RFC 793 (TCP), RFC 1071 (checksum),
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 Buffer = bytes | bytearray | memoryview
 
@@ -140,13 +140,35 @@ def _l4_start(packet: Buffer) -> int:
 def split(packet: Buffer, gso_type: int, gso_size: int, csum_start: int, *, complete: bool) -> list[bytes]:
     """Cut a TCP super-packet into IP packets of at most *gso_size* payload bytes each.
 
+    The segments of ``split_parts``, each joined into one packet; with *complete* their TCP
+    checksums are finished here (for a peer that cannot take them partial).
+    """
+    heads, tails = split_parts(packet, gso_type, gso_size, csum_start)
+    join = b"".join
+    if not complete:
+        return [join(pair) for pair in zip(heads, tails, strict=True)]
+    l4 = _l4_start(heads[0])
+    segments = []
+    for pair in zip(heads, tails, strict=True):
+        whole = bytearray(join(pair))
+        complete_checksum(whole, l4, TCP_CSUM_OFFSET, PROTO_TCP)
+        segments.append(bytes(whole))
+    return segments
+
+
+def split_parts(packet: Buffer, gso_type: int, gso_size: int, csum_start: int) -> tuple[list[bytes], list[Buffer]]:
+    """A TCP super-packet's segments as (headers, payloads): segment *i* is ``headers[i] + payloads[i]``.
+
     Each segment gets its own IP length (and, for IPv4, id and header checksum)
     and TCP sequence number; FIN and PSH stay on the last segment, CWR on the
-    first. The TCP checksum is the segment's pseudo-header sum (partial), or
-    complete with *complete*. The sums that do not change between segments
-    are taken once; per segment only lengths, ids and numbers are added, and
-    the header is one ``Struct.pack`` of the fields that change between the
-    template's constant pieces (``_header_shape``), joined with its payload.
+    first. The TCP checksum is the segment's pseudo-header sum (partial).
+    Kept apart so that the sealer joins each header and payload once, with
+    the ESP trailer (``OutboundSA.seal_into``). The sums that do not change
+    between segments are taken once: all full segments share their lengths,
+    flags and TCP checksum, so per segment only the id, the IP checksum and
+    the sequence number are computed, and the header is one ``Struct.pack``
+    of the fields that change between the template's constant pieces
+    (``_header_shape``); the payloads are memoryview slices, not copies.
     """
     view = memoryview(packet)
     version = view[0] >> 4
@@ -182,32 +204,58 @@ def split(packet: Buffer, gso_type: int, gso_size: int, csum_start: int, *, comp
         length_base = header_length - 40
     # The partial TCP checksum is fold(pseudo header sum), which for s > 0 is (s - 1) % 0xFFFF + 1.
     pseudo_base = addresses % 0xFFFF + PROTO_TCP + header_length - l4 - 1
-    count = -(-len(payload) // gso_size)
-    last = count - 1
-    segments = []
-    join = b"".join
-    for index in range(count):
-        chunk = payload[index * gso_size : (index + 1) * gso_size]
-        size = len(chunk)
-        if index == last:
-            segment_flags = flags & ~TCP_CWR if index else flags  # PSH and FIN stay here
-        else:
-            segment_flags = flags & ~(TCP_FIN | TCP_PSH | (TCP_CWR if index else 0))
-        tcp_seq = (seq + index * gso_size) & 0xFFFFFFFF
-        tcp_csum = (pseudo_base + size) % 0xFFFF + 1
-        if version == 4:
-            ident = (ip_id + index) & 0xFFFF
-            ip_csum = 0xFFFE - (ip_base + size + ident) % 0xFFFF
-            header = pack(a, length_base + size, ident, b, ip_csum, c, tcp_seq, d, segment_flags, e, tcp_csum, f)
-        else:
-            header = pack(a, length_base + size, c, tcp_seq, d, segment_flags, e, tcp_csum, f)
-        if complete:
-            whole = bytearray(join((header, chunk)))
-            complete_checksum(whole, l4, TCP_CSUM_OFFSET, PROTO_TCP)
-            segments.append(bytes(whole))
-        else:
-            segments.append(join((header, chunk)))
-    return segments
+    total = len(payload)
+    last = -(-total // gso_size) - 1
+    tails = [payload[start : start + gso_size] for start in range(0, total, gso_size)]
+    # The full segments before the last: one length, one TCP checksum, FIN/PSH (and CWR after the first) off.
+    full_flags = flags & ~(TCP_FIN | TCP_PSH | TCP_CWR)
+    full_csum = (pseudo_base + gso_size) % 0xFFFF + 1
+    full_length = length_base + gso_size
+    if version == 4:
+        ip_full = ip_base + gso_size
+        heads = [
+            pack(a, full_length, (ident := (ip_id + i) & 0xFFFF), b, 0xFFFE - (ip_full + ident) % 0xFFFF, c,
+                 (seq + i * gso_size) & 0xFFFFFFFF, d, full_flags, e, full_csum, f)
+            for i in range(last)
+        ]  # fmt: skip
+    else:
+        heads = [
+            pack(a, full_length, c, (seq + i * gso_size) & 0xFFFFFFFF, d, full_flags, e, full_csum, f)
+            for i in range(last)
+        ]
+    bases = (ip_id, ip_base, length_base, pseudo_base)
+    if last and flags & TCP_CWR:  # CWR stays on the first segment only
+        heads[0] = _segment_header(pack, pieces, version, 0, flags & ~(TCP_FIN | TCP_PSH), gso_size, seq, bases)
+    size = total - last * gso_size
+    last_flags = flags & ~TCP_CWR if last else flags  # PSH and FIN stay here
+    last_seq = (seq + last * gso_size) & 0xFFFFFFFF
+    heads.append(_segment_header(pack, pieces, version, last, last_flags, size, last_seq, bases))
+    return heads, tails
+
+
+def _segment_header(
+    pack: Callable[..., bytes],
+    pieces: list[bytes],
+    version: int,
+    index: int,
+    flags: int,
+    size: int,
+    tcp_seq: int,
+    bases: tuple[int, int, int, int],
+) -> bytes:
+    """One segment's header, for the segments that differ from the full ones (the first with CWR, the last).
+
+    *bases* are split_parts' (first IP id, IP header sum base, length base, pseudo-header sum base).
+    """
+    ip_id, ip_base, length_base, pseudo_base = bases
+    tcp_csum = (pseudo_base + size) % 0xFFFF + 1
+    if version == 4:
+        a, b, c, d, e, f = pieces
+        ident = (ip_id + index) & 0xFFFF
+        ip_csum = 0xFFFE - (ip_base + size + ident) % 0xFFFF
+        return pack(a, length_base + size, ident, b, ip_csum, c, tcp_seq, d, flags, e, tcp_csum, f)
+    a, c, d, e, f = pieces
+    return pack(a, length_base + size, c, tcp_seq, d, flags, e, tcp_csum, f)
 
 
 def _header_shape(version: int, l4: int, header_length: int) -> tuple[struct.Struct, tuple[tuple[int, int], ...]]:
@@ -249,6 +297,14 @@ class SuperPacket(bytes):
         """The segments, their checksums complete if *complete* or the read asked for it, else partial."""
         gso_type, gso_size, csum_start, completed = self.gso
         return split(self, gso_type, gso_size, csum_start, complete=complete or completed)
+
+    def parts(self) -> tuple[list[bytes], list[Buffer]]:
+        """The segments as (headers, payloads), for sealing without joining them first (``split_parts``).
+
+        Only for a read whose checksums may stay partial: ``segments(complete=True)`` otherwise.
+        """
+        gso_type, gso_size, csum_start, _ = self.gso
+        return split_parts(self, gso_type, gso_size, csum_start)
 
 
 def unpack_read(buffer: Buffer, *, complete: bool) -> bytes:

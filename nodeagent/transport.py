@@ -18,6 +18,7 @@ import errno
 import logging
 import socket
 import struct
+from operator import add
 from typing import Any
 
 from nodeagent.constants import ESP_MIN_PACKET_SIZE
@@ -152,12 +153,15 @@ class Wire:
             self.udp_sends += len(parts) // 2
             self.udp_datagrams_sent += len(parts) // 2
             return
-        sizes = [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
+        lengths = list(map(len, parts))
+        sizes = list(map(add, lengths[0::2], lengths[1::2]))  # per datagram, without a Python loop
         start, count = 0, len(sizes)
         while start < count:
             size = sizes[start]
             limit = min(count, start + GSO_MAX_SEGMENTS, start + GSO_MAX_PAYLOAD // size)
             end = start + 1
+            if sizes[end:limit].count(size) == limit - end:  # all one size (a super-packet's segments)
+                end = limit
             while end < limit and sizes[end] == size:
                 end += 1
             if end < limit and sizes[end] < size:
