@@ -146,8 +146,6 @@ class DatastoreService(Worker):
     def _mutate(self, request: _Mutation, caller: Identity, apply: Callable[[Session, _Mutation], Outcome]) -> Mutated:
         try:
             with transaction(self.engine) as session:
-                if request.dry_run:
-                    self._preview(session, request, caller, apply)  # raises _DryRun: nothing is committed
                 reply = self._record(session, request, caller, apply)
         except _DryRun as dry:
             return dry.reply
@@ -157,10 +155,15 @@ class DatastoreService(Worker):
     def _record(
         self, session: Session, request: _Mutation, caller: Identity, apply: Callable[[Session, _Mutation], Outcome]
     ) -> Mutated:
-        """Apply one mutation and its change-log row inside the caller's transaction."""
+        """Apply one mutation and its change-log row inside the caller's transaction.
+
+        A dry run raises _DryRun with its preview instead, so that the caller's transaction rolls back.
+        """
         prior = repo.replayed(session, request.idempotency_key)
         if prior is not None:
             return Mutated(revision=prior.revision, summary=prior.summary, replayed=True)
+        # A dry run computes every view before the change: the ORM objects change in place.
+        before = _frozen_views(World.load(session)) if request.dry_run else None
         outcome = apply(session, request)
         change = repo.record(
             session,
@@ -171,30 +174,12 @@ class DatastoreService(Worker):
             outcome.node_ids,
             request.idempotency_key,
         )
+        if before is not None:
+            diffs = _diffs(before, World.load(session), change)
+            reached = sorted(d.node for d in diffs)
+            raise _DryRun(Mutated(revision=0, summary=outcome.summary, dry_run=True, reached=reached, preview=diffs))
         audit.add(session, audit.OPERATOR, caller.caller, caller.address, True, f"r{change.revision} {outcome.summary}")
         return Mutated(revision=change.revision, summary=outcome.summary, join=outcome.join)
-
-    def _preview(
-        self, session: Session, request: _Mutation, caller: Identity, apply: Callable[[Session, _Mutation], Outcome]
-    ) -> None:
-        """A dry run: every view before and after the change, then roll back (by raising _DryRun)."""
-        prior = repo.replayed(session, request.idempotency_key)
-        if prior is not None:
-            raise _DryRun(Mutated(revision=prior.revision, summary=prior.summary, replayed=True))
-        before = _frozen_views(World.load(session))  # computed first: the ORM objects change in place
-        outcome = apply(session, request)
-        change = repo.record(
-            session,
-            outcome.kind,
-            outcome.summary,
-            caller.caller,
-            outcome.vpn_ids,
-            outcome.node_ids,
-            request.idempotency_key,
-        )
-        diffs = _diffs(before, World.load(session), change)
-        reached = sorted(d.node for d in diffs)
-        raise _DryRun(Mutated(revision=0, summary=outcome.summary, dry_run=True, reached=reached, preview=diffs))
 
     def serve_many(self, items: list[tuple[bytes, bytes, str]]) -> list[Message]:
         """Answer in order; consecutive mutations (not dry runs) commit together (``_commit_group``)."""
