@@ -26,11 +26,11 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
     _send(sock, frames[last], flags)
 
 
-def recv_frames(sock: zmq.Socket, flags: int = 0, copy: bool = True) -> list:  # type: ignore[type-arg]
-    """``sock.recv_multipart(flags, copy=copy)``: bytes, or zmq.Frame objects with ``copy=False``."""
-    frames = [_recv(sock, flags, copy)]
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """``sock.recv_multipart(flags)``, at a fraction of its per-frame cost."""
+    frames = [_recv(sock, flags, True)]
     while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, flags, copy))
+        frames.append(_recv(sock, flags, True))
     return frames
 
 

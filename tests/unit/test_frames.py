@@ -33,8 +33,7 @@ def test_frames_arrive_whole_and_in_order_either_way(pair: tuple[zmq.Socket, zmq
     assert b.poll(2000)
     assert recv_frames(b, NOBLOCK) == [b"one"]
     assert b.poll(2000)
-    frames = recv_frames(b, NOBLOCK, copy=False)
-    assert all(isinstance(f, zmq.Frame) for f in frames) and [f.bytes for f in frames] == [b"1", b"2"]
+    assert recv_frames(b, NOBLOCK) == [b"1", b"2"]
 
 
 def test_nothing_waiting_raises_again_without_blocking(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
