@@ -105,11 +105,11 @@ _SPI = struct.Struct("!I")
 _PORTED = (PROTO_TCP, PROTO_UDP)
 _MARKER_SPI = struct.Struct("!LL")  # a masqueraded datagram's marker and the SPI after it
 _MARKER_SIZE = len(MASQUERADE_MARKER)
-_MASQUERADED = int.from_bytes(MASQUERADE_MARKER, "big")
+# The marker as one word: what inbound_udp compares a datagram's first word with, and the prefix seal_into packs.
+_MASQUERADE_WORD = int.from_bytes(MASQUERADE_MARKER, "big")
 _MASQUERADED_MIN = _MARKER_SIZE + ESP_MIN_PACKET_SIZE  # shorter ones the demultiplexer calls garbage
 _ESP = Kind.ESP  # a module constant: an enum member read costs a descriptor call per packet
 _FLOW_KEYS: dict[tuple[int, int], Callable[[Buffer], tuple[Any, ...]]] = {}  # _admit's unpacks by header shape
-_MASQUERADE_WORD = int.from_bytes(MASQUERADE_MARKER, "big")  # the prefix word OutboundSA.seal_into packs
 
 
 class _Origin(NamedTuple):
@@ -664,7 +664,7 @@ class DataPlane:
         run_source: tuple[str, int] | None = None
         run_spi = -1
         for datagram, source in datagrams:
-            if len(datagram) >= _MASQUERADED_MIN and (head := _MARKER_SPI.unpack_from(datagram))[0] == _MASQUERADED:
+            if len(datagram) >= _MASQUERADED_MIN and (head := _MARKER_SPI.unpack_from(datagram))[0] == _MASQUERADE_WORD:
                 spi = head[1]
                 esp = datagram[_MARKER_SIZE:]  # a view of a view, or a copy of bytes: cheaper than a new memoryview
             else:
