@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from bus.client import Client, ClientPoller, Incoming, shared_context
+from bus.heap import freeze_long_lived
 from bus.keys import KeyPair
 from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
 from nodeagent.agent import HEARTBEAT_INTERVAL, MISSED_HEARTBEATS
@@ -257,6 +258,7 @@ def worker_main(conn: Connection, endpoint: str, server_key: bytes, specs: list[
     """Entry point of a worker process: run the agents until the controller says stop."""
     _raise_fd_limit()
     pool = AgentPool(endpoint, server_key, specs, heartbeat or HEARTBEAT_INTERVAL)
+    freeze_long_lived()  # as the real agent does (nodeagent/cli.py)
     conn.send("ready")
     try:
         while True:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import typer
 
 from bus.errors import KeyFileError
+from bus.heap import freeze_long_lived
 from bus.messages.auth import JoinString
 from nodeagent.agent import Agent, EnrollmentError, enroll
 from nodeagent.dataplane import EXIT_MARK, PATHS, DataPlane
@@ -141,6 +142,7 @@ def up(
         _fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    freeze_long_lived()  # before the packet thread starts: a full collection would stall it (bus/heap.py)
     if tunnels is not None:
         tunnels.start()
     try:

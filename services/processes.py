@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bus.broker import Broker
+from bus.heap import freeze_long_lived
 from bus.keys import load_keypair, load_public_key
 from bus.messages.services import SERVICE_NAMES
 from bus.registry import ChainRegistry, FileKeyRegistry
@@ -102,4 +103,5 @@ def run_process(name: str, config: ServerConfig, broker: str | None = None) -> N
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    freeze_long_lived()  # its imports and itself: never garbage, and full collections paused batches (bus/heap.py)
     runner.run()
