@@ -1,4 +1,4 @@
-"""bus.heap.freeze_long_lived: garbage is collected first, what lives is frozen, later objects are collected as before."""
+"""bus.heap.freeze_long_lived: garbage is collected first, the living are frozen, later garbage is still collected."""
 
 from __future__ import annotations
 
