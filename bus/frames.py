@@ -2,7 +2,9 @@
 
 pyzmq's ``send_multipart``/``recv_multipart`` type-check each frame and OR enum flags per frame (an enum
 operation in Python): 4-5 µs a frame here against ~1 µs for the compiled call below, and the broker relays
-every message of every agent. Flags are plain ints for the same reason.
+every message of every agent. Flags are plain ints for the same reason. Whether more frames follow is read
+from each received frame (``Frame.more``), not from the socket: pyzmq's ``get(RCVMORE)`` looks the option
+up in an enum on every call, and a 6-frame message took 10.3 µs to receive that way against 6.9 µs.
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ import zmq
 
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
@@ -28,18 +28,20 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     """``sock.recv_multipart(flags)``, at a fraction of its per-frame cost."""
-    frames = [_recv(sock, flags, True)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, flags, True))
+    frame = _recv(sock, flags, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, flags, False)
+        frames.append(frame.bytes)
     return frames
 
 
 def recv_message(sock: zmq.Socket, flags: int = 0) -> tuple[zmq.Frame, list[bytes]]:
     """One message as its first frame (a zmq.Frame, whose properties such as User-Id and Peer-Address
-    describe the whole message) and every frame after it as bytes: a zmq.Frame costs an enum call and an
-    object each, and the broker needs the properties only once per message."""
-    first = _recv(sock, flags, False)
+    describe the whole message, read once per message by the broker) and every frame after it as bytes."""
+    first = frame = _recv(sock, flags, False)
     rest = []
-    while _get(sock, _RCVMORE):
-        rest.append(_recv(sock, flags, True))
+    while frame.more:
+        frame = _recv(sock, flags, False)
+        rest.append(frame.bytes)
     return first, rest
