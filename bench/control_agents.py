@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from bus.client import Client, ClientPoller, Incoming, shared_context
-from bus.heap import Refreezer, freeze_long_lived
+from bus.heap import freeze_long_lived
 from bus.keys import KeyPair
 from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
 from nodeagent.agent import HEARTBEAT_INTERVAL, MISSED_HEARTBEATS
@@ -259,13 +259,10 @@ def worker_main(conn: Connection, endpoint: str, server_key: bytes, specs: list[
     _raise_fd_limit()
     pool = AgentPool(endpoint, server_key, specs, heartbeat or HEARTBEAT_INTERVAL)
     freeze_long_lived()  # as the real agent does (nodeagent/cli.py)
-    # And the agents' views, as they come: a real agent's heap holds one view, not 2,500 (bus/heap.py).
-    heap = Refreezer(time.monotonic())
     conn.send("ready")
     try:
         while True:
             pool.step(0.02)
-            heap.tick(time.monotonic())
             while conn.poll(0):
                 request = conn.recv()
                 if request == ("stop",):

@@ -46,7 +46,6 @@ from sqlmodel import col, select
 from bus import errors
 from bus.constants import PUSH_BATCH
 from bus.errors import RemoteError
-from bus.heap import Refreezer
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from bus.messages import construct
@@ -181,7 +180,6 @@ class FanoutService(Worker):
         self._resume_deadline = 0.0  # until when, after the start, heartbeats wait for that first read
         self.beats = BeatWorker(self, endpoint, keypair, server_key)
         self.receipts = ReceiptWriter(self.engine, APPLY_RECEIPTS)
-        self.heap = Refreezer(time.monotonic())  # the streams' views out of the collector's scans (bus/heap.py)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -234,7 +232,6 @@ class FanoutService(Worker):
         if now >= self._next_presence:
             self._next_presence = now + min(1.0, self.presence_timeout / 4)
             self.check_presence(now)
-        self.heap.tick(now)
 
     def catch_up(self) -> None:
         """Fan out every change committed since the last call (steps 1-4)."""

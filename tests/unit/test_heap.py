@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bus.heap import Refreezer, freeze_long_lived
+from bus.heap import freeze_long_lived
 
 
 class _Node:
@@ -44,19 +44,3 @@ def test_live_objects_are_frozen_and_later_garbage_is_still_collected(unfrozen: 
     later = _cycle()
     gc.collect()
     assert later() is None
-
-
-def test_the_refreezer_freezes_on_its_interval_and_frees_frozen_garbage_at_its_full_collection(unfrozen: None) -> None:
-    heap = Refreezer(now=0.0, freeze_every=5.0, collect_every=60.0)
-    built = [_Node() for _ in range(10)]
-    heap.tick(4.9)
-    assert gc.get_freeze_count() == 0  # not yet
-    leaked = _cycle()  # garbage already, but a freeze does not look
-    heap.tick(5.0)
-    assert gc.get_freeze_count() > len(built)
-    assert not any(o is built for o in gc.get_objects())
-    gc.collect()
-    assert leaked() is not None  # frozen: ordinary collections no longer see it
-    heap.tick(60.0)
-    assert leaked() is None  # the full collection over everything gave it back
-    assert gc.get_freeze_count() > 0  # and froze what lives again
