@@ -2,7 +2,7 @@
 
 CPython's cyclic collector rescans every tracked object at each full (generation 2) collection.
 A server process holds about 95,000 of them from its imports alone (modules, pydantic and
-SQLAlchemy schemas, the message registry) and a node agent about as many; none of them is ever
+SQLAlchemy schemas, the message registry) and a node agent about 60,000; none of them is ever
 garbage. In the fanout at 1,000 agents the full collections came every few batches of a change to
 all, 108-280 ms each and always in the middle of a batch (its p99 260-300 ms against a p50 of
 150). In an agent the same pause stalls the packet thread. Frozen (``gc.freeze``), those objects

@@ -18,9 +18,14 @@ class _Node:
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
+    """Nothing frozen, and no automatic collection: only the calls under test may collect."""
+    enabled = gc.isenabled()
     gc.unfreeze()
+    gc.disable()
     yield
     gc.unfreeze()  # leave the collector as other tests expect it
+    if enabled:
+        gc.enable()
 
 
 def _cycle() -> weakref.ref[_Node]:
