@@ -94,7 +94,7 @@ class PublishKey(Message):
 
 @register
 class KeyPublished(Message):
-    """Reply to PublishKey: the epoch is stored; ``relayed`` is how many online peers it was pushed to."""
+    """Reply to PublishKey: the epoch is stored; ``relayed``: how many peers (online or lately seen) got it."""
 
     KIND = "keydist.published"
     epoch: int

@@ -4,8 +4,19 @@ Requests, in order of a key's travel:
   1. PublishKey (node): the caller is looked up by its CURVE key in the
      current datastore; the key must verify with that node's Ed25519 identity
      (``Node.sign_key``), be current, and not be older than what is held
-     (store.py). Stored, it is pushed as PeerKeyUpdate to every online peer.
+     (store.py). Stored, it is pushed as PeerKeyUpdate to every peer that is
+     online or has spoken to keydist within ``SEEN_WINDOW``.
   2. FetchPeerKeys (node): the held keys of the caller's peers.
+
+Why "or has spoken": a node's presence is written in batches after its
+snapshot, but the agent fetches every peer's keys right after that snapshot.
+A key published between that fetch and the presence write was in neither the
+fetch nor any push, and its owner began sealing with it ``lead`` seconds
+later: the node dropped those packets (unknown SPI) until its next fetch.
+keydist serves requests one at a time, so a key stored after a node's fetch
+finds the node in ``_seen`` and is pushed to it. Agents republish every 30 s,
+so a connected node stays seen; a gone one is pushed to for at most
+``SEEN_WINDOW`` (the broker keeps those pushes in its bounded outbox).
 
 Trust is the netmap's peer relation (World.view: nodes sharing a VPN, less
 hub-spoke spokes and pairs no ACL rule connects), checked on every request
@@ -32,6 +43,7 @@ from services.keydist.store import KeyStore
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 5.0  # seconds between sweeps of expired keys
+SEEN_WINDOW = 75.0  # a node that published or fetched this recently is pushed to (two republish intervals and a half)
 
 
 class KeydistService(Worker):
@@ -47,6 +59,7 @@ class KeydistService(Worker):
         self.revision = -1  # the datastore revision self.world reflects
         self._ids: dict[str, int] = {}  # node name -> id, in self.world
         self._next_prune = 0.0
+        self._seen: dict[int, float] = {}  # node id -> monotonic time of its last request here
 
     def handlers(self) -> dict[type, Handler]:
         return {**super().handlers(), PublishKey: self.on_publish, FetchPeerKeys: self.on_fetch}
@@ -55,6 +68,7 @@ class KeydistService(Worker):
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL
             self.counters["expired"] += self.store.prune(time.time())
+            self._seen = {i: at for i, at in self._seen.items() if now - at < SEEN_WINDOW}
 
     # ------------------------------------------------------------------ requests
     def on_publish(self, request: PublishKey, caller: Identity) -> KeyPublished:
@@ -74,11 +88,11 @@ class KeydistService(Worker):
         relayed = 0
         for peer_id in self._peers(world, node_id):
             peer = world.nodes[peer_id]
-            if peer.online and peer.curve_key:
+            if peer.curve_key and (peer.online or self._seen_lately(peer_id)):
                 self.push(peer.curve_key, update)
                 relayed += 1
         self.counters["relayed"] += relayed
-        log.info("node %s published epoch %d; pushed to %d online peers", node.name, key.epoch, relayed)
+        log.info("node %s published epoch %d; pushed to %d peers", node.name, key.epoch, relayed)
         return KeyPublished(epoch=key.epoch, relayed=relayed, fresh=True)
 
     def on_fetch(self, request: FetchPeerKeys, caller: Identity) -> PeerKeys:
@@ -100,7 +114,13 @@ class KeydistService(Worker):
         node_id = world.node_id(caller.key)
         if node_id is None:
             raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
+        self._seen[node_id] = time.monotonic()
         return world, node_id
+
+    def _seen_lately(self, node_id: int) -> bool:
+        """Connected, presence written or not: it asked keydist something within SEEN_WINDOW."""
+        at = self._seen.get(node_id)
+        return at is not None and time.monotonic() - at < SEEN_WINDOW
 
     def _peers(self, world: World, node_id: int) -> list[int]:
         """The nodes that see *node_id* in their netmap (the relation is symmetric)."""

@@ -110,7 +110,7 @@ class Node:
 
 
 def wait_all_online(nodes: list[Node]) -> None:
-    """Presence is written in batches (every 0.25 s), and keydist pushes only to peers shown online."""
+    """Presence is written in batches (every 0.25 s); the tests start from nodes every peer sees online."""
 
     def all_online() -> bool:
         for node in nodes:
@@ -179,6 +179,50 @@ def test_co_members_exchange_keys_and_their_sas_carry_packets(nodes: dict[str, N
         opened = receiver.ring.spi_table.open(sa.seal(INNER))
         assert isinstance(opened, Opened) and bytes(opened.inner) == INNER
         assert receiver.ring.peer_of(sa.spi) == sender.name
+
+
+def test_a_key_published_before_a_peers_presence_is_written_still_reaches_it(
+    nodes: dict[str, Node], server: CoterieServer, tmp_path: Path
+) -> None:
+    """The agent fetches every key right after its snapshot; its presence is written a moment later.
+
+    A key stored in between was in neither that fetch nor any push (keydist pushed only to peers shown
+    online), and its owner began sealing with it: the node dropped those packets as unknown SPIs.
+    """
+    n1 = nodes["n1"]
+    vpn = next(iter(n1.view.vpns))
+    join = JoinString.decode(server.add_node(f"{n1.name}-late", [vpn]))
+    state = StateDir(tmp_path / "late")
+    info = enroll(state, join, context=shared())
+    late = Client(info.endpoints[0], state.keypair(), info.server_key.encode(), timeout=5.0)
+    try:
+        assert wait_until(lambda: _fetch_or_none(late) is not None, 10), "the new node was never let in"
+        n1.refresh_view()
+        assert n1.view.peers[info.node].online is False, "no snapshot, no heartbeat: not shown online"
+        n1.ring.own.new_epoch(time.time())
+        n1.exchange()
+        assert [r.relayed for r in n1.replies if isinstance(r, KeyPublished)][-1] == 2  # n2 and the new node
+        epochs = set()
+        deadline = time.monotonic() + 5.0
+        while n1.ring.own.newest.epoch not in epochs and (push := late.next_push(0.2)) is not None:
+            assert push[0] == "keydist" and isinstance(push[1], PeerKeyUpdate) and push[1].key.node == n1.name
+            epochs.add(push[1].key.epoch)
+            assert time.monotonic() < deadline
+        assert n1.ring.own.newest.epoch in epochs, "the new key was pushed to the node not yet shown online"
+    finally:
+        late.close()
+
+
+def _fetch_or_none(client: Client) -> PeerKeys | None:
+    """A first request from a just-enrolled node: the broker may need a moment to know its key."""
+    try:
+        reply = client.request("keydist", FetchPeerKeys(), expect=PeerKeys)
+    except RemoteError as exc:
+        if exc.code != errors.FORBIDDEN:
+            raise
+        return None
+    assert isinstance(reply, PeerKeys)
+    return reply
 
 
 def test_keys_never_reach_a_node_that_shares_no_vpn(nodes: dict[str, Node]) -> None:
