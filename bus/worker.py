@@ -201,12 +201,8 @@ class Worker:
             log.exception("%s: periodic work failed; continuing", self.service)
             self.counters["tick_failures"] += 1
 
-    def before_read(self) -> None:
-        """Called before each read of what the broker sent: a worker may hold back here (briefly; default never)."""
-
     def _read(self, sock: zmq.Socket) -> bool:
         """Handle what the broker sent, up to ``drain`` messages; False means reconnect."""
-        self.before_read()
         held: list[list[bytes]] = []  # requests for serve_many, answered together after this read
         try:
             for _ in range(self.drain):

@@ -20,11 +20,10 @@ it reports when its digest is the view it should have: no snapshot needed.
 Nodes that stop heartbeating are marked offline, which is itself a change,
 so their co-members hear of it.
 
-Heartbeats and Applied receipts are answered by connections of their own,
-each in a thread (services/fanout/beats.py), so they never wait behind a
-snapshot or a batch (receipts wait for the end of a batch on purpose); the
-state they share with the main loop (streams, presence, receipts) is
-guarded by one lock, held only for short updates.
+Heartbeats and Applied receipts are answered by a second connection in a
+thread (services/fanout/beats.py), so they never wait behind a snapshot or
+a batch; the state they share with the main loop (streams, presence,
+receipts) is guarded by one lock, held only for short updates.
 
 Operators may watch too: a WatchRequest leases a push of every batch of
 changes (as one ChangeNotice) to the operator's key, so a dashboard updates
@@ -68,7 +67,7 @@ from services.datastore.db import make_engine, migrate, reading, transaction
 from services.datastore.models import Change, Node, utcnow
 from services.datastore.netmap import World
 from services.datastore.paths import classify
-from services.fanout.beats import AppliedWorker, BeatWorker
+from services.fanout.beats import BeatWorker
 from services.fanout.receipts import ReceiptWriter
 from services.fanout.reflector import Reflector
 
@@ -177,13 +176,10 @@ class FanoutService(Worker):
         # Guards what the heartbeat thread shares with this one: streams, by_key, presence and receipt queues,
         # and the swap of self.world. Held for short updates only, never across a batch or a database write.
         self._lock = threading.Lock()
-        self.quiet = threading.Event()  # clear while a batch is being sent (AppliedWorker waits)
-        self.quiet.set()
         self._world_ready = threading.Event()  # set once the main thread has read the datastore the first time
         self._resume_deadline = 0.0  # until when, after the start, heartbeats wait for that first read
         self._main_thread: threading.Thread | None = None  # the one that reads the datastore (run)
         self.beats = BeatWorker(self, endpoint, keypair, server_key)
-        self.applied = AppliedWorker(self, endpoint, keypair, server_key)
         self.receipts = ReceiptWriter(self.engine, APPLY_RECEIPTS)
 
     # ------------------------------------------------------------------ lifecycle
@@ -191,15 +187,13 @@ class FanoutService(Worker):
         self._main_thread = threading.current_thread()
         self._resume_deadline = time.monotonic() + RESUME_WAIT
         self.beats.start()
-        self.applied.start()
         self.receipts.start()
         try:
             self._first_world()
             super().run()
         finally:
-            for worker in (self.beats, self.applied):
-                worker.stop()
-                worker.join(timeout=5)
+            self.beats.stop()
+            self.beats.join(timeout=5)
             self.receipts.stop()
 
     def _first_world(self) -> None:
@@ -215,13 +209,11 @@ class FanoutService(Worker):
 
     def stop(self) -> None:
         self.beats.stop()
-        self.applied.stop()
         super().stop()
 
     def on_health(self, request, caller):  # type: ignore[no-untyped-def]
         health = super().on_health(request, caller)
         beats = {f"beats_{k}": v for k, v in self.beats.counters.items()}
-        beats |= {f"applied_{k}": v for k, v in self.applied.counters.items()}
         receipts = dict(self.receipts.counters) | {"receipts_backlog": self.receipts.backlog()}
         return health.model_copy(update={"counters": health.counters | beats | receipts})
 
@@ -279,11 +271,7 @@ class FanoutService(Worker):
                 return
             self.counters["batches"] += 1
             updates = self.counters["updates"]
-            self.quiet.clear()
-            try:
-                receipts = self._push_changes(self.world, changes, head)
-            finally:
-                self.quiet.set()
+            receipts = self._push_changes(self.world, changes, head)
             self._notify_watchers(changes, head)
         # Gauges of the last batch (bench/control.py reads them): where a change's time goes in the fanout.
         self.counters["last_batch_load_ms"] = round((loaded - started) * 1000)
