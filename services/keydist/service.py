@@ -28,6 +28,7 @@ and signatures are held, in memory (store.py says why that suffices).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from bus import errors
@@ -86,9 +87,10 @@ class KeydistService(Worker):
         self.counters["published"] += 1
         update = PeerKeyUpdate(key=key)
         relayed = 0
+        seen_since = time.monotonic() - SEEN_WINDOW  # a peer that asked keydist anything since is connected
         for peer_id in self._peers(world, node_id):
             peer = world.nodes[peer_id]
-            if peer.curve_key and (peer.online or self._seen_lately(peer_id)):
+            if peer.curve_key and (peer.online or self._seen.get(peer_id, -math.inf) > seen_since):
                 self.push(peer.curve_key, update)
                 relayed += 1
         self.counters["relayed"] += relayed
@@ -116,11 +118,6 @@ class KeydistService(Worker):
             raise RemoteError(errors.FORBIDDEN, "this key belongs to no node")
         self._seen[node_id] = time.monotonic()
         return world, node_id
-
-    def _seen_lately(self, node_id: int) -> bool:
-        """Connected, presence written or not: it asked keydist something within SEEN_WINDOW."""
-        at = self._seen.get(node_id)
-        return at is not None and time.monotonic() - at < SEEN_WINDOW
 
     def _peers(self, world: World, node_id: int) -> list[int]:
         """The nodes that see *node_id* in their netmap (the relation is symmetric)."""

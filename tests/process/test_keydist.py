@@ -62,20 +62,10 @@ class Node:
         self.ring.set_peers({n: p.sign_key for n, p in self.view.peers.items()}, time.time())
 
     def _snapshot(self) -> Snapshot:
-        """The node's view (which also marks it online); the broker may need a moment to know the new key."""
-        last: RemoteError | None = None
-        for _ in range(50):
-            try:
-                snapshot = self.client.request("fanout", SnapshotRequest(), expect=Snapshot)
-            except RemoteError as exc:
-                if exc.code != errors.FORBIDDEN:
-                    raise
-                last = exc
-                time.sleep(0.2)
-                continue
-            assert isinstance(snapshot, Snapshot)
-            return snapshot
-        raise AssertionError(f"{self.name} was never let in: {last}")
+        """The node's view (which also marks it online)."""
+        snapshot = _let_in(self.client, self.name, "fanout", SnapshotRequest())
+        assert isinstance(snapshot, Snapshot)
+        return snapshot
 
     def exchange(self) -> None:
         """One agent tick: send what the ring asks for, hand back the answers."""
@@ -107,6 +97,20 @@ class Node:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _let_in(client: Client, name: str, service: str, request: Message) -> Message:
+    """A just-enrolled node's first request: the broker may need a moment to know its key (FORBIDDEN meanwhile)."""
+    last: RemoteError | None = None
+    for _ in range(50):
+        try:
+            return client.request(service, request)
+        except RemoteError as exc:
+            if exc.code != errors.FORBIDDEN:
+                raise
+            last = exc
+            time.sleep(0.2)
+    raise AssertionError(f"{name} was never let in: {last}")
 
 
 def wait_all_online(nodes: list[Node]) -> None:
@@ -196,7 +200,7 @@ def test_a_key_published_before_a_peers_presence_is_written_still_reaches_it(
     info = enroll(state, join, context=shared())
     late = Client(info.endpoints[0], state.keypair(), info.server_key.encode(), timeout=5.0)
     try:
-        assert wait_until(lambda: _fetch_or_none(late) is not None, 10), "the new node was never let in"
+        assert isinstance(_let_in(late, info.node, "keydist", FetchPeerKeys()), PeerKeys)
         n1.refresh_view()
         assert n1.view.peers[info.node].online is False, "no snapshot, no heartbeat: not shown online"
         n1.ring.own.new_epoch(time.time())
@@ -211,18 +215,6 @@ def test_a_key_published_before_a_peers_presence_is_written_still_reaches_it(
         assert n1.ring.own.newest.epoch in epochs, "the new key was pushed to the node not yet shown online"
     finally:
         late.close()
-
-
-def _fetch_or_none(client: Client) -> PeerKeys | None:
-    """A first request from a just-enrolled node: the broker may need a moment to know its key."""
-    try:
-        reply = client.request("keydist", FetchPeerKeys(), expect=PeerKeys)
-    except RemoteError as exc:
-        if exc.code != errors.FORBIDDEN:
-            raise
-        return None
-    assert isinstance(reply, PeerKeys)
-    return reply
 
 
 def test_keys_never_reach_a_node_that_shares_no_vpn(nodes: dict[str, Node]) -> None:
