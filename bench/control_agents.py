@@ -6,8 +6,9 @@ with the same messages and the real replica (nodeagent.sync.Replica):
   1. connect (its own CURVE key, its own DEALER through bus.client.Client);
   2. ask the fanout for a snapshot (at most MAX_SNAPSHOTS_IN_FLIGHT per
      process at a time, as a crowd of real agents starting would spread);
-  3. apply pushed updates in order, send the Applied receipt, and take a new
-     snapshot on a gap or a digest mismatch;
+  3. apply pushed updates in order, send the Applied receipt a moment later
+     (nodeagent.sync.receipt_delay), and take a new snapshot on a gap or a
+     digest mismatch;
   4. heartbeat at the real interval (nodeagent.agent.HEARTBEAT_INTERVAL), take a
      snapshot when the fanout says "not in sync", and reconnect after
      MISSED_HEARTBEATS unanswered heartbeats, after the client's backoff
@@ -36,7 +37,7 @@ from bus.heap import freeze_long_lived
 from bus.keys import KeyPair
 from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
 from nodeagent.agent import HEARTBEAT_INTERVAL, MISSED_HEARTBEATS
-from nodeagent.sync import Outcome, Replica
+from nodeagent.sync import Outcome, Replica, receipt_delay
 
 MAX_SNAPSHOTS_IN_FLIGHT = 64
 SNAPSHOT_TIMEOUT = 10.0  # seconds before an unanswered snapshot request is sent again
@@ -72,6 +73,7 @@ class SimAgent:
     index: int = 0  # in AgentPool.agents
     due: float = 0.0  # when its heartbeat entry in AgentPool.beats is due (older entries are stale)
     beat_sent: float = 0.0
+    receipt_due: float = 0.0  # when its receipt in AgentPool.receipts goes (0: none waiting)
 
     def moved(self, revision: int, now: float) -> None:
         self.history.append((revision, now))
@@ -95,6 +97,7 @@ class AgentPool:
         self.by_client: dict[int, SimAgent] = {}
         self.counters: Counter[str] = Counter()
         self.beats: list[tuple[float, int]] = []  # heap of (when, agent index)
+        self.receipts: list[tuple[float, int]] = []  # heap of (when, agent index): receipts waiting
         self._next_snapshots = 0.0
         now = time.monotonic()
         for index, spec in enumerate(specs):
@@ -119,6 +122,7 @@ class AgentPool:
             for incoming in client.incoming():
                 self._on_incoming(agent, incoming, now)
         self._heartbeats(now)
+        self._receipts(now)
         if now >= self._next_snapshots:
             self._next_snapshots = now + 0.05
             self._snapshots(now)
@@ -158,7 +162,9 @@ class AgentPool:
         self.counters[outcome.value] += 1
         if outcome is Outcome.APPLIED:
             agent.moved(update.revision, now)
-            agent.client.notify("fanout", Applied(revision=agent.replica.revision, digest=agent.replica.digest))
+            if not agent.receipt_due:  # the receipt, a moment later, as the real agent's (sync.receipt_delay)
+                agent.receipt_due = now + receipt_delay(agent.asked)
+                heapq.heappush(self.receipts, (agent.receipt_due, agent.index))
         elif outcome in (Outcome.GAP, Outcome.MISMATCH) and agent.snapshot_id is None:
             agent.wants_snapshot = True
 
@@ -191,6 +197,14 @@ class AgentPool:
             self._schedule(agent, now + BEAT_TIMEOUT)
             self.counters["heartbeats"] += 1
 
+    def _receipts(self, now: float) -> None:
+        """The receipts that are due: each reports what its agent holds now (updates since share it)."""
+        while self.receipts and self.receipts[0][0] <= now:
+            _, index = heapq.heappop(self.receipts)
+            agent = self.agents[index]
+            agent.receipt_due = 0.0
+            agent.client.notify("fanout", Applied(revision=agent.replica.revision, digest=agent.replica.digest))
+
     def _reconnect(self, agent: SimAgent) -> None:
         self.poller.remove(agent.client)
         del self.by_client[id(agent.client)]
@@ -218,6 +232,7 @@ class AgentPool:
                     in_flight += 1
 
     def close(self) -> None:
+        self.poller.close()
         for agent in self.agents:
             agent.client.close()
         self.context.term()

@@ -25,7 +25,7 @@ from bus.messages.auth import Enroll, Enrolled, JoinString
 from bus.messages.sync import Applied, Snapshot, SnapshotRequest, SyncHeartbeat, SyncStatus, Update
 from bus.signing import verify_seal
 from nodeagent.state import ServerInfo, StateDir, StateError, StoredView
-from nodeagent.sync import Outcome, Replica
+from nodeagent.sync import Outcome, Replica, receipt_delay
 
 if TYPE_CHECKING:
     from nodeagent.tunnels import Tunnels
@@ -108,6 +108,7 @@ class Agent:
         self._context = context  # shared by many simulated agents in one process
         self._missed = 0  # heartbeats in a row without an answer
         self._asked = 0.0  # the heartbeat interval the fanout last asked for (SyncStatus.heartbeat)
+        self._receipt_due: float | None = None  # when the receipt of the updates applied since the last one goes
         self._saved_at = float("-inf")
         self._unsaved = False  # an applied update not yet on disk
 
@@ -193,8 +194,10 @@ class Agent:
         if not self._resume_stream(client):
             self._snapshot(client)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
+        self._receipt_due = None  # the heartbeat that resumed, or the snapshot, told the server where we are
         while not self._stop.is_set():
-            push = client.next_push(max(0.0, min(next_heartbeat - time.monotonic(), 0.2)))
+            wake = next_heartbeat if self._receipt_due is None else min(next_heartbeat, self._receipt_due)
+            push = client.next_push(max(0.0, min(wake - time.monotonic(), 0.2)))
             if self._unsaved and time.monotonic() - self._saved_at >= SAVE_INTERVAL:
                 self._save()
             if push is not None and push[0] == "fanout" and isinstance(push[1], Update):
@@ -203,6 +206,9 @@ class Agent:
                 self.tunnels.on_push(push[1])
             if self.tunnels is not None:
                 self.tunnels.tick(client)
+            if self._receipt_due is not None and time.monotonic() >= self._receipt_due:
+                self._receipt_due = None  # nothing waits for its reply: the next heartbeat repeats it
+                client.notify("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
             if time.monotonic() >= next_heartbeat:
                 status = self._heartbeat(client)
                 # A fanout with many nodes asks for a longer interval: its heartbeat budget is shared by all. After
@@ -300,8 +306,8 @@ class Agent:
             self.applied_log.append((update.revision, time.monotonic()))
             self._view_changed()
             self._save(force=False)
-            # The receipt; the next heartbeat repeats it, so nothing waits for its reply.
-            client.notify("fanout", Applied(revision=self.replica.revision, digest=self.replica.digest))
+            if self._receipt_due is None:  # the receipt, a moment later (sync.receipt_delay)
+                self._receipt_due = time.monotonic() + receipt_delay(self._asked)
         elif outcome in (Outcome.GAP, Outcome.MISMATCH, Outcome.NO_VIEW):
             log.info(
                 "update r%d (after r%d): %s at r%d; taking a snapshot",

@@ -28,6 +28,7 @@ from bus.messages.sync import NodeView, PeerView, VpnView
 from bus.signing import verify_seal
 from nodeagent.agent import Agent
 from nodeagent.state import ServerInfo, StateDir, StoredView
+from nodeagent.sync import RECEIPT_DELAY
 from tests.conftest import BusHarness, wait_until
 from tests.helpers.scripted_fanout import ScriptedFanout
 
@@ -200,6 +201,20 @@ def test_in_order_update_is_applied_and_acknowledged(rig: Rig) -> None:
     stored = rig.stored()
     assert stored is not None and stored.revision == 7 and stored.view == V3
     assert rig.fanout.count("snapshot") == 1, "applied from deltas, not from new snapshots"
+
+
+def test_updates_applied_close_together_share_one_receipt(rig: Rig) -> None:
+    """The receipt waits a moment (sync.receipt_delay): updates applied meanwhile are reported by it, once."""
+    _started(rig)
+    sent = time.monotonic()
+    rig.fanout.send(rig.fanout.make_update(V2, 2))
+    rig.fanout.send(rig.fanout.make_update(V3, 3))
+    assert wait_until(lambda: rig.synced(3), WAIT)
+    assert wait_until(lambda: rig.fanout.applied_revisions() == [3], WAIT), rig.fanout.applied_revisions()
+    assert time.monotonic() - sent >= RECEIPT_DELAY, "the receipt did not wait"
+    assert rig.fanout.applied[0].digest == V3.digest()
+    time.sleep(2 * RECEIPT_DELAY)
+    assert rig.fanout.applied_revisions() == [3], "one receipt for both updates"
 
 
 def test_update_after_a_gap_makes_the_agent_take_a_snapshot(rig: Rig) -> None:

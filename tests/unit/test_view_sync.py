@@ -31,7 +31,7 @@ from bus.messages.sync import (
     VpnView,
 )
 from bus.signing import seal, verify_seal
-from nodeagent.sync import Outcome, Replica
+from nodeagent.sync import RECEIPT_DELAY, Outcome, Replica, receipt_delay
 
 NODE_KEY = "rq:rt8bQx}g7V.5X]sR+pf<jW*wA/9xYb=k3nLz-"  # a Z85-looking node key (40 characters)
 
@@ -476,3 +476,12 @@ def test_a_garbled_signature_or_key_fails_without_raising() -> None:
     garbled = Seal(expires=sealed.expires, signature="zz" + sealed.signature[2:])
     assert verify_seal(public, NODE_KEY, 7, DIGEST, garbled, time.time()) is not None
     assert verify_seal("not hex", NODE_KEY, 7, DIGEST, sealed, time.time()) is not None
+
+
+def test_a_receipt_waits_between_one_and_two_delays_and_longer_when_heartbeats_are_slower() -> None:
+    """Spread over [D, 2D): D is RECEIPT_DELAY, or a quarter of the asked heartbeat interval when that is longer."""
+    own = [receipt_delay(0.0) for _ in range(500)]
+    assert all(RECEIPT_DELAY <= d < 2 * RECEIPT_DELAY for d in own)
+    assert max(own) - min(own) > RECEIPT_DELAY / 2, "not spread: receipts of one change would come back together"
+    slow = [receipt_delay(10.0) for _ in range(500)]
+    assert all(2.5 <= d < 5.0 for d in slow)
