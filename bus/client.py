@@ -136,7 +136,7 @@ class ClientPoller:
 
         Every client returned must be drained before the next call (see the class).
         """
-        ready = [client for client in self._sent if client.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN]
+        ready = {client for client in self._sent if client.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN}
         self._sent.clear()
         fds = []
         for fd, _ in self._epoll.poll(0 if ready else max(0.0, timeout)):
@@ -145,8 +145,8 @@ class ClientPoller:
                 if fd in self._plain:
                     fds.append(fd)
             elif client not in ready and client.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                ready.append(client)  # reading EVENTS also quiets the descriptor until new commands come
-        return ready, fds
+                ready.add(client)  # reading EVENTS also quiets the descriptor until new commands come
+        return list(ready), fds
 
     def close(self) -> None:
         self._epoll.close()
