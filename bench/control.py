@@ -71,9 +71,9 @@ SOLO_ROUTE = "192.168.98.0/24"
 SUBNET = "10.64.0.0/16"  # room for 65,000 agents
 SERVER_PROCESSES = ("broker", "fanout", "datastore")
 WINDOW = 16  # burst requests unanswered at once
-# Between two changes to all: an agent's receipt goes up to 2 x RECEIPT_DELAY after its update (more with the
-# longer heartbeat intervals of 10,000 nodes), so that each change is measured without the last one's receipts.
-CHANGE_GAP = 2 * RECEIPT_DELAY + 0.2
+# After the agents have sent the receipts of a change to all, a moment for the server to take them in before the next
+# change, so that each change is measured alone (see changes_to_all).
+RECEIPTS_SETTLE = RECEIPT_DELAY
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +118,12 @@ def spread(values: list[float], scale: float = 1e3) -> dict[str, float]:
         "p99": percentile(values, 99) * scale,
         "max": max(values) * scale if values else float("nan"),
     }
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -269,27 +275,58 @@ def wait_reached(workers: Workers, revision: int, count: int, timeout: float) ->
         raise SystemExit(f"revision {revision} did not reach every agent within {timeout:.0f}s")
 
 
+def cpu_by_role(server: CoterieServer, workers: Workers) -> dict[str, float]:
+    """CPU seconds so far of the server's processes and of all the agents' processes together."""
+    pids = server.pids()
+    used = {name: cpu_s(pids[name]) for name in SERVER_PROCESSES if name in pids}
+    used["agents"] = sum(cpu_s(p.pid) for p in workers.processes if p.pid is not None)
+    return used
+
+
+def settle_receipts(workers: Workers, timeout: float) -> None:
+    """Wait until every agent has sent the receipt of what it applied, and the server a moment more.
+
+    An agent's receipt waits 0.5-1 s after its update, 2.5-5 s at 10,000 nodes (a quarter of the longer
+    heartbeat interval asked there: nodeagent/sync.py receipt_delay). A fixed gap between changes left
+    10,000 receipts of one change arriving in the middle of the next one's batch.
+    """
+    wait_until(lambda: workers.total("receipts_waiting") == 0, timeout, interval=0.1)
+    time.sleep(RECEIPTS_SETTLE)
+
+
 def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int, timeout: float) -> dict[str, Any]:
-    """(a) route behind the hub added and removed in turn; every agent's time to apply each change."""
+    """(a) route behind the hub added and removed in turn; every agent's time to apply each change.
+
+    Also the CPU each process spent: while the change spread (from the request until the last agent applied
+    it) and per change in all (its receipts and the heartbeats meanwhile included). On a machine whose cores
+    the agents share with the server, that is where a change's time goes."""
+    cpu_before = cpu_by_role(server, workers)
+    spreading: dict[str, float] = dict.fromkeys(cpu_before, 0.0)  # CPU seconds while changes spread
     each: list[float] = []
     everyone: list[float] = []
     fanout_ms: list[float] = []  # the fanout's own time for the batch: load the world, compute, seal and send
     revision = 0
     for i in range(changes):
         kind = RouteAdd if i % 2 == 0 else RouteRemove
+        cpu_start = cpu_by_role(server, workers)
         started = time.monotonic()
         reply = server.mutate(kind, node="hub", vpn="all", cidr=HUB_ROUTE)
         revision = reply.revision
         wait_reached(workers, reply.revision, n, timeout)
+        for role, used in cpu_by_role(server, workers).items():
+            spreading[role] += used - cpu_start[role]
         times = [t - started for t in workers.flat("reached", reply.revision)]
         each += times
         everyone.append(max(times))
         counters = fanout_counters(server)
         if counters.get("last_batch_updates") == n:
             fanout_ms.append(counters["last_batch_ms"] / 1e3)
-        time.sleep(CHANGE_GAP)  # the receipts of this change come back meanwhile: the next one is measured alone
+        settle_receipts(workers, timeout)
     at_last = workers.total("count_reached", revision)
+    cpu_after = cpu_by_role(server, workers)
     return {
+        "cpu_ms_per_change": {k: round((cpu_after[k] - v) * 1e3 / changes) for k, v in cpu_before.items()},
+        "cpu_ms_while_spreading": {k: round(v * 1e3 / changes) for k, v in spreading.items()},
         "each_ms": spread(each),
         "all_applied_ms": spread(everyone),
         "fanout_batch_ms": spread(fanout_ms),
@@ -503,6 +540,13 @@ def table(r: dict[str, Any]) -> str:
         row("a. change to every node: per agent, ms", r["to_all"]["each_ms"], f"{r['to_all']['changes']} changes"),
         row("a. change to every node: last agent, ms", r["to_all"]["all_applied_ms"]),
         row("a. change to every node: the fanout's batch, ms", r["to_all"].get("fanout_batch_ms")),
+        row(
+            "a. CPU per change to every node, ms",
+            note=", ".join(f"{k} {v}" for k, v in r["to_all"].get("cpu_ms_per_change", {}).items())
+            + " (while it spread: "
+            + ", ".join(f"{k} {v}" for k, v in r["to_all"].get("cpu_ms_while_spreading", {}).items())
+            + ")",
+        ),
         row(
             "b. change to one node, ms",
             r["to_one"]["ms"],
