@@ -14,7 +14,9 @@ its kernel finishes or skips them); ``complete=True`` finishes them here for
 anyone else.
 
 On the way in, ``coalesce`` turns consecutive segments of one TCP flow back
-into a super-packet (one TUN write instead of up to 45) and marks every
+into a super-packet (one TUN write instead of up to 45), consecutive equal
+datagrams of one UDP flow into a UDP GSO packet (the kernel hands each
+datagram to the socket as it was), and marks every
 TCP/UDP packet NEEDS_CSUM with the pseudo-header sum in its checksum field:
 the kernel then trusts it for local delivery and completes it when it
 forwards the packet (a gateway), so what leaves the node is always complete.
@@ -36,6 +38,7 @@ NEEDS_CSUM = 1
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_TCPV6 = 4
+GSO_UDP_L4 = 5  # UDP segmentation (USO): the kernel cuts the payload into gso_size datagrams, each its own header
 GSO_ECN = 0x80
 PLAIN = bytes(VNET_SIZE)  # "nothing to do": every write of a packet that is not TCP/UDP starts with this
 
@@ -393,14 +396,18 @@ def _run_fields_struct(version: int, l4: int, header_length: int) -> struct.Stru
     return fields
 
 
-def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
+def coalesce(packets: Sequence[Buffer], udp: bool = True) -> list[list[Buffer]]:
     """The TUN writes (each a list of buffers for writev) for these inner packets, in order.
 
     Consecutive TCP segments of one flow with contiguous sequence numbers,
     equal-sized payloads (the last may be shorter) and no flags beyond ACK
-    (PSH allowed on the last) become one super-packet with NEEDS_CSUM. Other
-    TCP and UDP packets are written one by one with NEEDS_CSUM; the rest
-    (ICMP, fragments, anything else) plain.
+    (PSH allowed on the last) become one super-packet with NEEDS_CSUM.
+    Consecutive UDP datagrams of one flow with equal lengths become one
+    GSO_UDP_L4 packet (unless *udp* is False: a kernel before 6.2 refuses
+    those writes, see ``Tun.write_batch``); a packet flood is then one TUN
+    write per GRO read instead of one per datagram. Other TCP and UDP
+    packets are written one by one with NEEDS_CSUM; the rest (ICMP,
+    fragments, anything else) plain.
 
     A full-sized, ACK-only segment that continues the run is recognised by
     one unpack compared with the values it must have (``_run_fields_struct``);
@@ -421,12 +428,30 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
     offset_ack = 0
     full_runs = 0  # how many segments of size_limit the run may hold (MAX_COALESCED, MAX_SEGMENTS)
 
+    udp_run: list[Buffer] = []  # payloads of the open UDP run, all of one size
+    udp_first: Buffer = b""  # its first datagram, whose header the run's write carries
+    udp_fields = _SEQ_FLAGS.unpack_from  # the open UDP run's _udp_key_struct
+    udp_key: tuple[bytes, ...] = ()
+    udp_length = udp_header_length = udp_room = 0  # its datagrams' length, header length, most datagrams it takes
+
     def close_run() -> None:
         if run:
             writes.append(_write_run(run_header, (l4, header_length, size_limit, total - header_length), run))
             run.clear()
 
+    def close_udp_run() -> None:
+        if len(udp_run) > 1:
+            writes.append(_write_udp_run(udp_first, udp_header_length, udp_run))
+        elif udp_run:
+            writes.append(_single(udp_first))
+        udp_run.clear()
+
     for packet in packets:
+        if udp_run:  # the next datagram of the open UDP run: the same length, and the same headers bar id/checksums
+            if len(packet) == udp_length and len(udp_run) < udp_room and udp_fields(packet) == udp_key:
+                udp_run.append(packet[udp_header_length:])
+                continue
+            close_udp_run()
         if run:
             size = len(packet) - header_length
             if (
@@ -463,7 +488,15 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
             close_run()
         shape = _tcp_shape(packet)
         if shape is None:
-            writes.append(_single(packet))
+            udp_shape = _udp_shape(packet) if udp else None
+            if udp_shape is None:
+                writes.append(_single(packet))
+                continue
+            key_of, udp_header_length = udp_shape
+            udp_first, udp_fields, udp_length = packet, key_of.unpack_from, len(packet)
+            udp_key = udp_fields(packet)
+            udp_room = min(MAX_SEGMENTS, (MAX_COALESCED - udp_header_length) // (udp_length - udp_header_length))
+            udp_run.append(packet[udp_header_length:])
             continue
         l4, header_length, seq, flags = shape
         size = len(packet) - header_length
@@ -484,7 +517,61 @@ def coalesce(packets: Sequence[Buffer]) -> list[list[Buffer]]:
         next_seq = (seq + size) & 0xFFFFFFFF
         total = header_length + size
     close_run()
+    close_udp_run()
     return writes
+
+
+_UDP_KEYS: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _udp_shape(packet: Buffer) -> tuple[struct.Struct, int] | None:
+    """(the unpack of what its run's datagrams share, header length) of a datagram that may start a UDP run.
+
+    An unfragmented UDP datagram with a payload, whose IP and UDP lengths are those of the packet (a
+    datagram shorter than its packet would not survive being cut again). What the run's datagrams
+    share: the whole IP header but for id and checksum (so lengths, addresses, TTL, DF and no
+    fragment), the ports and the UDP length; with equal packet lengths that makes them segments the
+    kernel can cut apart again with the same headers.
+    """
+    size = len(packet)
+    if size < 28:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        l4 = (packet[0] & 0x0F) * 4
+        if packet[9] != PROTO_UDP or l4 < 20 or _H.unpack_from(packet, 2)[0] != size:
+            return None
+        if _H.unpack_from(packet, 6)[0] & 0x3FFF:  # MF or an offset: a fragment
+            return None
+    elif version == 6 and size >= 48 and packet[6] == PROTO_UDP and _H.unpack_from(packet, 4)[0] == size - 40:
+        l4 = 40
+    else:
+        return None
+    if size <= l4 + 8 or _H.unpack_from(packet, l4 + 4)[0] != size - l4:
+        return None
+    key = _UDP_KEYS.get((version, l4))
+    if key is None:
+        # IPv4: version, tos, length | id | flags, fragment, ttl, proto | checksum | addresses, options;
+        # IPv6: version, class, flow, payload length | next header, hops, addresses. Then ports and length.
+        ip = f"4s2x4s2x{l4 - 12}s" if version == 4 else "6s34s"
+        key = _UDP_KEYS[(version, l4)] = struct.Struct(f"!{ip}6s")
+    return key, l4 + 8
+
+
+def _write_udp_run(first: Buffer, header_length: int, payloads: list[Buffer]) -> list[Buffer]:
+    """One GSO_UDP_L4 write for datagrams of equal size: *first*'s headers with the lengths of all."""
+    header = bytearray(first[:header_length])
+    l4 = header_length - 8
+    size = len(payloads[0])
+    length = 8 + size * len(payloads)  # the UDP length of the whole, which the pseudo-header sum covers
+    if header[0] >> 4 == 4:
+        _H.pack_into(header, 2, l4 + length)
+        ipv4_header_checksum(header)
+    else:
+        _H.pack_into(header, 4, length)
+    _H.pack_into(header, l4 + 4, length)
+    _H.pack_into(header, l4 + UDP_CSUM_OFFSET, pseudo_sum(header, length, PROTO_UDP))
+    return [VNET.pack(NEEDS_CSUM, GSO_UDP_L4, header_length, size, l4, UDP_CSUM_OFFSET), header, *payloads]
 
 
 def _tcp_shape(packet: Buffer) -> tuple[int, int, int, int] | None:

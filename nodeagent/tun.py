@@ -83,6 +83,7 @@ class Tun:
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self.tso = False  # the kernel took TUNSETOFFLOAD: reads may be super-packets (a capability, paths.GSO)
+        self.udp_gso = True  # runs of equal UDP datagrams are written as one (offload.coalesce) until refused
         if offload:
             try:
                 fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
@@ -245,7 +246,7 @@ class Tun:
         if not self.offload:
             return self._write_all(os.write, packets)
         packets = list(packets)
-        writes = segments.coalesce(packets)
+        writes = segments.coalesce(packets, udp=self.udp_gso)
         self.packets_written += len(packets)
         self.writes += len(writes)
         return self._write_all(os.writev, writes)
@@ -261,7 +262,15 @@ class Tun:
             except OSError as exc:  # EINVAL for a packet the kernel will not take
                 log.debug("TUN write refused: %s", exc)
                 refused += 1
+                if exc.errno == errno.EINVAL and write is os.writev and item[0][1] == segments.GSO_UDP_L4:
+                    self._refuse_udp_gso()
         return refused
+
+    def _refuse_udp_gso(self) -> None:
+        """The kernel took no UDP GSO write (before Linux 6.2): that run is lost, later datagrams go one by one."""
+        if self.udp_gso:
+            self.udp_gso = False
+            log.warning("TUN %s: the kernel refuses UDP GSO writes; UDP datagrams are written one by one", self.name)
 
     def close(self) -> None:
         if self._exit_rules:  # rules are not tied to the device: the kernel would keep them
