@@ -1032,33 +1032,43 @@ class DataPlane:
         receivers: list[Any] = list(self.wire.sockets())
         if paths is not None:
             receivers.append(stream_fd)
-        readable = [tun_fd, wake, *receivers]
+        # One epoll set for the thread's life: select() built and tore down its wait on every descriptor at
+        # each pass, a pass per packet when packets come one by one (pings, small datagrams).
+        poller = select.epoll()
+        sources: dict[int, Any] = {}  # descriptor -> what _receive reads (a socket, or the streams' queue)
+        for source in (tun_fd, wake, *receivers):
+            fd = source if isinstance(source, int) else source.fileno()
+            poller.register(fd, select.EPOLLIN)
+            sources[fd] = source
         next_tick = time.monotonic()
-        while not self._stop.is_set():
-            ready, _, _ = select.select(readable, [], [], TICK_INTERVAL)
-            wrote = False
-            for fd in ready:
-                if fd == tun_fd:
-                    continue
-                if fd == wake:
-                    _drain(wake)
-                    continue
-                wrote = self._receive(fd, stream_fd) or wrote
-            if self._holding:  # before the TUN's new packets, which must not overtake the held ones
-                tun.write_batch(self.flush_queues(time.monotonic()))
-            if wrote or tun_fd in ready:
-                packets = tun.read_batch(BATCH)
-                if packets and tun_fd not in ready:
-                    self.counters["tun_read_after_write"] += len(packets)  # answered without a wake-up
-                answers = self.outbound_batch(packets)
-                if answers:
-                    tun.write_batch(answers)
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK_INTERVAL
-                self.tick(now)
-                self.keepalives(now)
-                self.introduce_streams(now)
+        try:
+            while not self._stop.is_set():
+                events = poller.poll(TICK_INTERVAL)
+                wrote = tun_ready = False
+                for fd, _ in events:
+                    if fd == tun_fd:
+                        tun_ready = True
+                    elif fd == wake:
+                        _drain(wake)
+                    else:
+                        wrote = self._receive(sources[fd], stream_fd) or wrote
+                if self._holding:  # before the TUN's new packets, which must not overtake the held ones
+                    tun.write_batch(self.flush_queues(time.monotonic()))
+                if wrote or tun_ready:
+                    packets = tun.read_batch(BATCH)
+                    if packets and not tun_ready:
+                        self.counters["tun_read_after_write"] += len(packets)  # answered without a wake-up
+                    answers = self.outbound_batch(packets)
+                    if answers:
+                        tun.write_batch(answers)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK_INTERVAL
+                    self.tick(now)
+                    self.keepalives(now)
+                    self.introduce_streams(now)
+        finally:
+            poller.close()
 
     def _receive(self, fd: Any, stream_fd: int) -> bool:
         """One read from a ready socket (UDP, raw ESP or the TLS streams' queue) through to the TUN;
