@@ -32,8 +32,13 @@ CAP_GSO = "gso"  # its UDP socket segments and coalesces (UDP_SEGMENT, UDP_GRO) 
 CAP_CSUM = "csum"  # it takes inner TCP/UDP packets with partial checksums and completes them (NEEDS_CSUM writes)
 
 
+# One encoder for every canonical JSON: json.dumps with arguments builds a new encoder per call, which for a name
+# cost 1.8 µs against 0.24 µs for the encoding itself (a view's digest encodes a few such names per node and update).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def _canonical(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return _CANONICAL(value).encode()
 
 
 class _Part(BaseModel):
