@@ -139,8 +139,8 @@ class AgentPool:
         if incoming.error is not None:
             self.counters[f"error_{incoming.error.code}"] += 1
             if incoming.request_id == agent.snapshot_id:
-                agent.snapshot_id, agent.wants_snapshot = None, True
-                self.snapshot_work[agent.index] = None
+                agent.snapshot_id = None
+                self._want_snapshot(agent)
             return
         if isinstance(message, Update):
             agent.pushes += 1
@@ -152,8 +152,7 @@ class AgentPool:
                 agent.last_snapshot = now
                 self.counters["snapshots"] += 1
             else:
-                agent.wants_snapshot = True
-                self.snapshot_work[agent.index] = None
+                self._want_snapshot(agent)
                 self.counters["bad_snapshots"] += 1
         elif isinstance(message, SyncStatus) and incoming.request_id == agent.beat_id:
             agent.beat_id, agent.missed, agent.last_status = None, 0, now
@@ -162,8 +161,7 @@ class AgentPool:
             if message.in_sync:
                 agent.last_in_sync = now
             elif agent.snapshot_id is None:
-                agent.wants_snapshot = True
-                self.snapshot_work[agent.index] = None
+                self._want_snapshot(agent)
                 self.counters["told_to_resync"] += 1
 
     def _on_update(self, agent: SimAgent, update: Update, now: float) -> None:
@@ -175,8 +173,12 @@ class AgentPool:
                 agent.receipt_due = now + receipt_delay(agent.asked)
                 heapq.heappush(self.receipts, (agent.receipt_due, agent.index))
         elif outcome in (Outcome.GAP, Outcome.MISMATCH) and agent.snapshot_id is None:
-            agent.wants_snapshot = True
-            self.snapshot_work[agent.index] = None
+            self._want_snapshot(agent)
+
+    def _want_snapshot(self, agent: SimAgent) -> None:
+        """The agent needs a new snapshot: flagged, and noted for ``_snapshots``."""
+        agent.wants_snapshot = True
+        self.snapshot_work[agent.index] = None
 
     def _moved(self, agent: SimAgent, revision: int, now: float) -> None:
         """The agent's view changed to *revision* (a snapshot or an applied update)."""
@@ -236,7 +238,8 @@ class AgentPool:
         self._watch(agent)
         agent.missed, agent.beat_id = 0, None
         if agent.snapshot_id is not None:
-            agent.snapshot_id, agent.wants_snapshot = None, True
+            agent.snapshot_id = None
+            self._want_snapshot(agent)
         self.counters["reconnects"] += 1
 
     def _snapshots(self, now: float) -> None:
