@@ -275,9 +275,8 @@ def wait_reached(workers: Workers, revision: int, count: int, timeout: float) ->
         raise SystemExit(f"revision {revision} did not reach every agent within {timeout:.0f}s")
 
 
-def cpu_by_role(server: CoterieServer, workers: Workers) -> dict[str, float]:
-    """CPU seconds so far of the server's processes and of all the agents' processes together."""
-    pids = server.pids()
+def cpu_by_role(pids: dict[str, int], workers: Workers) -> dict[str, float]:
+    """CPU seconds so far of the server's processes (*pids*: server.pids()) and of all the agents' together."""
     used = {name: cpu_s(pids[name]) for name in SERVER_PROCESSES if name in pids}
     used["agents"] = sum(cpu_s(p.pid) for p in workers.processes if p.pid is not None)
     return used
@@ -300,7 +299,8 @@ def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int
     Also the CPU each process spent: while the change spread (from the request until the last agent applied
     it) and per change in all (its receipts and the heartbeats meanwhile included). On a machine whose cores
     the agents share with the server, that is where a change's time goes."""
-    cpu_before = cpu_by_role(server, workers)
+    pids = server.pids()  # asked once: a request through the broker per reading would add to what is measured
+    cpu_before = cpu_by_role(pids, workers)
     spreading: dict[str, float] = dict.fromkeys(cpu_before, 0.0)  # CPU seconds while changes spread
     each: list[float] = []
     everyone: list[float] = []
@@ -308,12 +308,12 @@ def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int
     revision = 0
     for i in range(changes):
         kind = RouteAdd if i % 2 == 0 else RouteRemove
-        cpu_start = cpu_by_role(server, workers)
+        cpu_start = cpu_by_role(pids, workers)
         started = time.monotonic()
         reply = server.mutate(kind, node="hub", vpn="all", cidr=HUB_ROUTE)
         revision = reply.revision
         wait_reached(workers, reply.revision, n, timeout)
-        for role, used in cpu_by_role(server, workers).items():
+        for role, used in cpu_by_role(pids, workers).items():
             spreading[role] += used - cpu_start[role]
         times = [t - started for t in workers.flat("reached", reply.revision)]
         each += times
@@ -323,7 +323,7 @@ def changes_to_all(server: CoterieServer, workers: Workers, n: int, changes: int
             fanout_ms.append(counters["last_batch_ms"] / 1e3)
         settle_receipts(workers, timeout)
     at_last = workers.total("count_reached", revision)
-    cpu_after = cpu_by_role(server, workers)
+    cpu_after = cpu_by_role(pids, workers)
     return {
         "cpu_ms_per_change": {k: round((cpu_after[k] - v) * 1e3 / changes) for k, v in cpu_before.items()},
         "cpu_ms_while_spreading": {k: round(v * 1e3 / changes) for k, v in spreading.items()},

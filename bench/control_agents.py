@@ -252,7 +252,8 @@ class AgentPool:
         for index in list(self.snapshot_work):
             agent = self.agents[index]
             if agent.snapshot_id is not None and now - agent.snapshot_sent > SNAPSHOT_TIMEOUT:
-                agent.snapshot_id, agent.wants_snapshot = None, True
+                agent.snapshot_id = None
+                self._want_snapshot(agent)
                 self.counters["snapshot_timeouts"] += 1
             if agent.snapshot_id is not None:
                 in_flight += 1
