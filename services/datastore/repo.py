@@ -20,6 +20,7 @@ from sqlmodel import Session, col, delete, select
 from bus import errors
 from bus.errors import RemoteError
 from services.datastore import validate
+from services.datastore.db import HEAD_REVISION
 from services.datastore.models import (
     AclRule,
     Change,
@@ -68,7 +69,7 @@ def vpn_ids_of(session: Session, node_id: int) -> list[int]:
 
 def head_revision(session: Session) -> int:
     # Plain SQL: the fanout asks this many times a second, and the ORM's identity map adds nothing here.
-    row = session.connection().exec_driver_sql("SELECT value FROM counter WHERE name = 'revision'").first()
+    row = session.connection().exec_driver_sql(HEAD_REVISION).first()
     return int(row[0]) if row else 0
 
 

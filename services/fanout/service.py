@@ -63,7 +63,7 @@ from bus.messages.sync import (
 from bus.signing import seal, seal_many
 from bus.worker import Handler, Worker
 from services.datastore import repo
-from services.datastore.db import make_engine, migrate, reading, transaction
+from services.datastore.db import HeadProbe, make_engine, migrate, reading, transaction
 from services.datastore.models import Change, Node, utcnow
 from services.datastore.netmap import World
 from services.datastore.paths import classify
@@ -150,6 +150,7 @@ class FanoutService(Worker):
                 log.error("no UDP reflector on %s:%d: %s", reflector[0], reflector[1], exc.strerror)
         self.engine = make_engine(database_url)
         migrate(self.engine)
+        self.head_probe = HeadProbe(self.engine)  # the main thread's 50-a-second "anything new?" (catch_up)
         self.signing_key = signing_key
         self.presence_timeout = presence_timeout
         self.heartbeat_budget = heartbeat_budget
@@ -195,6 +196,7 @@ class FanoutService(Worker):
             self.beats.stop()
             self.beats.join(timeout=5)
             self.receipts.stop()
+            self.head_probe.close()
 
     def _first_world(self) -> None:
         """Read the datastore before this thread serves: a heartbeat it answered first would find no world.
@@ -250,6 +252,8 @@ class FanoutService(Worker):
     def catch_up(self) -> None:
         """Fan out every change committed since the last call (steps 1-4)."""
         started = time.monotonic()
+        if self.world is not None and (probed := self.head_probe()) is not None and probed <= self.processed:
+            return  # nothing committed since: no session (most ticks of an idle server)
         with reading(self.engine) as session:
             head = repo.head_revision(session)
             if self.world is not None and head <= self.processed:

@@ -743,3 +743,30 @@ def test_receipts_do_not_wait_for_an_open_mutation(migrated: Engine) -> None:
     with db.reading(migrated) as s:
         assert s.exec(select(Delivery)).one().node_id == node.id
         assert repo.head_revision(s) == change.revision + 1
+
+
+def test_head_probe_sees_commits_idles_outside_transactions_and_survives_a_restart(
+    postgres: PostgresCluster, migrated: Engine
+) -> None:
+    """The fanout's 50-a-second poll (db.HeadProbe) on PostgreSQL: each commit seen at once, its backend
+    never left "idle in transaction" (which would hold back vacuum for the server's life), and a server
+    restart costs one "unknown" answer, not a wrong one."""
+    probe = db.HeadProbe(migrated)
+    try:
+        assert probe() == _head_revision(migrated)
+        with db.transaction(migrated) as s:
+            node, _, _ = repo.add_node(s, "n1", [], [], 24.0)
+            change = _log(s, "node.add", node_ids=[node.id])
+        assert probe() == change.revision
+        with migrated.connect() as connection:
+            idle = connection.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = :s"),
+                {"s": "idle in transaction"},
+            ).scalar_one()
+        assert idle == 0, "the probe left its connection inside a transaction"
+        postgres.restart(mode="immediate", down_for=0.5)
+        answers = [probe() for _ in range(2)]
+        assert answers[-1] == change.revision, f"no head after the restart: {answers}"
+        assert set(answers) <= {None, change.revision}, f"a wrong head after the restart: {answers}"
+    finally:
+        probe.close()
