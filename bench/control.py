@@ -23,7 +23,9 @@ Measured, in this order:
      removed in turn): per agent, time from the request until it applied it;
   b. a change that concerns one node (a route behind b0 in ``solo``): its
      time, and how many updates the other N-1 agents received (should be 0);
-  c. server RSS per connected agent (broker, fanout, datastore; /proc);
+  c. server RSS per connected agent (broker, fanout, datastore; /proc), and
+     the server's CPU while nothing changes, with the agents connected
+     (their heartbeats) and before they connect (its own timers);
   e. a burst of --burst changes within one second (routes behind the hub):
      time until every agent holds the view the database gives it, and how
      the fanout batched them;
@@ -74,6 +76,7 @@ WINDOW = 16  # burst requests unanswered at once
 # After the agents have sent the receipts of a change to all, a moment for the server to take them in before the next
 # change, so that each change is measured alone (see changes_to_all).
 RECEIPTS_SETTLE = RECEIPT_DELAY
+IDLE_WINDOW = 10.0  # seconds over which the server's idle CPU is measured, without and with the agents
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -282,6 +285,19 @@ def cpu_by_role(pids: dict[str, int], workers: Workers) -> dict[str, float]:
     return used
 
 
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Percent of one core each server process used over *seconds* while nothing changed, and their total.
+
+    With agents connected that is their heartbeats (the fanout's presence, the broker's relaying) and the
+    server's own timers; without, the timers alone: what an operator's idle server costs.
+    """
+    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    used = {name: round(100 * (cpu_s(pid) - before[name]) / seconds, 2) for name, pid in pids.items()}
+    used["total"] = round(sum(used.values()), 2)
+    return used
+
+
 def settle_receipts(workers: Workers, timeout: float) -> None:
     """Wait until every agent has sent the receipt of what it applied, and the server a moment more.
 
@@ -476,6 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(server.stop)
         specs = populate(server, args.agents)
         idle = server_rss(server)
+        pids = server.pids()
+        results["idle_cpu_pct_no_agents"] = idle_cpu(pids, IDLE_WINDOW)
         started = time.monotonic()
         workers = Workers.start(server, specs, args.per_process, args.heartbeat)
         stack.callback(workers.stop)
@@ -490,7 +508,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loaded = server_rss(server)
         results["rss_kb_per_agent"] = {k: (loaded[k] - idle[k]) / args.agents for k in loaded}
         results["rss_kb_per_agent"]["total"] = sum(loaded[k] - idle[k] for k in loaded) / args.agents
-        _progress("connect", {"connect_and_sync_s": results["connect_and_sync_s"], "rss": results["rss_kb_per_agent"]})
+        results["idle_cpu_pct"] = idle_cpu(pids, IDLE_WINDOW)
+        _progress(
+            "connect",
+            {
+                "connect_and_sync_s": results["connect_and_sync_s"],
+                "rss": results["rss_kb_per_agent"],
+                "idle_cpu_pct": results["idle_cpu_pct"],
+                "idle_cpu_pct_no_agents": results["idle_cpu_pct_no_agents"],
+            },
+        )
         to_all = changes_to_all(server, workers, args.agents, args.changes, args.timeout)
         results["to_all"] = _progress("to_all", to_all)
         results["to_one"] = _progress("to_one", change_to_one(server, workers, args.changes, args.timeout))
@@ -558,6 +585,15 @@ def table(r: dict[str, Any]) -> str:
             f" datastore {rss.get('datastore', 0):.1f})",
         ),
     ]
+    if "idle_cpu_pct" in r:
+        busy, empty = r["idle_cpu_pct"], r["idle_cpu_pct_no_agents"]
+        lines.append(
+            row(
+                "c. server CPU while nothing changes, % of a core",
+                note=f"{busy['total']:.1f} with the agents connected (heartbeats), {empty['total']:.1f} without;"
+                f" with: {', '.join(f'{k} {v:.1f}' for k, v in busy.items() if k != 'total')}",
+            )
+        )
     if "burst" in r:
         b = r["burst"]
         lines.append(
