@@ -76,7 +76,6 @@ WINDOW = 16  # burst requests unanswered at once
 # After the agents have sent the receipts of a change to all, a moment for the server to take them in before the next
 # change, so that each change is measured alone (see changes_to_all).
 RECEIPTS_SETTLE = RECEIPT_DELAY
-IDLE_WINDOW = 10.0  # seconds over which the server's idle CPU is measured, without and with the agents
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dsn", default="", help="an existing PostgreSQL database URL (with --db postgres)")
     ap.add_argument("--heartbeat", type=float, default=2.0, help="agents' heartbeat interval, s (default 2, real)")
     ap.add_argument("--timeout", type=float, default=300.0, help="s any one phase may take (default 300)")
+    ap.add_argument(
+        "--idle-window", type=float, default=10.0, help="s over which the idle server's CPU is measured (default 10)"
+    )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--log", type=Path, help="keep the server's log here")
     args = ap.parse_args(argv)
@@ -103,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--burst must be 0..10000")
     if not 0.2 <= args.heartbeat <= 60:
         ap.error("--heartbeat must be 0.2..60 s")
+    if not 1 <= args.idle_window <= 120:
+        ap.error("--idle-window must be 1..120 s")
     if args.dsn and args.db != "postgres":
         ap.error("--dsn needs --db postgres")
     return args
@@ -493,7 +497,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         specs = populate(server, args.agents)
         idle = server_rss(server)
         pids = server.pids()
-        results["idle_cpu_pct_no_agents"] = idle_cpu(pids, IDLE_WINDOW)
+        results["idle_cpu_pct_no_agents"] = idle_cpu(pids, args.idle_window)
         started = time.monotonic()
         workers = Workers.start(server, specs, args.per_process, args.heartbeat)
         stack.callback(workers.stop)
@@ -508,7 +512,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loaded = server_rss(server)
         results["rss_kb_per_agent"] = {k: (loaded[k] - idle[k]) / args.agents for k in loaded}
         results["rss_kb_per_agent"]["total"] = sum(loaded[k] - idle[k] for k in loaded) / args.agents
-        results["idle_cpu_pct"] = idle_cpu(pids, IDLE_WINDOW)
+        results["idle_cpu_pct"] = idle_cpu(pids, args.idle_window)
         _progress(
             "connect",
             {

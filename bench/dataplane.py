@@ -126,7 +126,7 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in results:
         ping, t1, tp, udp = r.get("ping", {}), r.get("tcp1", {}), r.get("tcpP", {}), r.get("udp", {})
-        added = {k: _minus(ping.get(k), base.get(k)) for k in ("avg_ms", "p99_ms")}
+        added = {k: _minus(ping.get(k), base.get(k)) for k in ("p50_ms", "avg_ms", "p99_ms")}
         out.append(
             {
                 "vpn": r["adapter"],
@@ -135,8 +135,10 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "setup_s": r.get("setup_s"),
                 "tcp1_mbps": t1.get("mbps"),
                 "tcp4_mbps": tp.get("mbps"),
+                "ping_p50_ms": ping.get("p50_ms"),
                 "ping_avg_ms": ping.get("avg_ms"),
                 "ping_p99_ms": ping.get("p99_ms"),
+                "added_p50_ms": added["p50_ms"],
                 "added_avg_ms": added["avg_ms"],
                 "added_p99_ms": added["p99_ms"],
                 "udp64_pps": udp.get("rx_pps"),
@@ -186,8 +188,8 @@ def table(table_rows: list[dict[str, Any]]) -> str:
         "VPN",
         "status",
         "TCP Mbit/s 1 / 4 streams",
-        "ping avg / p99 ms",
-        "added ping avg / p99 ms",
+        "ping p50 / avg / p99 ms",
+        "added ping p50 / avg / p99 ms",
         "UDP 64 B pps",
         "Mbit per CPU-s 1 / 4",
         "setup s",
@@ -201,8 +203,10 @@ def table(table_rows: list[dict[str, Any]]) -> str:
                     r["vpn"],
                     r["status"],
                     f"{_f(r['tcp1_mbps'])} / {_f(r['tcp4_mbps'])}",
-                    f"{_f(r['ping_avg_ms'], 3)} / {_f(r['ping_p99_ms'], 3)}",
-                    "-" if r["vpn"] == BASELINE else f"{_f(r['added_avg_ms'], 3)} / {_f(r['added_p99_ms'], 3)}",
+                    " / ".join(_f(r.get(f"ping_{k}_ms"), 3) for k in ("p50", "avg", "p99")),
+                    "-"
+                    if r["vpn"] == BASELINE
+                    else " / ".join(_f(r.get(f"added_{k}_ms"), 3) for k in ("p50", "avg", "p99")),
                     _f(r["udp64_pps"]),
                     f"{_f(r['mbit_per_cpu_s_1'])} / {_f(r['mbit_per_cpu_s_4'])}",
                     _f(r["setup_s"], 2),
@@ -211,7 +215,37 @@ def table(table_rows: list[dict[str, Any]]) -> str:
             + " |"
         )
     notes = [f"- {r['vpn']} ({r['status']}): {r['reason']}" for r in table_rows if r["reason"]]
-    return "\n".join(lines + (["", "Notes:", *notes] if notes else []))
+    ratios = ratio_line(table_rows)
+    return "\n".join(lines + ([ratios] if ratios else []) + (["", "Notes:", *notes] if notes else []))
+
+
+# Figures compared with the best peer's: for each, whether more is better (throughput) or less (latency).
+_RATIO_FIGURES = (
+    ("TCP 1 stream", "tcp1_mbps", True),
+    ("TCP 4 streams", "tcp4_mbps", True),
+    ("64 B pps", "udp64_pps", True),
+    ("Mbit per CPU-s 1 stream", "mbit_per_cpu_s_1", True),
+    ("added ping p50", "added_p50_ms", False),
+    ("added ping avg", "added_avg_ms", False),
+    ("added ping p99", "added_p99_ms", False),
+)
+
+
+def ratio_line(table_rows: list[dict[str, Any]]) -> str:
+    """Coterie's figures divided by the best peer's of the same run (for latency the best is the lowest):
+    the issue's targets are such ratios. Empty without Coterie or a peer that measured."""
+    coterie = next((r for r in table_rows if r["vpn"] == "coterie" and r["status"].startswith("ok")), None)
+    peers = [r for r in table_rows if r["vpn"] not in ("coterie", BASELINE) and r["status"].startswith("ok")]
+    if coterie is None or not peers:
+        return ""
+    parts = []
+    for label, key, more_is_better in _RATIO_FIGURES:
+        values = [(r[key], r["vpn"]) for r in peers if r.get(key)]
+        if not values or not coterie.get(key):
+            continue
+        best, who = max(values) if more_is_better else min(values)
+        parts.append(f"{label} {coterie[key] / best:.2f}x ({who})")
+    return "" if not parts else "\nCoterie / best peer: " + ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

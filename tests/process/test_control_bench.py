@@ -22,7 +22,10 @@ AGENTS = 50
 
 def test_small_run_converges_and_reports_every_figure() -> None:
     args = parse_args(
-        ["--agents", str(AGENTS), "--per-process", "100", "--changes", "4", "--burst", "100", "--timeout", "120"]
+        [
+            *("--agents", str(AGENTS), "--per-process", "100", "--changes", "4", "--burst", "100"),
+            *("--timeout", "120", "--idle-window", "2"),
+        ]
     )
     results = run(args)
 
@@ -37,10 +40,14 @@ def test_small_run_converges_and_reports_every_figure() -> None:
     assert burst["fanout_batches"] >= 1 and burst["updates_per_agent"] > 0
     assert results["restart"]["all_resynced_s"] > 0
     assert set(results["rss_kb_per_agent"]) == {"broker", "fanout", "datastore", "total"}
+    for idle in (results["idle_cpu_pct"], results["idle_cpu_pct_no_agents"]):
+        assert {"broker", "fanout", "datastore", "total"} <= set(idle), f"a server process is missing: {idle}"
+        assert all(v >= 0 for v in idle.values()) and idle["total"] == pytest.approx(sum(idle.values()) - idle["total"])
     assert results["agent_counters"]["snapshots"] >= AGENTS  # the first ones
     restart = results["restart"]
     assert restart["resumed"] + restart["snapshots_after"] >= AGENTS, "every agent resumed or took a new snapshot"
     assert results["agent_counters"].get("bad_snapshots", 0) == 0
     text = table(results)
-    for label in ("a. change to every node", "b. change to one node", "c. server RSS", "e. burst", "d. server restart"):
+    labels = ("a. change to every node", "b. change to one node", "c. server RSS", "c. server CPU", "e. burst")
+    for label in (*labels, "d. server restart"):
         assert label in text
