@@ -28,6 +28,7 @@ def coterie(*args: str) -> subprocess.CompletedProcess[str]:
         (["control", "--db", "mysql"], "--db"),
         (["control", "--dsn", "postgresql://x/y"], "needs --db postgres"),
         (["control", "--burst", "-1"], "--burst"),
+        (["control", "--idle-window", "0"], "--idle-window"),
         (["dataplane", "--path", "bogus"], "--path"),
         (["dataplane", "--seconds", "0"], "--seconds"),
         (["dataplane", "--repeat", "21"], "--repeat"),

@@ -57,15 +57,18 @@ def control(
     dsn: Annotated[str, typer.Option(help="An existing PostgreSQL database URL (with --db postgres).")] = "",
     heartbeat: Annotated[float, typer.Option(help="Agents' heartbeat interval, s.", min=0.2, max=60)] = 2.0,
     timeout: Annotated[float, typer.Option(help="Seconds any one phase may take.", min=10, max=3600)] = 300.0,
+    idle_window: Annotated[
+        float, typer.Option(help="Seconds over which the idle server's CPU is measured.", min=1, max=120)
+    ] = 10.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON here.")] = None,
 ) -> None:
-    """The control plane: time for a change to reach 1 or N agents, server memory per agent, burst, restart."""
+    """The control plane: time for a change to reach 1 or N agents, server memory and idle CPU, burst, restart."""
     if changes % 2:
         raise typer.BadParameter("must be even (each route is added, then removed)", param_hint="--changes")
     if dsn and db is not Database.postgres:
         raise typer.BadParameter("needs --db postgres", param_hint="--dsn")
     args = [f"--agents={agents}", f"--per-process={per_process}", f"--changes={changes}", f"--burst={burst}"]
-    args += [f"--db={db.value}", f"--heartbeat={heartbeat}", f"--timeout={timeout}"]
+    args += [f"--db={db.value}", f"--heartbeat={heartbeat}", f"--timeout={timeout}", f"--idle-window={idle_window}"]
     args += [f"--dsn={dsn}"] if dsn else []
     args += [] if restart else ["--no-restart"]
     args += [f"--json={json_path}"] if json_path else []
