@@ -12,27 +12,24 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from services.datastore import repo
-from services.datastore.db import HeadProbe, make_engine, migrate, reading, transaction
+from services.datastore.db import HeadProbe, reading, transaction
+from tests.unit.conftest import SQLITE_FILE
 
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "coterie.db"
+    return tmp_path / SQLITE_FILE
 
 
 @pytest.fixture
-def engine(db_path: Path) -> Iterator[Engine]:
-    made = make_engine(f"sqlite:///{db_path}")
-    migrate(made)
-    yield made
-    made.dispose()
+def engine(sqlite_engine: Engine) -> Engine:
+    return sqlite_engine
 
 
 def _commit_a_change(engine: Engine, name: str) -> int:

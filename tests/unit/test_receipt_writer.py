@@ -7,26 +7,20 @@ UPDATE would match nothing and `events` would show the node pending forever.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from services.datastore import repo
-from services.datastore.db import make_engine, migrate, reading, transaction
+from services.datastore.db import reading, transaction
 from services.datastore.models import Delivery, utcnow
 from services.fanout.receipts import ReceiptWriter
 from services.fanout.service import APPLY_RECEIPTS
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'coterie.db'}")
-    migrate(engine)
-    yield engine
-    engine.dispose()
+def engine(sqlite_engine: Engine) -> Engine:
+    return sqlite_engine
 
 
 def _nodes(engine: Engine, count: int) -> list[int]:
