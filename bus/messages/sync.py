@@ -295,6 +295,26 @@ class Applied(Message):
 
 
 @register
+class Committed(Message):
+    """Datastore -> fanout (a notification): changes up to ``revision`` are committed; fan them out now.
+
+    Only a shortcut: the fanout polls the head revision every 20 ms anyway, so a lost or late one costs at
+    most that wait (half of it on average, every change's). Reply: CommittedSeen. Services only.
+    """
+
+    KIND = "sync.committed"
+    revision: int = Field(ge=0)
+
+
+@register
+class CommittedSeen(Message):
+    """Fanout -> datastore: the revision up to which the fanout has now fanned changes out."""
+
+    KIND = "sync.committed_seen"
+    processed: int
+
+
+@register
 class SyncStatus(Message):
     """Fanout -> node: whether the view it holds is current; if not, it asks for a snapshot."""
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sqlmodel import Session, col, select
 
 from bus import errors
+from bus.client import Client
 from bus.errors import RemoteError
 from bus.identity import Identity, Role
 from bus.messages import Message
@@ -55,7 +56,7 @@ from bus.messages.datastore import (
     VpnShowRequest,
     _Mutation,
 )
-from bus.messages.sync import NodeView, ViewDelta
+from bus.messages.sync import Committed, NodeView, ViewDelta
 from bus.worker import Handler, Worker
 from services.auth import audit
 from services.datastore import repo
@@ -109,6 +110,7 @@ class DatastoreService(Worker):
         migrate(self.engine)
         self.join_endpoints = join_endpoints
         self.sign_key = sign_key
+        self._fanout: Client | None = None  # for telling the fanout of commits; made and used in run's thread
 
     def handlers(self) -> dict[type, Handler]:
         mutations: dict[type, Callable[[Session, _Mutation], Outcome]] = {
@@ -141,6 +143,30 @@ class DatastoreService(Worker):
             AclListRequest: self.on_acl_list,
             EventsRequest: self.on_events,
         }
+
+    def run(self) -> None:
+        # The connection that tells the fanout of commits is made before the first request, so that its CURVE
+        # handshake is done by the first commit (a word sent before it is lost, and the fanout's poll covers it).
+        self._fanout = Client(self.endpoint, self.keypair, self.server_key, retries=0)
+        try:
+            super().run()
+        finally:
+            self._fanout.close()
+
+    def _tell_fanout(self, revision: int) -> None:
+        """Tell the fanout that *revision* is committed, without waiting for an answer (``Committed``).
+
+        It polls the head revision every 20 ms anyway; this spares each change that wait (10 ms on average,
+        a third of a change to one node's whole time in bench/control.py). Best effort: a word that cannot
+        be sent at once is counted and dropped, never waited for.
+        """
+        client = self._fanout
+        if client is None:
+            return
+        for _ in client.incoming():  # the answers to earlier words: nothing to do with them
+            pass
+        sent = client.notify("fanout", Committed(revision=revision))
+        self.counters["fanout_told" if sent else "fanout_not_told"] += 1
 
     # ------------------------------------------------------------------ mutations
     def _mutate(self, request: _Mutation, caller: Identity, apply: Callable[[Session, _Mutation], Outcome]) -> Mutated:
@@ -199,6 +225,9 @@ class DatastoreService(Worker):
             group = []
             replies.append(self._handle(request, caller))
         self._commit_group(group, replies)
+        committed = [r.revision for r in replies if type(r) is Mutated and not (r.replayed or r.dry_run)]
+        if committed:
+            self._tell_fanout(max(committed))
         return replies  # type: ignore[return-value]  # every slot is filled
 
     def _commit_group(self, group: list[tuple[int, _Mutation, Identity]], replies: list[Message | None]) -> None:

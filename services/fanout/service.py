@@ -52,6 +52,8 @@ from bus.messages import construct
 from bus.messages.events import ChangeEvent, ChangeNotice, WatchLease, WatchRequest
 from bus.messages.sync import (
     Applied,
+    Committed,
+    CommittedSeen,
     NodeView,
     Snapshot,
     SnapshotRequest,
@@ -226,19 +228,12 @@ class FanoutService(Worker):
             SyncHeartbeat: self.on_heartbeat,
             Applied: self.on_applied,
             WatchRequest: self.on_watch,
+            Committed: self.on_committed,
         }
 
     # ------------------------------------------------------------------ periodic work
     def tick(self, now: float) -> None:
-        if now >= self._next_batch:
-            # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
-            # And at least as long between batches as the last one took: at 10,000 nodes loading the world
-            # takes a second, and back-to-back batches (presence changes while thousands connect) left no time
-            # for the snapshots they were waiting on. At most BATCH_SPACING_MAX, though: after a 7 s batch (a change
-            # to all of 10,000 nodes) a change to one node had waited 7 s more.
-            self.catch_up()
-            done = time.monotonic()
-            self._next_batch = done + max(BATCH_INTERVAL, min(done - now, BATCH_SPACING_MAX))
+        self._batch_if_due(now)
         if (self._acks or self._unwritten or self._touched) and now >= self._next_ack_flush:
             self._next_ack_flush = now + ACK_FLUSH
             if self._unwritten or self._touched:
@@ -248,6 +243,29 @@ class FanoutService(Worker):
         if now >= self._next_presence:
             self._next_presence = now + min(1.0, self.presence_timeout / 4)
             self.check_presence(now)
+
+    def _batch_if_due(self, now: float) -> None:
+        """Fan out what was committed, unless the last batch was too recent (the next tick will)."""
+        if now < self._next_batch:
+            return
+        # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
+        # And at least as long between batches as the last one took: at 10,000 nodes loading the world
+        # takes a second, and back-to-back batches (presence changes while thousands connect) left no time
+        # for the snapshots they were waiting on. At most BATCH_SPACING_MAX, though: after a 7 s batch (a change
+        # to all of 10,000 nodes) a change to one node had waited 7 s more.
+        self.catch_up()
+        done = time.monotonic()
+        self._next_batch = done + max(BATCH_INTERVAL, min(done - now, BATCH_SPACING_MAX))
+
+    def on_committed(self, request: Committed, caller: Identity) -> CommittedSeen:
+        """The datastore's word that it committed: the batch now rather than at the next poll (10 ms sooner on
+        average). Spacing still holds: a word that comes too soon after a batch leaves it to the tick."""
+        if caller.role is not Role.SERVICE:
+            raise RemoteError(errors.FORBIDDEN, "only a server process may report commits")
+        if request.revision > self.processed:
+            self.counters["committed_words"] += 1
+            self._batch_if_due(time.monotonic())
+        return CommittedSeen(processed=self.processed)
 
     def catch_up(self) -> None:
         """Fan out every change committed since the last call (steps 1-4)."""
@@ -317,6 +335,8 @@ class FanoutService(Worker):
 
     def _push_chunk(self, chunk: list[_Pending], head: int) -> list[dict[str, object]]:
         """Seal a chunk of updates with one signature and send it: the first nodes need not wait for all."""
+        if not chunk:
+            return []
         seals = seal_many(self.signing_key, [(stream.key, head, digest) for _, stream, _, digest, _ in chunk])
         outgoing: list[tuple[str, Update]] = []
         receipts = []

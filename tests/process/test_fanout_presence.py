@@ -15,42 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nacl.signing import SigningKey
 
 from bus.identity import Identity, Role
 from bus.keys import KeyPair
 from services.datastore import repo
-from services.datastore.db import make_engine, migrate, reading, transaction
+from services.datastore.db import reading, transaction
 from services.datastore.models import Node
 from services.fanout.service import LAST_SEEN_WRITE, FanoutService
+from tests.helpers.fanout import unconnected_fanout
 
 TIMEOUT = 3.0
 
 
 @pytest.fixture(params=[1000.0])
 def fanout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FanoutService, int]]:
-    url = f"sqlite:///{tmp_path / 'coterie.db'}"
-    migrate(make_engine(url))
-    with transaction(make_engine(url)) as session:
-        node = Node(name="n1", curve_key=KeyPair.generate().public_text, online=True)
-        session.add(node)
-        session.flush()
-        node_id = node.id
-    service = FanoutService(
-        "tcp://127.0.0.1:9",
-        KeyPair.generate(),
-        KeyPair.generate().public,
-        database_url=url,
-        signing_key=SigningKey.generate(),
-        presence_timeout=TIMEOUT,
-        heartbeat_budget=request.param,
-    )
-    assert node_id is not None
-    try:
+    with unconnected_fanout(tmp_path, presence_timeout=TIMEOUT, heartbeat_budget=request.param) as service:
+        with transaction(service.engine) as session:
+            node = Node(name="n1", curve_key=KeyPair.generate().public_text, online=True)
+            session.add(node)
+            session.flush()
+            node_id = node.id
+        assert node_id is not None
         yield service, node_id
-    finally:
-        service.beats.context.term()
-        service.context.term()
 
 
 def _online(service: FanoutService, node_id: int) -> bool:
