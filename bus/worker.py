@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -77,6 +78,11 @@ class Worker:
     def handlers(self) -> dict[type[Message], Handler]:
         """The handler table: request class -> bound method. Subclasses extend it."""
         return {Ping: self.on_ping, HealthRequest: self.on_health}
+
+    def next_tick_in(self) -> float:
+        """Seconds the loop may wait for a message before it ticks: ``tick_interval``, or less when a subclass
+        has work due sooner (each message read starts the wait over, so a due tick could slip by that much)."""
+        return self.tick_interval
 
     def on_ping(self, request: Ping, caller: Identity) -> Pong:
         return Pong(payload=request.payload, service=self.service)
@@ -164,7 +170,7 @@ class Worker:
             broker_deadline = time.monotonic() + interval * c.HEARTBEAT_LIVENESS
             last_loop = time.monotonic()
             while not self._stop.is_set():
-                if sock.poll(int(self.tick_interval * 1000), zmq.POLLIN):
+                if sock.poll(math.ceil(self.next_tick_in() * 1000), zmq.POLLIN):
                     if not self._read(sock):
                         log.info("%s: broker asked to reconnect", self.service)
                         return

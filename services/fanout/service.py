@@ -166,7 +166,9 @@ class FanoutService(Worker):
         self.processed = -1  # revision up to which changes have been fanned out
         self.world: World | None = None  # the datastore as of self.processed
         self._next_presence = 0.0
-        self._next_batch = 0.0
+        self._next_batch = 0.0  # no batch before this (spacing after the last one)
+        self._next_poll = 0.0  # no poll of the head revision before this, unless the datastore said it committed
+        self._word_waiting = False  # the datastore said so while a batch was not due yet
         self._acks: list[tuple[int, int]] = []  # (node id, revision) receipts acknowledged, not yet written
         # node id -> revisions with a receipt row the node has not acknowledged (kept across its streams: a node
         # that went offline and came back acknowledges them with its first heartbeat)
@@ -244,38 +246,51 @@ class FanoutService(Worker):
             self._next_presence = now + min(1.0, self.presence_timeout / 4)
             self.check_presence(now)
 
-    def _batch_if_due(self, now: float) -> None:
-        """Fan out what was committed, unless the last batch was too recent (the next tick will)."""
-        if now < self._next_batch:
+    def _batch_if_due(self, now: float, *, word: bool = False) -> None:
+        """Fan out what was committed: at most one poll per BATCH_INTERVAL, which the datastore's *word* skips,
+        and never before ``_next_batch``, which holds even for a word (it is then kept for when it is due)."""
+        waiting = word or self._word_waiting
+        if now < self._next_batch or (now < self._next_poll and not waiting):
+            self._word_waiting = waiting
             return
+        self._word_waiting = False
+        self._next_poll = now + BATCH_INTERVAL
+        if not self.catch_up():
+            return  # nothing new: a poll, not a batch, so the next word need not wait
         # One batch per BATCH_INTERVAL at most: under a burst, changes coalesce into one update per node.
         # And at least as long between batches as the last one took: at 10,000 nodes loading the world
         # takes a second, and back-to-back batches (presence changes while thousands connect) left no time
         # for the snapshots they were waiting on. At most BATCH_SPACING_MAX, though: after a 7 s batch (a change
         # to all of 10,000 nodes) a change to one node had waited 7 s more.
-        self.catch_up()
         done = time.monotonic()
         self._next_batch = done + max(BATCH_INTERVAL, min(done - now, BATCH_SPACING_MAX))
 
+    def next_tick_in(self) -> float:
+        """A word kept for a batch not yet due wants the tick when it is due, not up to a tick_interval later
+        (every message this worker reads starts its wait over)."""
+        if self._word_waiting:
+            return max(0.0, min(self.tick_interval, self._next_batch - time.monotonic()))
+        return self.tick_interval
+
     def on_committed(self, request: Committed, caller: Identity) -> CommittedSeen:
         """The datastore's word that it committed: the batch now rather than at the next poll (10 ms sooner on
-        average). Spacing still holds: a word that comes too soon after a batch leaves it to the tick."""
+        average). The spacing between batches holds: a word too soon after one is kept until it is due."""
         if caller.role is not Role.SERVICE:
             raise RemoteError(errors.FORBIDDEN, "only a server process may report commits")
         if request.revision > self.processed:
             self.counters["committed_words"] += 1
-            self._batch_if_due(time.monotonic())
+            self._batch_if_due(time.monotonic(), word=True)
         return CommittedSeen(processed=self.processed)
 
-    def catch_up(self) -> None:
-        """Fan out every change committed since the last call (steps 1-4)."""
+    def catch_up(self) -> bool:
+        """Fan out every change committed since the last call (steps 1-4); False if there was none."""
         started = time.monotonic()
         if self.world is not None and (probed := self.head_probe()) is not None and probed <= self.processed:
-            return  # nothing committed since: no session (most ticks of an idle server)
+            return False  # nothing committed since: no session (most ticks of an idle server)
         with reading(self.engine) as session:
             head = repo.head_revision(session)
             if self.world is not None and head <= self.processed:
-                return
+                return False
             changes = []
             if self.processed >= 0:
                 changes = list(session.exec(select(Change).where(Change.revision > self.processed)).all())
@@ -290,7 +305,7 @@ class FanoutService(Worker):
             if self.processed < 0:  # first run: streams start from snapshots, not from history
                 self.processed = head
                 self._adopt_online_nodes(session)
-                return
+                return True
             self.counters["batches"] += 1
             updates = self.counters["updates"]
             receipts = self._push_changes(self.world, changes, head)
@@ -302,6 +317,7 @@ class FanoutService(Worker):
         self.processed = head
         self.receipts.pushed(receipts)
         self.counters["changes"] += len(changes)
+        return True
 
     def _push_changes(self, world: World, changes: list[Change], head: int) -> list[dict[str, object]]:
         # A scan of every stream, so only when a node may have gone: 10,000 streams every 20 ms added up.

@@ -52,14 +52,29 @@ def test_the_word_starts_the_batch_at_once(fanout: FanoutService) -> None:
     assert fanout.counters["committed_words"] == 1 and fanout.counters["batches"] == 1
 
 
-def test_a_word_too_soon_after_a_batch_is_left_to_the_tick(fanout: FanoutService) -> None:
-    """The spacing between batches holds: under a burst, changes still coalesce into one update per node."""
+def test_a_word_too_soon_after_a_batch_is_kept_until_the_batch_is_due(fanout: FanoutService) -> None:
+    """The spacing between batches holds (under a burst, changes still coalesce into one update per node),
+    and the loop's wait is cut so that the tick comes when the batch is due, not up to a tick later."""
     revision = _commit(fanout, "office")
     now = time.monotonic()
     fanout._next_batch = now + 10.0
+    fanout._next_poll = now + 10.0  # and polled just now: the tick alone would not look before then either
     assert fanout.on_committed(Committed(revision=revision), DATASTORE).processed < revision
+    assert fanout.next_tick_in() == fanout.tick_interval  # the batch is 10 s away: an ordinary wait
+    fanout._next_batch = time.monotonic() + 0.005
+    assert fanout.next_tick_in() <= 0.005, "the loop would wait a whole tick past the batch's time"
     fanout.tick(now + 10.0)
     assert fanout.processed == revision
+    assert fanout.next_tick_in() == fanout.tick_interval
+
+
+def test_an_empty_poll_does_not_hold_back_the_next_word(fanout: FanoutService) -> None:
+    """A poll that found nothing is not a batch: a commit right after it is fanned out at its word."""
+    now = time.monotonic()
+    fanout.tick(now)  # a poll: nothing new
+    assert fanout.counters["batches"] == 0 and fanout._next_poll > now
+    revision = _commit(fanout, "office")
+    assert fanout.on_committed(Committed(revision=revision), DATASTORE).processed == revision
 
 
 def test_a_word_about_what_is_out_already_does_nothing(fanout: FanoutService) -> None:
