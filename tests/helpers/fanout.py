@@ -12,15 +12,13 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from bus.keys import KeyPair
-from services.datastore.db import make_engine, migrate
 from services.fanout.service import FanoutService
 
 
 @contextmanager
 def unconnected_fanout(tmp_path: Path, *, presence_timeout: float, heartbeat_budget: float) -> Iterator[FanoutService]:
-    """The service on ``tmp_path/coterie.db`` (migrated here), its ZeroMQ contexts ended afterwards."""
+    """The service on ``tmp_path/coterie.db`` (which it migrates itself), its ZeroMQ contexts ended afterwards."""
     url = f"sqlite:///{tmp_path / 'coterie.db'}"
-    migrate(make_engine(url))
     service = FanoutService(
         "tcp://127.0.0.1:9",
         KeyPair.generate(),
